@@ -1,0 +1,92 @@
+"""Reading image/mask pairs with fast decoders, and errors that name the file."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
+
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
+# decoders in the pinned pair (libjpeg-turbo, libpng), so the warning is silenced here only.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+
+class DatasetError(RuntimeError):
+    """A problem with the data on disk; the message names the file."""
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W], decoded by libjpeg-turbo / libpng (not PIL)."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file is missing") from None
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: corrupt or unreadable image ({str(e).splitlines()[0]})") from None
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """uint8 [H, W] of stored values: palette PNG indices, never colours."""
+    try:
+        data = read_file(str(path))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: mask file is missing") from None
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: unreadable mask ({str(e).splitlines()[0]})") from None
+    try:
+        m = decode_png(data, ImageReadMode.UNCHANGED)
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: corrupt or non-PNG mask ({str(e).splitlines()[0]})") from None
+    if m.shape[0] != 1:
+        raise DatasetError(f"{path}: mask must be a single-channel (palette or grey) PNG, has {m.shape[0]} channels")
+    return m[0]
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) pairs. Without a transform an item is (uint8 [3,H,W], int64 [H,W]).
+
+    `lut` maps stored mask values to class ids (Cityscapes labelIds -> trainIds); `valid_values`
+    are the stored values allowed, anything else is reported with the file's name.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Path, Path]], valid_values: frozenset[int],
+                 lut: torch.Tensor | None = None, transform: Callable | None = None, limit: int | None = None):
+        self.samples = list(samples)[:limit] if limit else list(samples)
+        self.transform = transform
+        self.lut = lut
+        invalid = torch.ones(256, dtype=torch.bool)
+        invalid[list(valid_values)] = False
+        self._invalid = invalid
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img_path, mask_path = self.samples[index]
+        image, raw = read_image(img_path), read_mask(mask_path)
+        if image.shape[-2:] != raw.shape:
+            raise DatasetError(f"{mask_path}: mask size {tuple(raw.shape)} differs from image "
+                               f"{img_path.name} size {tuple(image.shape[-2:])}")
+        bad = self._invalid[raw.long()]
+        if bad.any():
+            values = sorted(set(raw[bad].unique().tolist()))
+            raise DatasetError(f"{mask_path}: unexpected label values {values[:10]}")
+        mask = self.lut[raw.long()] if self.lut is not None else raw
+        return image, mask.long()
+
+    def __getitem__(self, index: int):
+        image, mask = self.load(index)
+        return self.transform(image, mask) if self.transform else (image, mask)
+
+
+def read_id_list(path: Path) -> list[str]:
+    try:
+        return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: split list is missing") from None
+

@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune + Optuna + ASHA, MLflow run tree, retrieval, the deeplab CLI."""

@@ -1,0 +1,134 @@
+"""The `deeplab` command. Arguments are parsed here and turned into typed configs at once;
+nothing below this module sees an argparse namespace."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from search.configs import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="deeplab", formatter_class=fmt, description=textwrap.dedent("""\
+        DeepLabv3+ training and hyperparameter sweeps on Ray, tracked in MLflow.
+
+        Configs are YAML files under conf/, composed from parts (data, model, train, sweep,
+        cluster) and overridden with key=value, e.g. train.lr=0.007 model=resnet101_os16."""))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("data", help="generate, verify or download datasets", formatter_class=fmt,
+                       description="Datasets in their real on-disk layouts.", epilog=textwrap.dedent("""\
+        examples:
+          deeplab data synth voc --out runs/data/synth_voc
+          deeplab data verify voc_aug --root /data/voc
+          deeplab data download voc --root /data/voc
+          deeplab data download cityscapes --root /data/cityscapes   # after placing the zips"""))
+    dsub = d.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write a small generated dataset in the real layout")
+    s.add_argument("dataset", choices=["voc", "cityscapes"])
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--train", type=int, default=None, help="number of train images")
+    s.add_argument("--val", type=int, default=None, help="number of val images")
+    s.add_argument("--seed", type=int, default=0)
+    v = dsub.add_parser("verify", help="check layout, pairs, sizes and label values")
+    v.add_argument("dataset", choices=["voc", "voc_aug", "cityscapes"])
+    v.add_argument("--root", required=True, type=Path)
+    dl = dsub.add_parser("download", help="download (VOC) or unpack placed archives (Cityscapes)")
+    dl.add_argument("dataset", choices=["voc", "cityscapes"])
+    dl.add_argument("--root", required=True, type=Path)
+    t = sub.add_parser("train", help="train one model with N Ray Train workers, logged to MLflow",
+                       formatter_class=fmt, description="One training run (Ray Train, DDP), one MLflow run.",
+                       epilog=textwrap.dedent("""\
+        examples:
+          deeplab train conf/train/demo.yaml
+          deeplab train conf/train/demo.yaml train.epochs=10 train.num_workers=2
+          deeplab train conf/train/deeplabv3plus_resnet101_os16_513x513_46ep_voc_aug.yaml data.root=/data/voc
+          deeplab train conf/train/demo.yaml storage.name=my-run   # run again: resumes my-run"""))
+    _job_args(t)
+    return p
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config under conf/")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01 model=resnet101_os16")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _load(args):
+    from search.configs import dump_yaml, load_job
+
+    job = load_job(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(job), end="")
+        return None
+    return job
+
+
+def cmd_train(args) -> int:
+    job = _load(args)
+    if job is None:
+        return 0
+    from search.run_train import run_training
+
+    summary = run_training(job, args.address)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from datasets import DatasetError
+
+    try:
+        if args.action == "synth":
+            from datasets.synth import synth_cityscapes, synth_voc
+
+            counts = {k: v for k, v in (("n_train", args.train), ("n_val", args.val)) if v is not None}
+            fn = synth_voc if args.dataset == "voc" else synth_cityscapes
+            out = fn(args.out, seed=args.seed, **counts)
+            print(f"wrote synthetic {args.dataset} to {out}")
+            return 0
+        if args.action == "verify":
+            from datasets.verify import verify
+
+            report = verify(args.dataset, args.root)
+            for split, n in report.counts.items():
+                print(f"{split}: {n} image/mask pairs")
+            for problem in report.problems:
+                print(f"error: {problem}", file=sys.stderr)
+            if report.ok:
+                print(f"{args.dataset} at {args.root}: OK")
+            return 0 if report.ok else 1
+        from datasets.download import download_voc, prepare_cityscapes
+
+        out = download_voc(args.root) if args.dataset == "voc" else prepare_cityscapes(args.root)
+        print(f"{args.dataset} ready under {out}")
+        return 0
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Config files in, one validated `JobConfig` out.
+
+Every YAML file under conf/ is a partial job config (top-level sections data/model/train/...).
+A file may list `defaults:`, other files relative to the conf root (`data/voc_aug`,
+`model/resnet101_os16`), merged in order beneath its own keys. On the command line,
+`section.key=value` sets a value (parsed as YAML) and `group=name` swaps the default of that
+group, e.g. `model=mobilenet_v2_os16`. The result is validated once; any problem becomes a
+`ConfigError` with a one-line message naming the key, before Ray or MLflow is touched.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainable.config import DataConfig, MlflowConfig, ModelConfig, RunConfig, StorageConfig, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user (one line)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchParam(_Strict):
+    """One dimension of the search space, keyed by its dotted config path."""
+
+    type: Literal["loguniform", "uniform", "choice", "randint", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    # Conditional choice: the values depend on another (already sampled) key's value,
+    # e.g. data.batch_size per model.backbone.
+    depends_on: str | None = None
+    cases: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SearchParam":
+        if self.type in ("loguniform", "uniform", "randint"):
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        elif self.depends_on is not None:
+            if not self.cases:
+                raise ValueError("depends_on needs `cases: {value: [choices]}`")
+        elif not self.values:
+            raise ValueError(f"{self.type} needs a non-empty `values` list")
+        return self
+
+
+class AshaConfig(_Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, strict=True, ge=1)
+    reduction_factor: int = Field(2, strict=True, ge=2)
+
+
+class SweepConfig(_Strict):
+    search: Literal["tpe", "random", "grid"] = "tpe"
+    num_samples: int = Field(8, strict=True, ge=1)
+    metric: str = "val/mIoU"
+    mode: Literal["max", "min"] = "max"
+    seed: int = Field(0, strict=True, ge=0)
+    asha: AshaConfig = AshaConfig()
+    # None: as many trials at once as the cluster's resources fit.
+    max_concurrent: int | None = Field(None, strict=True, ge=1)
+    name: str | None = None
+
+
+class ClusterConfig(_Strict):
+    # None: start a local Ray; "auto" or "host:port": join that cluster (RAY_ADDRESS too).
+    address: str | None = None
+    num_cpus: int | None = Field(None, strict=True, ge=1)
+    num_gpus: int | None = Field(None, strict=True, ge=0)
+    object_store_memory: int | None = Field(None, strict=True, ge=78_643_200)
+
+
+class JobConfig(_Strict):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    storage: StorageConfig = StorageConfig()
+    sweep: SweepConfig = SweepConfig()
+    space: dict[str, SearchParam] = {}
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def run(self) -> RunConfig:
+        return RunConfig(data=self.data, model=self.model, train=self.train, mlflow=self.mlflow, storage=self.storage)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+GROUPS = ("data", "model", "train", "sweep", "cluster", "mlflow", "space", "storage")
+
+
+def default_conf_root(config_path: Path) -> Path:
+    """conf/ is the nearest folder above the config file that holds the group folders."""
+    start = config_path.resolve().parent
+    for folder in (start, *start.parents):
+        if (folder / "data").is_dir() and (folder / "model").is_dir():
+            return folder
+    return start
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "space":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _compose(path: Path, conf_root: Path, swaps: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: defaults form a cycle")
+    raw = _read_yaml(path)
+    defaults = raw.pop("defaults", []) or []
+    if not isinstance(defaults, list) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{path}: `defaults` must be a list of names like data/voc")
+    merged: dict = {}
+    for entry in defaults:
+        group = entry.split("/", 1)[0]
+        if group in swaps:
+            entry = f"{group}/{swaps[group]}"
+        dep = conf_root / f"{entry}.yaml"
+        if not dep.exists():
+            options = sorted(p.stem for p in (conf_root / group).glob("*.yaml")) if (conf_root / group).is_dir() else []
+            raise ConfigError(f"{path}: default {entry!r} not found under {conf_root}"
+                              + (f"; {group} options: {', '.join(options)}" if options else ""))
+        merged = deep_merge(merged, _compose(dep, conf_root, swaps, seen + (path,)))
+    return deep_merge(merged, raw)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    swaps: dict[str, str] = {}
+    sets: list[tuple[str, Any]] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.01")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        if "." not in key:
+            if key not in GROUPS:
+                raise ConfigError(f"override {item!r}: unknown group {key!r}; allowed: {', '.join(GROUPS)}")
+            swaps[key] = str(raw)
+        else:
+            sets.append((key, value))
+    return swaps, sets
+
+
+def compose(path: str | Path, overrides: list[str] = (), conf_root: Path | None = None) -> dict:
+    path = Path(path)
+    swaps, sets = parse_overrides(list(overrides))
+    merged = _compose(path, conf_root or default_conf_root(path), swaps)
+    for key, value in sets:
+        _set_dotted(merged, key, value)
+    return merged
+
+
+def _loc_str(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc`, to list its allowed keys."""
+    model: Any = JobConfig
+    for part in loc[:-1]:
+        if model is JobConfig and part == "space":
+            return None
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = tuple(e["loc"])
+    where = _loc_str(loc)
+    if e["type"] == "extra_forbidden":
+        model = _model_at(loc)
+        allowed = f"; allowed: {', '.join(model.model_fields)}" if model else ""
+        return f"{where}: unknown key{allowed}"
+    if e["type"] == "missing":
+        return f"{where}: required key is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    if isinstance(got, (dict, list)):
+        return f"{where}: {msg}"
+    return f"{where} = {got!r}: {msg}"
+
+
+def validate(data: dict) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] = (), conf_root: Path | None = None) -> JobConfig:
+    return validate(compose(path, overrides, conf_root))
+
+
+def check_space(job: JobConfig) -> None:
+    """Every searched key must be a config key, and every value it can take must validate."""
+    base = job.to_dict()
+    for key, param in job.space.items():
+        section, _, field = key.partition(".")
+        model = JobConfig.model_fields.get(section)
+        if not field or model is None or section in ("sweep", "space", "cluster") or field not in model.annotation.model_fields:
+            raise ConfigError(f"space.{key}: not a config key (use section.key, e.g. train.lr)")
+        if param.depends_on is not None and param.depends_on not in job.space:
+            raise ConfigError(f"space.{key}.depends_on: {param.depends_on!r} is not searched")
+        candidates = param.values or [v for vs in (param.cases or {}).values() for v in vs] or [param.low, param.high]
+        if param.type == "randint":
+            candidates = [int(param.low), int(param.high) - 1]
+        for value in candidates:
+            trial = copy.deepcopy(base)
+            _set_dotted(trial, key, value)
+            try:
+                JobConfig.model_validate(trial)
+            except ValidationError as err:
+                raise ConfigError(f"space.{key}: value {value!r} is invalid: {format_validation_error(err)}") from None
+
+
+def dump_yaml(job: JobConfig | RunConfig) -> str:
+    return yaml.safe_dump(job.to_dict(), sort_keys=False)
+
+
+def load_yaml_config(text: str) -> JobConfig:
+    """Inverse of `dump_yaml` for a job."""
+    return validate(yaml.safe_load(text))
+
+
+def check_data_root(job: JobConfig | RunConfig) -> None:
+    root = Path(job.data.root)
+    if not root.exists() and not job.data.synthesize:
+        raise ConfigError(f"data.root = {job.data.root!r}: dataset root does not exist "
+                          f"(get it with `deeplab data download {job.data.name.split('_')[0]} --root DIR`, "
+                          "or set data.synthesize=true for generated data)")
+
+
+__all__ = [
+    "AshaConfig", "ClusterConfig", "ConfigError", "DataConfig", "JobConfig", "MlflowConfig", "ModelConfig",
+    "RunConfig", "SearchParam", "StorageConfig", "SweepConfig", "TrainConfig", "check_data_root", "check_space",
+    "compose", "dump_yaml", "load_job", "load_yaml_config", "validate",
+]

@@ -1,0 +1,36 @@
+"""Everything checked or made ready before Ray starts: paths made absolute (Ray workers run
+elsewhere), the dataset root checked or generated, the MLflow location resolved."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from search import tracking
+from search.configs import ConfigError, JobConfig, check_data_root
+from trainable.config import resolve_path
+
+
+def ensure_data(job: JobConfig) -> None:
+    check_data_root(job)
+    root = Path(job.data.root)
+    if job.data.synthesize and not any(root.glob("*")):
+        from datasets.synth import synth_cityscapes, synth_voc
+
+        (synth_cityscapes if job.data.name == "cityscapes" else synth_voc)(root)
+
+
+def prepare_job(job: JobConfig) -> JobConfig:
+    job = job.model_copy(update={
+        "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
+        "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
+        "mlflow": tracking.resolved(job.mlflow),
+    })
+    ensure_data(job)
+    from datasets import DatasetError, build_dataset
+
+    try:  # layout problems surface here, with the file named, not inside a Ray worker
+        for split in ("train", "val"):
+            if len(build_dataset(job.data.name, job.data.root, split)) == 0:
+                raise ConfigError(f"data.root = {job.data.root!r}: the {split} split is empty")
+    except DatasetError as e:
+        raise ConfigError(f"data.root: {e}") from None
+    return job

@@ -1,0 +1,41 @@
+"""`deeplab train`: one run of N Ray Train workers, logged to MLflow as one run."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from search import tracking
+from search.cluster import ray_session
+from search.configs import JobConfig
+from search.prepare import prepare_job
+from trainable.ray_train import build_trainer
+
+METRIC = "val/mIoU"
+
+
+def run_training(job: JobConfig, address: str | None = None) -> dict:
+    job = prepare_job(job)
+    run_cfg = job.run
+    name = job.storage.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    ml = job.mlflow
+    c = tracking.client(ml)
+    exp_id = tracking.ensure_experiment(ml)
+    run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={"deeplab.kind": "train"})
+    with ray_session(job.cluster, address):
+        trainer = build_trainer(run_cfg, name, job.storage.path,
+                                callbacks=[tracking.MlflowReportCallback(ml.tracking_uri, run_id)], metric=METRIC)
+        try:
+            result = trainer.fit()
+        except BaseException as e:  # interrupted or failed: the run is marked, nothing logged is lost
+            tracking.finish_run(c, run_id, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(METRIC, float("-inf")), default=None)
+    summary = {"run_id": run_id, "storage": str(Path(job.storage.path) / name), "metrics": dict(result.metrics or {})}
+    if best is not None:
+        ckpt, metrics = best
+        with ckpt.as_directory() as d:
+            tracking.log_checkpoint(c, run_id, d, run_cfg.to_dict())
+        summary.update(best_checkpoint=ckpt.path, best_metrics=metrics)
+        c.log_metric(run_id, f"best/{METRIC}", float(metrics.get(METRIC, float("nan"))))
+    tracking.finish_run(c, run_id, "completed")
+    return summary

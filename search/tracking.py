@@ -1,0 +1,126 @@
+"""MLflow wiring: experiment set-up on the driver, params from the resolved config, per-epoch
+metrics with step, checkpoint + config artifacts, and run status tags.
+
+Only the driver or the Ray Train controller (one process per run) talks to MLflow, never a
+DDP rank, so a run never appears once per worker.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray.train.v2.api.callback import UserCallback
+
+from trainable.config import MlflowConfig, resolve_path
+
+# Param values beyond this are cut by MLflow servers; configs never get near it.
+MAX_PARAM_LEN = 6000
+STATUS_TAG = "deeplab.status"
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db: Ray actors run in other folders."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def resolved(cfg: MlflowConfig) -> MlflowConfig:
+    loc = cfg.artifact_location
+    if "://" not in loc and not loc.startswith("mlflow-artifacts:"):
+        loc = Path(resolve_path(loc)).as_uri()
+    return cfg.model_copy(update={"tracking_uri": resolve_tracking_uri(cfg.tracking_uri), "artifact_location": loc})
+
+
+def client(cfg: MlflowConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.tracking_uri)
+
+
+def ensure_experiment(cfg: MlflowConfig) -> str:
+    """Created here, on the driver, before any trial starts (parallel creation races)."""
+    c = client(cfg)
+    exp = c.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_params(cfg_dict: dict) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg_dict).items())]
+
+
+def metric_entities(metrics: dict, step: int, timestamp_ms: int) -> list[Metric]:
+    out = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or k in ("epoch", "training_iteration"):
+            continue
+        out.append(Metric(k, float(v), timestamp_ms, step))
+    return out
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
+    entities = metric_entities(metrics, step, int(time.time() * 1000))
+    for i in range(0, len(entities), 900):  # MLflow caps a batch at 1000 metrics
+        c.log_batch(run_id, metrics=entities[i:i + 900])
+
+
+def start_run(c: MlflowClient, experiment_id: str, name: str, cfg_dict: dict, tags: dict | None = None,
+              parent_run_id: str | None = None) -> str:
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id, run_name=name, tags=all_tags)
+    c.log_batch(run.info.run_id, params=config_params(cfg_dict))
+    return run.info.run_id
+
+
+def log_checkpoint(c: MlflowClient, run_id: str, checkpoint_dir: str | Path, cfg_dict: dict) -> None:
+    c.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "config.yaml"
+        p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        c.log_artifact(run_id, str(p))
+
+
+def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
+    """status: completed | pruned | failed; MLflow's own status follows (FAILED for failed)."""
+    c.set_tag(run_id, STATUS_TAG, status if reason is None else f"{status}: {reason}"[:5000])
+    c.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+
+
+class MlflowReportCallback(UserCallback):
+    """Ray Train controller callback: rank 0's metrics of each report into one MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m = metrics[0]
+        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def best_of(metrics_list: list[dict], metric: str, mode: str = "max") -> dict | None:
+    scored = [m for m in metrics_list if isinstance(m.get(metric), float) and not math.isnan(m[metric])]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda m: m[metric])
+

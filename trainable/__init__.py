@@ -1,0 +1,1 @@
+"""DeepLabv3+ model, metrics, checkpoints and the Ray Train loop."""

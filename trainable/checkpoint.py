@@ -1,0 +1,48 @@
+"""Checkpoint files: model + optimiser + scheduler + scaler state, epoch, resolved config and
+metrics, in one `checkpoint.pt`. Loaded with `weights_only=True`: a checkpoint is untrusted
+input and must not be able to run code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FILENAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(directory: str | Path, *, model_state: dict, config: dict, epoch: int, metrics: dict,
+                    optimizer_state: dict | None = None, scheduler_state: dict | None = None,
+                    scaler_state: dict | None = None, rng_state: dict | None = None) -> Path:
+    path = Path(directory) / FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "model": model_state, "config": config, "epoch": epoch,
+               "metrics": metrics, "optimizer": optimizer_state, "scheduler": scheduler_state,
+               "scaler": scaler_state, "rng": rng_state}
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint.pt
+    return path
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / FILENAME if p.is_dir() else p
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    p = checkpoint_file(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(f"{p}: not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{p}: not a deeplab checkpoint (no model/config entries; "
+                              "a reference-implementation checkpoint needs `deeplab import-checkpoint`)")
+    return ckpt

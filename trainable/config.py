@@ -1,0 +1,136 @@
+"""Typed, validated configuration of one training run.
+
+Everything that reaches the model, the data pipeline or the train loop passes through these
+models exactly once, at the edge (CLI or sweep trial). Unknown keys are errors, so a typo never
+silently trains with a default. The same objects serialise back to plain dicts/YAML: that is
+what checkpoints and MLflow store, and `RunConfig.model_validate(dumped)` rebuilds them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATASET_CLASSES = {"voc": 21, "voc_aug": 21, "cityscapes": 19}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    name: Literal["voc", "voc_aug", "cityscapes"] = "voc"
+    root: str
+    # When true and `root` holds no dataset yet, a small synthetic one in the real layout is
+    # generated there first (demos and CI); real data is never overwritten.
+    synthesize: bool = False
+    crop_size: int = Field(513, strict=True, ge=32)
+    scale_min: float = Field(0.5, gt=0)
+    scale_max: float = Field(2.0, gt=0)
+    # None: validate on whole images; an int: resize shorter side + centre crop to it.
+    val_crop: int | None = Field(None, strict=True, ge=32)
+    batch_size: int = Field(16, strict=True, ge=1)
+    val_batch_size: int = Field(4, strict=True, ge=1)
+    loader_workers: int = Field(2, strict=True, ge=0)
+    # Limit the number of images per split (smoke tests, quick sweeps); None = all.
+    max_train_images: int | None = Field(None, strict=True, ge=1)
+    max_val_images: int | None = Field(None, strict=True, ge=1)
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> "DataConfig":
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return DATASET_CLASSES[self.name]
+
+    @property
+    def train_split(self) -> str:
+        return "train_aug" if self.name == "voc_aug" else "train"
+
+    @property
+    def palette(self) -> str:
+        return "cityscapes" if self.name == "cityscapes" else "voc"
+
+
+class ModelConfig(_Strict):
+    # A backbone registered in trainable.models (see `registered_backbones()`).
+    backbone: str = "resnet50"
+    output_stride: Literal[8, 16] = 16
+    separable: bool = False
+    pretrained_backbone: bool = False
+    # Explicit ImageNet weights file for the backbone; otherwise the torch hub cache is used.
+    backbone_weights: str | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from trainable.models import registered_backbones
+
+        names = registered_backbones()
+        if v not in names:
+            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(names)}")
+        return v
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, strict=True, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    # Pretrained backbones learn at this fraction of `lr` (the paper's fine-tuning recipe).
+    backbone_lr_mult: float = Field(0.1, gt=0)
+    poly_power: float = Field(0.9, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    sync_bn: bool = False
+    seed: int = Field(0, strict=True, ge=0)
+    eval_every: int = Field(1, strict=True, ge=1)
+    # Ray Train scaling: data-parallel workers, and what each one gets.
+    num_workers: int = Field(1, strict=True, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Bounded checkpoint storage: the best `keep_checkpoints` by val/mIoU are kept.
+    keep_checkpoints: int = Field(2, strict=True, ge=1)
+    # Ray retries a failed run this many times from its last checkpoint.
+    max_failures: int = Field(0, strict=True, ge=-1)
+    torch_threads: int | None = Field(None, strict=True, ge=1)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    artifact_location: str = "runs/mlartifacts"
+    experiment: str = "deeplab"
+
+
+class StorageConfig(_Strict):
+    # Where Ray Train/Tune keep results and checkpoints: a local dir, NFS mount or s3:// URI.
+    path: str = "runs/ray"
+    name: str | None = None
+
+
+class RunConfig(_Strict):
+    """One training run: what `deeplab train` runs and what each sweep trial runs."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    storage: StorageConfig = StorageConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def resolve_path(p: str, base: Path | None = None) -> str:
+    """Absolute form of a local path (URIs pass through): Ray workers run in other cwds."""
+    if "://" in p:
+        return p
+    path = Path(p).expanduser()
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    return str(path.resolve())

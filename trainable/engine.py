@@ -1,0 +1,249 @@
+"""The per-worker training procedure, free of Ray: a `Worker` supplies rank, device, DDP
+wrapping, the checkpoint to resume from and where reports go. `trainable.ray_train` supplies a
+Ray Train worker; `LocalWorker` runs the same code in-process (eval, tests, benchmarks).
+
+Resume is exact: every epoch re-seeds the RNGs from (seed, epoch, rank), the sampler is
+epoch-seeded, and the checkpoint holds optimiser, poly-LR scheduler and AMP scaler state, so a
+run restored after epoch k trains epochs k+1.. exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from datasets import build_dataset
+from datasets.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
+from datasets.transforms import pad_collate, train_transform, val_transform
+from trainable.checkpoint import save_checkpoint
+from trainable.config import RunConfig
+from trainable.metrics import ConfusionMatrix
+from trainable.models import build_from_config
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class Worker:
+    """What the training procedure needs from its runtime."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def resume_state(self) -> dict | None:
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class LocalWorker(Worker):
+    """Single process, no Ray. Checkpoints go to `checkpoint_root/epoch_XXXX/`."""
+
+    checkpoint_root: Path | None = None
+    resume: dict | None = None
+    reports: list[dict] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+
+    def resume_state(self) -> dict | None:
+        return self.resume
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and self.checkpoint_root is not None:
+            dest = self.checkpoint_root / f"epoch_{metrics['epoch']:04d}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint_dir).iterdir():
+                f.replace(dest / f.name)
+            metrics = {**metrics, "checkpoint_path": str(dest)}
+        self.reports.append(metrics)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes items r, r+W, r+2W...: every item evaluated exactly once across ranks
+    (DistributedSampler pads with repeats, which would count some images twice)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+    return CITYSCAPES_CLASSES if dataset == "cityscapes" else VOC_CLASSES
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> int:
+    s = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+    torch.manual_seed(s)
+    return s
+
+
+def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
+    d = cfg.data
+    train_ds = build_dataset(d.name, d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max),
+                             limit=d.max_train_images)
+    val_ds = build_dataset(d.name, d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
+    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    per_worker = len(train_ds) // world_size
+    if per_worker < d.batch_size:
+        raise ValueError(f"data.batch_size = {d.batch_size} is larger than the {per_worker} training images "
+                         f"per worker ({len(train_ds)} images over {world_size} workers)")
+    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.loader_workers,
+                       pin_memory=pin, drop_last=True, persistent_workers=False)
+    val = DataLoader(val_ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(val_ds), rank, world_size),
+                     num_workers=d.loader_workers, pin_memory=pin, collate_fn=pad_collate)
+    return train, sampler, val
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    # The lower backbone LR protects pretrained features; a backbone trained from scratch
+    # learns at the full rate.
+    mult = t.backbone_lr_mult if cfg.model.pretrained_backbone else 1.0
+    groups = model.param_groups(t.lr, mult)
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: float):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total_iters) ** power)
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    if cfg.train.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig, device, epoch: int) -> dict:
+    model.train()
+    mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    total, n_img, n_it = torch.zeros((), device=device), 0, 0
+    start = time.perf_counter()
+    for it, (images, masks) in enumerate(loader):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=mem)
+        masks = masks.to(device, non_blocking=True)
+        with _autocast(cfg, device):
+            loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, iteration {it} "
+                                f"(global step {scheduler.last_epoch}); lower train.lr or enable train.grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.detach()
+        n_img += images.shape[0]
+        n_it += 1
+    elapsed = time.perf_counter() - start
+    return {"train/loss": float(total) / max(n_it, 1), "train/lr": optimizer.param_groups[-1]["lr"],
+            "train/images_per_s": n_img / elapsed if elapsed > 0 else 0.0, "train/epoch_time_s": elapsed}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, device, cfg: RunConfig | None = None) -> ConfusionMatrix:
+    """Confusion matrix over this rank's share of `loader`, summed across ranks."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device)
+    ctx = _autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
+    for images, masks in loader:
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with ctx:
+            logits = model(images)
+        cm.update(masks, logits.argmax(1))
+    cm.all_reduce()
+    return cm
+
+
+def val_metrics(cm: ConfusionMatrix, dataset: str) -> dict:
+    m = cm.compute()
+    out = {"val/mIoU": m["mIoU"], "val/overall_acc": m["overall_acc"], "val/mean_acc": m["mean_acc"]}
+    for name, iou in zip(class_names(dataset), m["per_class_iou"]):
+        out[f"val/iou/{name}"] = iou
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
+    """Train `cfg` on this worker; returns the metrics it reported."""
+    t = cfg.train
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    device = worker.device
+    seed_everything(t.seed, 0, 0)  # identical initial weights on every rank
+    model = build_from_config(cfg.model, cfg.data.num_classes)
+    if t.sync_bn and worker.world_size > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # SyncBatchNorm needs CUDA/NCCL; on CPU workers per-rank BN statistics are kept.
+    model = model.to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    train_loader, sampler, val_loader = build_loaders(cfg, worker.rank, worker.world_size, device.type == "cuda")
+    if len(train_loader) == 0:
+        raise ValueError("no training iterations: data.batch_size exceeds the training set")
+    scheduler = poly_scheduler(optimizer, t.epochs * len(train_loader), t.poly_power)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+
+    start_epoch = 1
+    state = worker.resume_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+    model = worker.prepare_model(model)
+
+    reports = []
+    for epoch in range(start_epoch, t.epochs + 1):
+        seed_everything(t.seed, epoch, worker.rank)
+        sampler.set_epoch(epoch)
+        metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch)}
+        if epoch % t.eval_every and epoch != t.epochs:
+            continue
+        metrics.update(val_metrics(evaluate(model, val_loader, cfg.data.num_classes, device, cfg), cfg.data.name))
+        with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
+            ckpt_dir = None
+            if worker.rank == 0:
+                save_checkpoint(tmp, model_state=_unwrap(model).state_dict(), config=cfg.to_dict(), epoch=epoch,
+                                metrics=_finite(metrics), optimizer_state=optimizer.state_dict(),
+                                scheduler_state=scheduler.state_dict(), scaler_state=scaler.state_dict())
+                ckpt_dir = tmp
+            worker.report(metrics, ckpt_dir)
+        reports.append(metrics)
+    return reports
+
+
+def _finite(metrics: dict) -> dict:
+    """Checkpoint copy of the metrics (NaN kept as None: JSON/YAML friendly)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

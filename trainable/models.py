@@ -1,0 +1,236 @@
+"""DeepLabv3+ (Chen et al. 2018): dilated backbone, ASPP, decoder on stride-4 features.
+
+Module and parameter names follow the widely used PyTorch reference implementation
+(`backbone.*`, `classifier.aspp.*`, `classifier.project.*`, `classifier.classifier.*`), so its
+published checkpoints map onto this model one to one. Backbones live in a small decorator
+registry: `registered_backbones()` is both the list of allowed `model.backbone` values and the
+test matrix. This module knows nothing of Ray or MLflow.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models._utils import IntermediateLayerGetter
+
+_BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+
+
+class Backbone(nn.Module):
+    """Feature extractor returning {"low_level": stride-4 map, "out": stride-OS map}."""
+
+    low_level_channels: int
+    out_channels: int
+
+
+def register_backbone(name: str):
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    pass
+
+
+def _load_imagenet(net: nn.Module, weights: "tvm.WeightsEnum", weights_file: str | None) -> None:
+    """ImageNet weights from an explicit file or the torch hub cache; never the network here:
+    a sweep's many workers must not each try a download and hang on a closed network."""
+    if weights_file:
+        path = Path(weights_file)
+    else:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise PretrainedWeightsMissing(
+            f"pretrained backbone weights not found: place {Path(weights.url).name} "
+            f"(from {weights.url}) at {path}, or set model.backbone_weights=FILE, or model.pretrained_backbone=false")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+
+
+class _ResNet(Backbone):
+    low_level_channels, out_channels = 256, 2048
+
+    def __init__(self, depth: int, output_stride: int, pretrained: bool, weights_file: str | None):
+        super().__init__()
+        ctor, weights = {50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
+                         101: (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1)}[depth]
+        # OS 16 dilates layer4; OS 8 dilates layer3 and layer4 (stride kept, receptive field grows).
+        dilate = [False, output_stride == 8, True]
+        net = ctor(weights=None, replace_stride_with_dilation=dilate)
+        if pretrained:
+            _load_imagenet(net, weights, weights_file)
+        self.body = IntermediateLayerGetter(net, return_layers={"layer4": "out", "layer1": "low_level"})
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@register_backbone("resnet50")
+def resnet50(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
+    return _ResNet(50, output_stride, pretrained, weights_file)
+
+
+@register_backbone("resnet101")
+def resnet101(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
+    return _ResNet(101, output_stride, pretrained, weights_file)
+
+
+class _MobileNetV2Features(nn.Module):
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        self.low_level_features = features[:4]  # stride 4, 24 channels
+        self.high_level_features = features[4:-1]  # up to the 320-channel block (1280 conv dropped)
+
+
+class _MobileNetV2(Backbone):
+    low_level_channels, out_channels = 24, 320
+
+    def __init__(self, output_stride: int, pretrained: bool, weights_file: str | None):
+        super().__init__()
+        net = tvm.mobilenet_v2(weights=None)
+        if pretrained:
+            _load_imagenet(net, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, weights_file)
+        _dilate_mobilenet(net.features, output_stride)
+        self.body = IntermediateLayerGetter(
+            _MobileNetV2Features(net.features),
+            return_layers={"high_level_features": "out", "low_level_features": "low_level"})
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _dilate_mobilenet(features: nn.Sequential, output_stride: int) -> None:
+    """Turn strides beyond `output_stride` into dilation, in place (weights unchanged)."""
+    stride, dilation = 1, 1
+    for block in features:
+        dw = next((m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)), None)
+        if dw is None:
+            continue
+        s = dw.stride[0]
+        if s == 2 and stride * 2 > output_stride:
+            dw.stride = (1, 1)
+            first_dilation = dilation
+            dilation *= 2
+            # The first block of a stage keeps the previous dilation, as the reference does.
+            dw.dilation, dw.padding = (first_dilation, first_dilation), (first_dilation, first_dilation)
+        else:
+            stride *= s
+            if s == 1:
+                dw.dilation, dw.padding = (dilation, dilation), (dilation, dilation)
+
+
+@register_backbone("mobilenet_v2")
+def mobilenet_v2(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
+    return _MobileNetV2(output_stride, pretrained, weights_file)
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> list[nn.Module]:
+    pad = 0 if k == 1 else dilation
+    return [nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ASPPPooling(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, cout, 1))
+
+    def forward(self, x):
+        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    def __init__(self, cin: int, rates: tuple[int, int, int], cout: int = 256):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [nn.Sequential(*_conv_bn_relu(cin, cout, 1))]
+            + [nn.Sequential(*_conv_bn_relu(cin, cout, 3, r)) for r in rates]
+            + [ASPPPooling(cin, cout)])
+        self.project = nn.Sequential(*_conv_bn_relu(5 * cout, cout, 1), nn.Dropout(0.1))
+
+    def forward(self, x):
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabHeadV3Plus(nn.Module):
+    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int, rates: tuple[int, int, int]):
+        super().__init__()
+        self.project = nn.Sequential(*_conv_bn_relu(low_level_channels, 48, 1))
+        self.aspp = ASPP(in_channels, rates)
+        self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        low = self.project(feats["low_level"])
+        high = F.interpolate(self.aspp(feats["out"]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.cat([low, high], dim=1))
+
+
+class SeparableConv2d(nn.Sequential):
+    """Depthwise (atrous) 3x3 followed by pointwise 1x1, replacing a dense 3x3."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__(
+            nn.Conv2d(conv.in_channels, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, groups=conv.in_channels, bias=conv.bias is not None),
+            nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None))
+        for m in self:
+            nn.init.kaiming_normal_(m.weight)
+
+
+def _separable(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and child.kernel_size[0] > 1:
+            setattr(module, name, SeparableConv2d(child))
+        else:
+            _separable(child)
+
+
+class DeepLabV3Plus(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int, output_stride: int, separable: bool = False):
+        super().__init__()
+        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
+        # The reference registers the getter itself as `backbone`: keep its key names.
+        self.backbone = backbone.body
+        self.classifier = DeepLabHeadV3Plus(backbone.out_channels, backbone.low_level_channels, num_classes, rates)
+        if separable:
+            _separable(self.classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
+        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_mult},
+                {"params": list(self.classifier.parameters()), "lr": lr}]
+
+
+def build_model(backbone: str, num_classes: int, output_stride: int = 16, pretrained_backbone: bool = False,
+                separable: bool = False, backbone_weights: str | None = None) -> DeepLabV3Plus:
+    if backbone not in _BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(registered_backbones())}")
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    net = _BACKBONES[backbone](output_stride=output_stride, pretrained=pretrained_backbone, weights_file=backbone_weights)
+    return DeepLabV3Plus(net, num_classes, output_stride, separable)
+
+
+def build_from_config(model_cfg, num_classes: int) -> DeepLabV3Plus:
+    return build_model(model_cfg.backbone, num_classes, model_cfg.output_stride, model_cfg.pretrained_backbone,
+                       model_cfg.separable, model_cfg.backbone_weights)

@@ -1,0 +1,63 @@
+"""Thin Ray Train wiring around `trainable.engine.fit`: one `TorchTrainer`, N DDP workers.
+
+Rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier). Ray Train V2
+restores a run from storage when it is started again with the same name and storage path, and
+retries failed workers from the latest checkpoint (`train.max_failures`).
+"""
+from __future__ import annotations
+
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trainable.checkpoint import load_checkpoint
+from trainable.config import RunConfig
+from trainable.engine import Worker, fit
+
+
+class RayWorker(Worker):
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        # DDP (gloo on CPU, NCCL on GPU) when there is more than one worker.
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
+
+    def resume_state(self) -> dict | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d, map_location=self.device)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    fit(RunConfig.model_validate(config["run"]), RayWorker())
+
+
+def build_trainer(cfg: RunConfig, name: str, storage_path: str, callbacks: list | None = None,
+                  metric: str = "val/mIoU") -> TorchTrainer:
+    t = cfg.train
+    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})})
+    run = RayRunConfig(
+        name=name,
+        storage_path=storage_path,
+        # The best checkpoints by mIoU are kept (Ray always keeps the latest too, for resume).
+        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        callbacks=callbacks or [],
+    )
+    torch_config = ray.train.torch.TorchConfig(backend="nccl" if t.use_gpu else "gloo")
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"run": cfg.to_dict()}, scaling_config=scaling,
+                        run_config=run, torch_config=torch_config)
+
