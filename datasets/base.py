@@ -20,24 +20,27 @@ class DatasetError(RuntimeError):
     """A problem with the data on disk; the message names the file."""
 
 
+def _read_bytes(path: Path, what: str) -> torch.Tensor:
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: {what} file is missing")
+    try:
+        return read_file(str(path))
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: unreadable {what} ({str(e).splitlines()[0]})") from None
+
+
 def read_image(path: Path) -> torch.Tensor:
     """uint8 [3, H, W], decoded by libjpeg-turbo / libpng (not PIL)."""
+    data = _read_bytes(path, "image")
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file is missing") from None
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise DatasetError(f"{path}: corrupt or unreadable image ({str(e).splitlines()[0]})") from None
 
 
 def read_mask(path: Path) -> torch.Tensor:
     """uint8 [H, W] of stored values: palette PNG indices, never colours."""
-    try:
-        data = read_file(str(path))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: mask file is missing") from None
-    except RuntimeError as e:
-        raise DatasetError(f"{path}: unreadable mask ({str(e).splitlines()[0]})") from None
+    data = _read_bytes(path, "mask")
     try:
         m = decode_png(data, ImageReadMode.UNCHANGED)
     except RuntimeError as e:

@@ -71,14 +71,7 @@ def val_transform(crop_size: int | None = None) -> JointTransform:
     return JointTransform(v2.Compose([*steps, _Finish()]))
 
 
-def pad_collate(batch):
-    """Stack samples of different sizes (whole-image validation): pad images with 0 (the mean
-    after normalisation) and masks with 255, so padding is ignored by loss and metrics."""
-    h = max(img.shape[-2] for img, _ in batch)
-    w = max(img.shape[-1] for img, _ in batch)
-    images = torch.zeros(len(batch), batch[0][0].shape[0], h, w, dtype=batch[0][0].dtype)
-    masks = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.long)
-    for i, (img, m) in enumerate(batch):
-        images[i, :, : img.shape[-2], : img.shape[-1]] = img
-        masks[i, : m.shape[-2], : m.shape[-1]] = m
-    return images, masks
+def list_collate(batch):
+    """Keep whole images of different sizes apart: padding them into one tensor would change
+    the predictions (convolutions and ASPP's image pooling see the padding)."""
+    return list(batch)

@@ -51,7 +51,102 @@ def _parser() -> argparse.ArgumentParser:
           deeplab train conf/train/deeplabv3plus_resnet101_os16_513x513_46ep_voc_aug.yaml data.root=/data/voc
           deeplab train conf/train/demo.yaml storage.name=my-run   # run again: resumes my-run"""))
     _job_args(t)
+
+    sw = sub.add_parser("sweep", help="hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, logged to MLflow",
+                        formatter_class=fmt, description=textwrap.dedent("""\
+        Run a sweep. Each trial trains with Ray Train (N workers) and is one MLflow child run
+        under the sweep's parent run; the best checkpoint is reported at the end."""),
+                        epilog=textwrap.dedent("""\
+        examples:
+          deeplab sweep conf/sweep/demo.yaml
+          deeplab sweep conf/sweep/demo.yaml sweep.num_samples=12 sweep.name=lr-study
+          deeplab sweep conf/sweep/demo.yaml sweep.name=lr-study --resume     # after Ctrl-C
+          deeplab sweep conf/sweep/voc.yaml data.root=/data/voc --address auto
+          deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000"""))
+    _job_args(sw)
+    sw.add_argument("--resume", action="store_true", help="continue the sweep named by sweep.name")
+    sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: mlflow.tracking_uri)")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its validation set, print JSON metrics",
+                       formatter_class=fmt, description="Evaluate a checkpoint exactly as training did.",
+                       epilog=textwrap.dedent("""\
+        examples:
+          deeplab eval --checkpoint runs/ray/train-.../checkpoint_.../checkpoint.pt
+          deeplab eval --checkpoint best/checkpoint.pt --data-root /data/voc"""))
+    e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt or the folder holding it")
+    e.add_argument("--data-root", default=None, help="dataset root, if not where the checkpoint's config says")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+    pr = sub.add_parser("predict", help="write colour masks and overlays for images", formatter_class=fmt,
+                        description="Predict segmentation masks with a checkpoint.", epilog=textwrap.dedent("""\
+        examples:
+          deeplab predict --checkpoint best/checkpoint.pt photo1.jpg photo2.jpg --out preds/
+          deeplab predict --checkpoint best/checkpoint.pt data/voc/VOCdevkit/VOC2012/JPEGImages/*.jpg --out preds/"""))
+    pr.add_argument("--checkpoint", required=True, type=Path)
+    pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE")
+    pr.add_argument("--out", required=True, type=Path)
+    pr.add_argument("--device", default="cpu")
     return p
+
+
+def cmd_sweep(args) -> int:
+    if args.tracking_uri:
+        args.overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+    job = _load(args)
+    if job is None:
+        return 0
+    from search.sweep import run_sweep, summary_table
+
+    summary = run_sweep(job, args.address, resume=args.resume)
+    print(summary_table(summary, job.sweep.metric))
+    best = summary["best"]
+    if best:
+        print(f"\nbest trial {best['trial_id']}: {job.sweep.metric} = {best[job.sweep.metric]:.4f}")
+        print(f"  checkpoint: {best['checkpoint']}")
+        print(f"  MLflow run: {best['run_id']} (experiment {summary['experiment']!r}, {summary['tracking_uri']})")
+        print(f"  fetch it:   deeplab best --experiment {summary['experiment']} --out best/")
+    else:
+        print("\nno trial produced a metric")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from datasets import DatasetError
+    from trainable.checkpoint import CheckpointError
+    from trainable.inference import evaluate_checkpoint
+
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.device)
+    except (CheckpointError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(_json_safe(metrics), indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from datasets import DatasetError
+    from trainable.checkpoint import CheckpointError
+    from trainable.inference import predict_files
+
+    try:
+        written = predict_files(args.checkpoint, args.inputs, args.out, args.device)
+    except (CheckpointError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _json_safe(x):
+    """NaN (a class absent from data and prediction) is not JSON: write null."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +173,7 @@ def cmd_train(args) -> int:
     from search.run_train import run_training
 
     summary = run_training(job, args.address)
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(_json_safe(summary), indent=2, default=str))
     return 0
 
 
@@ -115,7 +210,7 @@ def cmd_data(args) -> int:
         return 1
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

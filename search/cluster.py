@@ -10,10 +10,19 @@ import ray
 from search.configs import ClusterConfig, ConfigError
 
 
+# Ray Train polls worker health every 2 s by default, and a report waits for the next poll:
+# with short epochs that is most of a trial's overhead. Polling at 0.2 s costs nothing visible.
+RUNTIME_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def runtime_env() -> dict:
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}}
+
+
 @contextlib.contextmanager
 def ray_session(cluster: ClusterConfig, address: str | None = None):
     address = address or cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True, "runtime_env": runtime_env()}
     if address:
         kwargs["address"] = address
     else:

@@ -174,6 +174,22 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _parse_value(raw: str) -> Any:
+    if raw == "":
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 as a string; on the command line it is meant as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
     swaps: dict[str, str] = {}
     sets: list[tuple[str, Any]] = []
@@ -181,10 +197,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[st
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.01")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_value(raw)
         if "." not in key:
             if key not in GROUPS:
                 raise ConfigError(f"override {item!r}: unknown group {key!r}; allowed: {', '.join(GROUPS)}")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datasets import build_dataset
 from datasets.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
-from datasets.transforms import pad_collate, train_transform, val_transform
+from datasets.transforms import list_collate, train_transform, val_transform
 from trainable.checkpoint import save_checkpoint
 from trainable.config import RunConfig
 from trainable.metrics import ConfusionMatrix
@@ -101,7 +101,6 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
     d = cfg.data
     train_ds = build_dataset(d.name, d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max),
                              limit=d.max_train_images)
-    val_ds = build_dataset(d.name, d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
     per_worker = len(train_ds) // world_size
@@ -110,9 +109,16 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
                          f"per worker ({len(train_ds)} images over {world_size} workers)")
     train = DataLoader(train_ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.loader_workers,
                        pin_memory=pin, drop_last=True, persistent_workers=False)
-    val = DataLoader(val_ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(val_ds), rank, world_size),
-                     num_workers=d.loader_workers, pin_memory=pin, collate_fn=pad_collate)
-    return train, sampler, val
+    return train, sampler, val_loader(cfg, rank, world_size, pin=pin)
+
+
+def val_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1, pin: bool = False,
+               data_root: str | None = None) -> DataLoader:
+    """This rank's share of the validation set, as training evaluates it (and eval reproduces)."""
+    d = cfg.data
+    ds = build_dataset(d.name, data_root or d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
+    return DataLoader(ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(ds), rank, world_size),
+                      num_workers=d.loader_workers, pin_memory=pin, collate_fn=list_collate)
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -170,13 +176,23 @@ def evaluate(model: nn.Module, loader, num_classes: int, device, cfg: RunConfig 
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
     ctx = _autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
-    for images, masks in loader:
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        with ctx:
-            logits = model(images)
-        cm.update(masks, logits.argmax(1))
+    for batch in loader:
+        for images, masks in _same_size_groups(batch):
+            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            with ctx:
+                logits = model(images)
+            cm.update(masks, logits.argmax(1))
     cm.all_reduce()
     return cm
+
+
+def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Stack the images of a validation batch that share a size (all of them when centre-cropped)."""
+    groups: dict[tuple, list] = {}
+    for image, mask in batch:
+        groups.setdefault(tuple(image.shape), []).append((image, mask))
+    for items in groups.values():
+        yield torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
 
 
 def val_metrics(cm: ConfusionMatrix, dataset: str) -> dict:

@@ -6,6 +6,10 @@ retries failed workers from the latest checkpoint (`train.max_failures`).
 """
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -41,6 +45,34 @@ class RayWorker(Worker):
 
 def train_loop_per_worker(config: dict) -> None:
     fit(RunConfig.model_validate(config["run"]), RayWorker())
+
+
+def eval_loop_per_worker(config: dict) -> None:
+    """Evaluate a checkpoint data-parallel: each rank takes its shard, matrices are summed."""
+    from trainable.engine import evaluate, val_loader
+    from trainable.inference import load_model
+
+    worker = RayWorker()
+    model, cfg, _ = load_model(config["checkpoint"], worker.device)
+    loader = val_loader(cfg, worker.rank, worker.world_size, data_root=config.get("data_root"))
+    cm = evaluate(model, loader, cfg.data.num_classes, worker.device, cfg)
+    # Train V2 returns only checkpointed metrics to the driver: ship the matrix as a file.
+    with tempfile.TemporaryDirectory() as tmp:
+        if worker.rank == 0:
+            (Path(tmp) / "confusion.json").write_text(json.dumps(cm.mat.cpu().tolist()))
+        worker.report({"images": len(loader.sampler)}, tmp if worker.rank == 0 else None)
+
+
+def evaluate_distributed(checkpoint: str, num_workers: int, data_root: str | None = None) -> list[list[int]]:
+    """The summed confusion matrix of `checkpoint` evaluated by `num_workers` Ray Train workers."""
+    with tempfile.TemporaryDirectory(prefix="deeplab-eval-") as storage:
+        trainer = TorchTrainer(eval_loop_per_worker,
+                               train_loop_config={"checkpoint": str(checkpoint), "data_root": data_root},
+                               scaling_config=ScalingConfig(num_workers=num_workers),
+                               run_config=RayRunConfig(storage_path=storage),
+                               torch_config=ray.train.torch.TorchConfig(backend="gloo"))
+        with trainer.fit().checkpoint.as_directory() as d:
+            return json.loads((Path(d) / "confusion.json").read_text())
 
 
 def build_trainer(cfg: RunConfig, name: str, storage_path: str, callbacks: list | None = None,

@@ -1,0 +1,196 @@
+"""`deeplab sweep`: Ray Tune over Ray Train trials, Optuna TPE + ASHA, logged to MLflow.
+
+Each trial is a Tune function trainable (a tiny CPU share) that runs a `TorchTrainer` with
+the trial's resolved config; `TuneReportCallback` relays rank 0's metrics and checkpoint paths.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from search import tracking
+from search.cluster import ray_session
+from search.configs import ConfigError, JobConfig, check_space, dump_yaml
+from search.mlflow_callback import SWEEP_TAG, MlflowTrialCallback
+from search.prepare import prepare_job
+from search.space import apply_overrides, build_searcher, trial_overrides
+from trainable.config import RunConfig
+from trainable.ray_train import build_trainer
+
+TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
+
+
+def sweep_trial(config: dict, base: dict, sweep_dir: str) -> None:
+    cfg = RunConfig.model_validate(apply_overrides(base, trial_overrides(config)))
+    trial_id = tune.get_context().get_trial_id()
+    # Named by trial id: a resumed sweep restarts the same Train run, which restores its
+    # latest checkpoint from storage instead of starting over.
+    trainer = build_trainer(cfg, name=trial_id, storage_path=sweep_dir, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def max_concurrent(job: JobConfig) -> int:
+    if job.sweep.max_concurrent:
+        return job.sweep.max_concurrent
+    res = ray.cluster_resources()
+    t = job.train
+    fits = math.floor(res.get("CPU", 1) / (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU))
+    if t.use_gpu:
+        fits = min(fits, math.floor(res.get("GPU", 0) / t.num_workers))
+    if fits < 1:
+        raise ConfigError(f"train.num_workers = {t.num_workers} x cpus_per_worker = {t.cpus_per_worker}"
+                          f"{' + 1 GPU each' if t.use_gpu else ''} does not fit the cluster ({res})")
+    return fits
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _dataset_fingerprint(job: JobConfig) -> str:
+    """Cheap identity of the data: split sizes and the listed file names, hashed."""
+    import hashlib
+
+    from datasets import build_dataset
+
+    h = hashlib.sha1()
+    for split in ("train", "val"):
+        ds = build_dataset(job.data.name, job.data.root, split)
+        h.update(f"{split}:{len(ds)}".encode())
+        for img, mask in ds.samples:
+            h.update(f"{img.name}|{mask.name}".encode())
+    return h.hexdigest()[:16]
+
+
+def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
+    if resume:
+        found = c.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'sweep'")
+        if found:
+            c.update_run(found[0].info.run_id, "RUNNING")
+            return found[0].info.run_id
+    run_id = tracking.start_run(c, exp_id, name, job.to_dict(), tags={
+        SWEEP_TAG: name, "deeplab.kind": "sweep", "git_commit": _git_commit(),
+        "dataset_fingerprint": _dataset_fingerprint(job)})
+    c.log_text(run_id, json.dumps({k: v.model_dump() for k, v in job.space.items()}, indent=2), "search_space.json")
+    c.log_text(run_id, dump_yaml(job), "sweep_config.yaml")
+    return run_id
+
+
+def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    check_space(job)
+    job = prepare_job(job)
+    name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_path = Path(job.storage.path) / name
+    if resume and not (sweep_path / "tuner.pkl").exists():
+        raise ConfigError(f"sweep.name = {name!r}: nothing to resume at {sweep_path}")
+    if not resume and sweep_path.exists():
+        raise ConfigError(f"sweep.name = {name!r}: {sweep_path} exists; add --resume to continue it, or pick another name")
+    searcher, param_space = build_searcher(job)  # errors in the space surface before Ray starts
+    base = job.run.to_dict()
+    c = tracking.client(job.mlflow)
+    exp_id = tracking.ensure_experiment(job.mlflow)
+    parent = _parent_run(c, exp_id, job, name, resume)
+    s = job.sweep
+    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs)
+    try:
+        with ray_session(job.cluster, address):
+            trainable = tune.with_resources(
+                tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_path / "train")),
+                {"CPU": TRIAL_DRIVER_CPU})
+            if resume:
+                tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+            else:
+                scheduler = (ASHAScheduler(time_attr="epoch", max_t=job.train.epochs, grace_period=s.asha.grace_period,
+                                           reduction_factor=s.asha.reduction_factor)
+                             if s.asha.enabled else FIFOScheduler())
+                tuner = tune.Tuner(
+                    trainable, param_space=param_space,
+                    tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                                num_samples=s.num_samples, max_concurrent_trials=max_concurrent(job)),
+                    run_config=tune.RunConfig(name=name, storage_path=job.storage.path, callbacks=[callback],
+                                              verbose=1 if progress else 0,
+                                              failure_config=tune.FailureConfig(max_failures=0)))
+            results = tuner.fit()
+        summary = _summarise(results, callback, job, name, parent)
+        _log_parent_summary(c, parent, summary, searcher, s.metric)
+        tracking.finish_run(c, parent, "completed")
+        return summary
+    except BaseException as e:
+        tracking.finish_run(c, parent, "failed", f"{type(e).__name__}: {str(e)[:300]}")
+        raise
+
+
+def _summarise(results, callback: MlflowTrialCallback, job: JobConfig, name: str, parent: str) -> dict:
+    rows = []
+    for r in results:
+        trial_id = r.metrics.get("trial_id") if r.metrics else None
+        best = callback.best_of_trial(trial_id) if trial_id else None
+        rows.append({"trial_id": trial_id, "params": trial_overrides(r.config or {}),
+                     "epochs": (r.metrics or {}).get("epoch"), job.sweep.metric: best[job.sweep.metric] if best else None,
+                     "error": str(r.error).splitlines()[0][:200] if r.error else None,
+                     "run_id": callback.run_of_trial(trial_id) if trial_id else None,
+                     "checkpoint": best["checkpoint_path"] if best else None})
+    scored = [row for row in rows if row[job.sweep.metric] is not None]
+    pick = max if job.sweep.mode == "max" else min
+    best_row = pick(scored, key=lambda r: r[job.sweep.metric]) if scored else None
+    return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
+            "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri}
+
+
+def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
+    c.log_dict(parent, summary, "summary.json")
+    best = summary["best"]
+    if best:
+        c.log_metric(parent, f"best/{metric}", float(best[metric]))
+        c.set_tag(parent, "best_trial_id", best["trial_id"])
+        c.set_tag(parent, "best_run_id", best["run_id"] or "")
+    study = getattr(searcher, "study", None)
+    if study is None:
+        return
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if len(done) >= 2:
+        import optuna
+
+        try:
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+            c.log_dict(parent, importances, "param_importances.json")
+            for k, v in importances.items():
+                c.log_metric(parent, f"importance/{k.replace('|', '_')}", float(v))
+        except (ValueError, RuntimeError):
+            pass  # too few distinct trials for an importance estimate
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+            ax = plot_parallel_coordinate(study)
+            c.log_figure(parent, ax.figure, "parallel_coordinates.png")
+            plt.close(ax.figure)
+        except (ValueError, RuntimeError, ImportError):
+            pass
+
+
+def summary_table(summary: dict, metric: str) -> str:
+    lines = [f"{'trial':<14} {'epochs':>6} {metric:>10}  params"]
+    for r in summary["trials"]:
+        v = r[metric]
+        lines.append(f"{r['trial_id'] or '?':<14} {r['epochs'] or 0:>6} {('%.4f' % v) if v is not None else '-':>10}  "
+                     + " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+                     + (f"  FAILED: {r['error']}" if r["error"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Issue 4: the training procedure itself, in-process (no Ray): learning, exact resume, NaN."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from search.configs import load_job
+from tests.conftest import CONF
+from trainable.checkpoint import load_checkpoint
+from trainable.engine import LocalWorker, NonFiniteLoss, fit
+
+
+def _cfg(root: Path, *overrides: str):
+    return load_job(CONF / "train" / "demo.yaml", [f"data.root={root}", "train.torch_threads=2", *overrides]).run
+
+
+@pytest.fixture
+def overfit_root(synth_voc_root, tmp_path) -> Path:
+    """Validation = the training images: a model that can learn must fit them."""
+    root = tmp_path / "voc"
+    shutil.copytree(synth_voc_root, root)
+    lists = root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    shutil.copy(lists / "train.txt", lists / "val.txt")
+    return root
+
+
+def test_tiny_model_overfits_generated_voc(overfit_root):
+    cfg = _cfg(overfit_root, "train.epochs=40", "train.eval_every=40", "data.max_train_images=16",
+               "data.max_val_images=16", "data.scale_min=1.0", "data.scale_max=1.0")
+    reports = fit(cfg, LocalWorker())
+    assert reports[-1]["epoch"] == 40
+    assert reports[-1]["val/mIoU"] > 0.9, reports[-1]
+
+
+class _StopAfter(LocalWorker):
+    """Dies right after reporting epoch `n`, like a killed worker."""
+
+    def __init__(self, n: int, **kw):
+        super().__init__(**kw)
+        self.n = n
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.n:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(synth_voc_root, tmp_path):
+    cfg = _cfg(synth_voc_root, "train.epochs=3", "data.max_train_images=16", "data.max_val_images=4")
+    full = LocalWorker(checkpoint_root=tmp_path / "full")
+    full_reports = fit(cfg, full)
+
+    interrupted = _StopAfter(2, checkpoint_root=tmp_path / "part")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, interrupted)
+    state = load_checkpoint(tmp_path / "part" / "epoch_0002")
+    assert state["epoch"] == 2 and state["config"] == cfg.to_dict()
+    resumed = LocalWorker(checkpoint_root=tmp_path / "resumed", resume=state)
+    resumed_reports = fit(cfg, resumed)
+
+    assert [r["epoch"] for r in resumed_reports] == [3]  # no lost and no repeated epoch
+    assert resumed_reports[0]["train/loss"] == full_reports[-1]["train/loss"]
+    assert resumed_reports[0]["val/mIoU"] == full_reports[-1]["val/mIoU"]
+    a = load_checkpoint(tmp_path / "full" / "epoch_0003")
+    b = load_checkpoint(tmp_path / "resumed" / "epoch_0003")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 3 * 2  # 16 images / batch 8
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(synth_voc_root, tmp_path):
+    cfg = _cfg(synth_voc_root, "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2")
+    fit(cfg, LocalWorker(checkpoint_root=tmp_path))
+    path = tmp_path / "epoch_0001" / "checkpoint.pt"
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) >= {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "metrics"}
+    assert raw["metrics"]["val/mIoU"] is not None
+
+
+def test_non_finite_loss_stops_with_iteration(synth_voc_root):
+    cfg = _cfg(synth_voc_root, "train.epochs=2", "train.lr=1e12", "data.max_train_images=16", "data.max_val_images=2")
+    with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at epoch \d, iteration \d+"):
+        fit(cfg, LocalWorker())
+
+
+def test_batch_larger_than_data_is_explained(synth_voc_root):
+    cfg = _cfg(synth_voc_root, "data.batch_size=64")
+    with pytest.raises(ValueError, match="data.batch_size = 64 is larger than the 24 training images"):
+        fit(cfg, LocalWorker())

@@ -1,0 +1,65 @@
+"""Issue 4: DeepLabv3+ shapes and the reference's exact parameter counts, per registered backbone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainable.models import PretrainedWeightsMissing, build_model, registered_backbones
+
+# With 21 classes, equal to the widely used PyTorch reference implementation's models.
+PARAMS = {"resnet50": 39_761_845, "resnet101": 58_753_973, "mobilenet_v2": 5_225_717}
+
+
+def test_registry_is_the_matrix():
+    assert registered_backbones() == sorted(PARAMS)
+
+
+@pytest.mark.parametrize("backbone", registered_backbones())
+@pytest.mark.parametrize("os_", [8, 16])
+def test_shapes_and_param_counts(backbone, os_):
+    model = build_model(backbone, 21, os_).eval()
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[backbone]
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(2, 3, 64, 64))
+        out = model(torch.randn(2, 3, 65, 97))
+    assert out.shape == (2, 21, 65, 97)
+    assert feats["low_level"].shape[-1] == 16  # decoder input at stride 4
+    assert feats["out"].shape[-1] == 64 // os_  # dilated: stride = output stride
+
+
+def test_aspp_rates_follow_output_stride():
+    rates = lambda m: [b[0].dilation[0] for b in m.classifier.aspp.convs[1:4]]  # noqa: E731
+    assert rates(build_model("mobilenet_v2", 21, 16)) == [6, 12, 18]
+    assert rates(build_model("mobilenet_v2", 21, 8)) == [12, 24, 36]
+
+
+def test_reference_key_names():
+    keys = build_model("mobilenet_v2", 21, 16).state_dict().keys()
+    for k in ("backbone.low_level_features.0.0.weight", "backbone.high_level_features.13.conv.0.0.weight",
+              "classifier.aspp.convs.4.1.weight", "classifier.project.0.weight", "classifier.classifier.3.bias"):
+        assert k in keys
+    assert "backbone.layer4.2.conv3.weight" in build_model("resnet50", 21, 16).state_dict()
+
+
+def test_separable_head_is_smaller_and_runs():
+    dense, sep = build_model("mobilenet_v2", 21, 16), build_model("mobilenet_v2", 21, 16, separable=True)
+    assert sum(p.numel() for p in sep.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert sep.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 21, 64, 64)
+
+
+def test_pretrained_missing_names_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsMissing, match=r"place mobilenet_v2-b0353104.pth .* at .*hub/checkpoints"):
+        build_model("mobilenet_v2", 21, 16, pretrained_backbone=True)
+
+
+def test_pretrained_from_torch_cache(tmp_path, monkeypatch):
+    """The offline path: weights in the torch hub cache layout are loaded."""
+    from torchvision.models import mobilenet_v2
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = mobilenet_v2()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth")
+    model = build_model("mobilenet_v2", 21, 16, pretrained_backbone=True)
+    assert torch.equal(model.backbone.low_level_features[0][0].weight, ref.features[0][0].weight)

@@ -1,0 +1,85 @@
+"""Issue 4 on a real local Ray cluster: DDP over 2 CPU workers (gloo), `deeplab train` logged to
+a real sqlite MLflow store, and `deeplab eval` reproducing the logged metric."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from search.cli import main
+from search.configs import load_job
+from tests.conftest import CONF
+from trainable.engine import LocalWorker, evaluate, fit, val_loader
+from trainable.inference import load_model
+from trainable.metrics import metrics_from_confusion
+from trainable.ray_train import evaluate_distributed
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_workers_aggregate_metrics_like_one(ray_cluster, synth_voc_root, tmp_path):
+    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", "train.epochs=1",
+                                                  "data.max_train_images=8", "data.val_batch_size=3"]).run
+    fit(cfg, LocalWorker(checkpoint_root=tmp_path))
+    ckpt = tmp_path / "epoch_0001"
+    model, cfg, _ = load_model(ckpt)
+    local = evaluate(model, val_loader(cfg), cfg.data.num_classes, torch.device("cpu"), cfg).mat
+    one = torch.tensor(evaluate_distributed(str(ckpt), 1))
+    two = torch.tensor(evaluate_distributed(str(ckpt), 2))
+    assert int(local.sum()) > 0
+    assert torch.equal(one, local) and torch.equal(two, local)  # 8 val images, 3 per batch, split over 2 ranks
+    assert metrics_from_confusion(two)["mIoU"] == metrics_from_confusion(local)["mIoU"]
+
+
+def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, workdir, capsys):
+    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "train.epochs=2",
+               "train.num_workers=2", "data.batch_size=4", "data.max_train_images=16", "storage.name=ddp-run"])
+    assert rc == 0
+    capsys.readouterr()
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    exp = c.get_experiment_by_name("deeplab")
+    runs = c.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "one run per training, never one per DDP rank"
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["deeplab.status"] == "completed"
+    assert run.data.params["train.num_workers"] == "2" and run.data.params["model.backbone"] == "mobilenet_v2"
+    history = c.get_metric_history(run.info.run_id, "val/mIoU")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert arts == {"checkpoint", "config.yaml"}
+    assert run.info.artifact_uri.startswith(f"file://{workdir}/runs/mlartifacts")
+    assert (workdir / "runs" / "ray" / "ddp-run").is_dir()
+
+    # The logged checkpoint is the best one; eval reproduces its logged mIoU exactly.
+    local = c.download_artifacts(run.info.run_id, "checkpoint", str(workdir / "dl"))
+    ckpt = torch.load(f"{local}/checkpoint.pt", weights_only=True)
+    best = max(m.value for m in history)
+    assert ckpt["metrics"]["val/mIoU"] == best
+    assert main(["eval", "--checkpoint", local]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out)["val/mIoU"] == best
+
+
+def test_predict_writes_colour_masks(ray_cluster, synth_voc_root, tmp_path):
+    from PIL import Image
+
+    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", "train.epochs=1",
+                                                  "data.max_train_images=8", "data.max_val_images=2"]).run
+    fit(cfg, LocalWorker(checkpoint_root=tmp_path))
+    images = sorted((synth_voc_root / "VOCdevkit/VOC2012/JPEGImages").glob("2008_*.jpg"))[:2]
+    assert main(["predict", "--checkpoint", str(tmp_path / "epoch_0001"), *map(str, images), "--out",
+                 str(tmp_path / "pred")]) == 0
+    for img in images:
+        mask = Image.open(tmp_path / "pred" / f"{img.stem}_mask.png")
+        overlay = Image.open(tmp_path / "pred" / f"{img.stem}_overlay.png")
+        assert mask.size == overlay.size == Image.open(img).size and mask.mode == "RGB"
+
+
+def test_eval_rejects_foreign_checkpoint(tmp_path, capsys):
+    p = tmp_path / "x.pt"
+    torch.save({"model_state": {}, "cur_itrs": 3}, p)
+    assert main(["eval", "--checkpoint", str(p)]) == 2
+    assert "not a deeplab checkpoint" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""Using a checkpoint: rebuild its model from the config it stores, evaluate it exactly as the
+training loop did, and predict colour masks + overlays for image files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets.base import read_image
+from datasets.labels import palette
+from datasets.transforms import val_transform
+from trainable.checkpoint import CheckpointError, load_checkpoint
+from trainable.config import RunConfig
+from trainable.engine import evaluate, val_loader, val_metrics
+from trainable.models import build_from_config
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        cfg = RunConfig.model_validate(ckpt["config"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: its stored config does not validate ({e})") from None
+    # Weights are in the checkpoint: never fetch pretrained backbone weights to build the shell.
+    model = build_from_config(cfg.model.model_copy(update={"pretrained_backbone": False}), cfg.data.num_classes)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{path}: weights do not fit its config ({cfg.model.backbone}, "
+                              f"{cfg.data.num_classes} classes): {detail}") from None
+    return model.to(device).eval(), cfg, ckpt
+
+
+def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu") -> dict:
+    """The validation metrics of a checkpoint, computed as in training (same transform, same
+    whole-image or centre-crop setting, same images)."""
+    model, cfg, ckpt = load_model(path, device)
+    loader = val_loader(cfg, data_root=data_root)
+    metrics = val_metrics(evaluate(model, loader, cfg.data.num_classes, torch.device(device), cfg), cfg.data.name)
+    return {"epoch": ckpt["epoch"], "images": len(loader.dataset), **metrics}
+
+
+def colorize(mask: np.ndarray, dataset: str) -> Image.Image:
+    pal = np.array(palette(dataset), dtype=np.uint8)
+    return Image.fromarray(pal[mask.astype(np.uint8)])
+
+
+@torch.no_grad()
+def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str = "cpu", alpha: float = 0.5) -> list[Path]:
+    model, cfg, _ = load_model(path, device)
+    transform = val_transform(None)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in inputs:
+        image = read_image(p)
+        x, _ = transform(image, torch.zeros(image.shape[-2:], dtype=torch.long))
+        pred = model(x.unsqueeze(0).to(device)).argmax(1)[0].cpu().numpy()
+        colour = colorize(pred, cfg.data.palette)
+        overlay = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()), colour, alpha)
+        for suffix, im in (("mask", colour), ("overlay", overlay)):
+            dest = out / f"{p.stem}_{suffix}.png"
+            im.save(dest)
+            written.append(dest)
+        Image.fromarray(pred.astype(np.uint8)).save(out / f"{p.stem}_ids.png")
+        written.append(out / f"{p.stem}_ids.png")
+    return written
+
