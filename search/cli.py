@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -67,6 +68,24 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--resume", action="store_true", help="continue the sweep named by sweep.name")
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: mlflow.tracking_uri)")
 
+    b = sub.add_parser("best", help="find the best run through MLflow and download its checkpoint",
+                       formatter_class=fmt, description="Best checkpoint of an experiment (or one sweep) via MLflow.",
+                       epilog=textwrap.dedent("""\
+        examples:
+          deeplab best --experiment deeplab
+          deeplab best --experiment deeplab --sweep lr-study --out best/ --json
+          deeplab best --experiment deeplab --register deeplabv3plus-voc      # alias "best"
+          deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000"""))
+    b.add_argument("--experiment", required=True)
+    b.add_argument("--metric", default="val/mIoU")
+    b.add_argument("--mode", choices=["max", "min"], default="max")
+    b.add_argument("--sweep", default=None, help="only the trials of this sweep (its sweep.name)")
+    b.add_argument("--out", type=Path, default=Path("best"))
+    b.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
+    b.add_argument("--register", default=None, metavar="MODEL", help="register in the MLflow model registry")
+    b.add_argument("--alias", default="best")
+    b.add_argument("--json", action="store_true")
+
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation set, print JSON metrics",
                        formatter_class=fmt, description="Evaluate a checkpoint exactly as training did.",
                        epilog=textwrap.dedent("""\
@@ -91,13 +110,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_sweep(args) -> int:
     if args.tracking_uri:
-        args.overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+        # A server keeps artifacts where it is configured to, not in a local folder of ours.
+        args.overrides += [f"mlflow.tracking_uri={args.tracking_uri}", "mlflow.artifact_location="]
     job = _load(args)
     if job is None:
         return 0
     from search.sweep import run_sweep, summary_table
 
-    summary = run_sweep(job, args.address, resume=args.resume)
+    summary = run_sweep(job, args.address, resume=args.resume, verbose=args.verbose)
     print(summary_table(summary, job.sweep.metric))
     best = summary["best"]
     if best:
@@ -107,6 +127,29 @@ def cmd_sweep(args) -> int:
         print(f"  fetch it:   deeplab best --experiment {summary['experiment']} --out best/")
     else:
         print("\nno trial produced a metric")
+    return 0
+
+
+def cmd_best(args) -> int:
+    from search.best import fetch_best
+
+    info = fetch_best(args.tracking_uri, args.experiment, args.out, args.metric, args.mode, args.sweep,
+                      args.register, args.alias)
+    if args.json:
+        print(json.dumps(_json_safe(info), indent=2))
+        return 0
+    print(f"best run {info['run_id']} ({info['run_name']}): {info['metric']} = {info['value']:.4f}")
+    m = info["model"]
+    print(f"  model: DeepLabv3+ {m['backbone']} OS {m['output_stride']}, {m['num_classes']} classes "
+          f"({m['dataset']}), {m['parameters']:,} parameters, epoch {info['checkpoint_epoch']}")
+    print(f"  checkpoint: {info['local_path']}")
+    print(f"  artifact:   {info['artifact_uri']}")
+    shown = ("model.backbone", "model.output_stride", "train.lr", "train.epochs", "data.crop_size", "data.batch_size")
+    print("  " + " ".join(f"{k}={info['params'][k]}" for k in shown if k in info["params"]))
+    if "registered" in info:
+        r = info["registered"]
+        print(f"  registered: models:/{r['name']}@{r['alias']} (version {r['version']})")
+    print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
     return 0
 
 
@@ -154,6 +197,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01 model=resnet101_os16")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
 
 
 def _load(args):
@@ -172,7 +216,7 @@ def cmd_train(args) -> int:
         return 0
     from search.run_train import run_training
 
-    summary = run_training(job, args.address)
+    summary = run_training(job, args.address, verbose=args.verbose)
     print(json.dumps(_json_safe(summary), indent=2, default=str))
     return 0
 
@@ -210,10 +254,11 @@ def cmd_data(args) -> int:
         return 1
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval, "predict": cmd_predict}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "eval": cmd_eval, "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

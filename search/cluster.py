@@ -20,9 +20,11 @@ def runtime_env() -> dict:
 
 
 @contextlib.contextmanager
-def ray_session(cluster: ClusterConfig, address: str | None = None):
+def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False):
+    """Quiet by default: the workers' logs stay in Ray's log folder (errors still surface
+    with the failed run); `verbose` streams them to this terminal."""
     address = address or cluster.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True, "runtime_env": runtime_env()}
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose, "runtime_env": runtime_env()}
     if address:
         kwargs["address"] = address
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from search import tracking
-from search.space import apply_overrides, trial_overrides
+from search.space import apply_overrides, ran_all_epochs, trial_overrides
 
 TRIAL_TAG = "deeplab.trial_id"
 SWEEP_TAG = "deeplab.sweep"
@@ -60,10 +60,8 @@ class MlflowTrialCallback(Callback):
                                           "epoch": result.get("epoch")}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        epochs = trial_overrides(trial.config).get("train.epochs", self.max_epochs)
-        status = "completed" if last.get("epoch", 0) >= epochs else "pruned"
-        self._finish(trial, status)
+        done = ran_all_epochs(trial.config, trial.last_result, self.max_epochs)
+        self._finish(trial, "completed" if done else "pruned")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trial, "failed", _error_reason(trial))

@@ -13,7 +13,7 @@ from trainable.ray_train import build_trainer
 METRIC = "val/mIoU"
 
 
-def run_training(job: JobConfig, address: str | None = None) -> dict:
+def run_training(job: JobConfig, address: str | None = None, verbose: bool = False) -> dict:
     job = prepare_job(job)
     run_cfg = job.run
     name = job.storage.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -21,7 +21,7 @@ def run_training(job: JobConfig, address: str | None = None) -> dict:
     c = tracking.client(ml)
     exp_id = tracking.ensure_experiment(ml)
     run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={"deeplab.kind": "train"})
-    with ray_session(job.cluster, address):
+    with ray_session(job.cluster, address, verbose):
         trainer = build_trainer(run_cfg, name, job.storage.path,
                                 callbacks=[tracking.MlflowReportCallback(ml.tracking_uri, run_id)], metric=METRIC)
         try:

@@ -64,6 +64,12 @@ def trial_overrides(config: dict) -> dict[str, Any]:
     return {k.split(COND_SEP, 1)[0]: v for k, v in config.items() if "." in k}
 
 
+def ran_all_epochs(config: dict, last_result: dict | None, default_epochs: int) -> bool:
+    """False for a trial that ended early without an error: stopped by ASHA (pruned)."""
+    epochs = trial_overrides(config or {}).get("train.epochs", default_epochs)
+    return (last_result or {}).get("epoch", 0) >= epochs
+
+
 def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
     out = copy.deepcopy(base)
     for key, value in overrides.items():
@@ -84,8 +90,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if trial_id in self._completed_trials or error or not result:
             return super().on_trial_complete(trial_id, result, error)
-        epochs = trial_overrides(result.get("config", {})).get("train.epochs", self.max_epochs)
-        if result.get("epoch", epochs) < epochs:
+        if not ran_all_epochs(result.get("config", {}), result, self.max_epochs):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return None
@@ -98,6 +103,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 def build_searcher(job: JobConfig):
     """(search_alg or None, param_space) for the sweep's `search` setting."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = job.sweep
     if not job.space:
         raise ConfigError("space: the sweep has no search space (add `space:` entries, e.g. train.lr)")

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import ray
@@ -20,6 +21,7 @@ from search import tracking
 from search.cluster import ray_session
 from search.configs import ConfigError, JobConfig, check_space, dump_yaml
 from search.mlflow_callback import SWEEP_TAG, MlflowTrialCallback
+from search.progress import ProgressTable
 from search.prepare import prepare_job
 from search.space import apply_overrides, build_searcher, trial_overrides
 from trainable.config import RunConfig
@@ -88,7 +90,7 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
     return run_id
 
 
-def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> dict:
     check_space(job)
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,7 +107,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     s = job.sweep
     callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs)
     try:
-        with ray_session(job.cluster, address):
+        with ray_session(job.cluster, address, verbose):
             trainable = tune.with_resources(
                 tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_path / "train")),
                 {"CPU": TRIAL_DRIVER_CPU})
@@ -120,11 +122,16 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
                     trainable, param_space=param_space,
                     tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                                 num_samples=s.num_samples, max_concurrent_trials=max_concurrent(job)),
-                    run_config=tune.RunConfig(name=name, storage_path=job.storage.path, callbacks=[callback],
-                                              verbose=1 if progress else 0,
+                    run_config=tune.RunConfig(name=name, storage_path=job.storage.path,
+                                              callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
+                                              verbose=1 if verbose else 0,
                                               failure_config=tune.FailureConfig(max_failures=0)))
             results = tuner.fit()
         summary = _summarise(results, callback, job, name, parent)
+        study = getattr(searcher, "study", None)
+        if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
+            states = [t.state.name for t in study.trials]
+            summary["optuna_states"] = {st: states.count(st) for st in sorted(set(states))}
         _log_parent_summary(c, parent, summary, searcher, s.metric)
         tracking.finish_run(c, parent, "completed")
         return summary
@@ -147,7 +154,8 @@ def _summarise(results, callback: MlflowTrialCallback, job: JobConfig, name: str
     pick = max if job.sweep.mode == "max" else min
     best_row = pick(scored, key=lambda r: r[job.sweep.metric]) if scored else None
     return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
-            "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri}
+            "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri,
+            "sweep_path": str(Path(job.storage.path) / name)}
 
 
 def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
@@ -162,28 +170,34 @@ def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) ->
         return
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if len(done) >= 2:
-        import optuna
+        with warnings.catch_warnings():
+            # Optuna warns about small samples and experimental plots: expected in small sweeps.
+            warnings.simplefilter("ignore")
+            _log_importances(c, parent, study)
 
-        try:
-            importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
-            c.log_dict(parent, importances, "param_importances.json")
-            for k, v in importances.items():
-                c.log_metric(parent, f"importance/{k.replace('|', '_')}", float(v))
-        except (ValueError, RuntimeError):
-            pass  # too few distinct trials for an importance estimate
-        try:
-            import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            from optuna.visualization.matplotlib import plot_parallel_coordinate
+def _log_importances(c, parent: str, study) -> None:
+    import matplotlib
+    import optuna
 
-            ax = plot_parallel_coordinate(study)
-            c.log_figure(parent, ax.figure, "parallel_coordinates.png")
-            plt.close(ax.figure)
-        except (ValueError, RuntimeError, ImportError):
-            pass
+    try:
+        importances = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+        c.log_dict(parent, importances, "param_importances.json")
+        for k, v in importances.items():
+            c.log_metric(parent, f"importance/{k.replace('|', '_')}", float(v))
+    except (ValueError, RuntimeError):
+        pass  # too few distinct trials for an importance estimate
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_parallel_coordinate
+
+    try:
+        ax = plot_parallel_coordinate(study)
+    except (ValueError, RuntimeError):
+        return
+    c.log_figure(parent, ax.figure, "parallel_coordinates.png")
+    plt.close(ax.figure)
 
 
 def summary_table(summary: dict, metric: str) -> str:

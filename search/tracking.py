@@ -34,8 +34,13 @@ def resolve_tracking_uri(uri: str) -> str:
 
 
 def resolved(cfg: MlflowConfig) -> MlflowConfig:
+    """Absolute store and artifact locations. An explicit artifact location is always passed:
+    left to MLflow, artifacts of a local store land in whatever folder a Ray actor runs in."""
     loc = cfg.artifact_location
-    if "://" not in loc and not loc.startswith("mlflow-artifacts:"):
+    remote = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
+    if loc is None and not remote:
+        loc = "runs/mlartifacts"
+    if loc is not None and "://" not in loc and not loc.startswith("mlflow-artifacts:"):
         loc = Path(resolve_path(loc)).as_uri()
     return cfg.model_copy(update={"tracking_uri": resolve_tracking_uri(cfg.tracking_uri), "artifact_location": loc})
 

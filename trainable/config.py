@@ -103,7 +103,8 @@ class TrainConfig(_Strict):
 
 class MlflowConfig(_Strict):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
-    artifact_location: str = "runs/mlartifacts"
+    # None: runs/mlartifacts for a local store, the server's own default for an http(s) server.
+    artifact_location: str | None = None
     experiment: str = "deeplab"
 
 

@@ -1,0 +1,43 @@
+"""A compact live progress table for sweeps (Tune's own reporter prints a box per event)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import Callback
+
+from search.space import ran_all_epochs, trial_overrides
+
+
+class ProgressTable(Callback):
+    def __init__(self, metric: str, max_epochs: int, stream=None):
+        self.metric, self.max_epochs = metric, max_epochs
+        self.stream = stream or sys.stdout
+        self._header_done = False
+
+    def _row(self, trial, status: str, result: dict | None = None) -> None:
+        if not self._header_done:
+            print(f"{'time':<8} {'trial':<10} {'status':<10} {'epoch':>7} {self.metric:>10}  params", file=self.stream)
+            self._header_done = True
+        r = result or trial.last_result or {}
+        value = r.get(self.metric)
+        epochs = trial_overrides(trial.config).get("train.epochs", self.max_epochs)
+        params = " ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(trial_overrides(trial.config).items()))
+        print(f"{time.strftime('%H:%M:%S'):<8} {trial.trial_id:<10} {status:<10} {r.get('epoch', 0):>3}/{epochs:<3} "
+              f"{('%.4f' % value) if isinstance(value, float) else '-':>10}  {params}", file=self.stream, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._row(trial, "started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._row(trial, "running", result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._row(trial, "done" if ran_all_epochs(trial.config, trial.last_result, self.max_epochs) else "pruned")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._row(trial, "FAILED")
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
