@@ -195,6 +195,8 @@ def _json_safe(x):
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML config under conf/")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01 model=resnet101_os16")
+    p.add_argument("--conf-dir", type=Path, default=None,
+                   help="folder holding the config groups (default: the nearest above CONFIG with data/ and model/)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
@@ -203,7 +205,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from search.configs import dump_yaml, load_job
 
-    job = load_job(args.config, args.overrides)
+    job = load_job(args.config, args.overrides, args.conf_dir)
     if args.print_config:
         print(dump_yaml(job), end="")
         return None
@@ -259,7 +261,14 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cm
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may stand anywhere among the options: argparse only collects the
+    # ones before the first option, so pick up the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in x and not x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

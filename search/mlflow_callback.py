@@ -22,6 +22,7 @@ class MlflowTrialCallback(Callback):
         self.sweep_name, self.base, self.metric, self.mode, self.max_epochs = sweep_name, base_config, metric, mode, max_epochs
         self._runs: dict[str, str] = {}
         self._best: dict[str, dict] = {}
+        self._last_step: dict[str, int] = {}
 
     def _client(self):
         return tracking.client(self.cfg)
@@ -36,6 +37,8 @@ class MlflowTrialCallback(Callback):
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
                 c.update_run(run_id, "RUNNING")  # resumed: continue the same run
+            history = c.get_metric_history(run_id, self.metric)
+            self._last_step[trial.trial_id] = max((m.step for m in history), default=0)
         else:
             cfg = apply_overrides(self.base, trial_overrides(trial.config))
             run_id = tracking.start_run(c, self.experiment_id, f"{self.sweep_name}/{trial.trial_id}", cfg,
@@ -50,8 +53,11 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self._run_id(trial)
-        tracking.log_metrics(self._client(), run_id, {k: v for k, v in result.items() if "/" in k},
-                             step=int(result.get("epoch", 0)))
+        step = int(result.get("epoch", 0))
+        # A resumed trial first replays its checkpoint's epoch: log each epoch once.
+        if step > self._last_step.get(trial.trial_id, 0):
+            tracking.log_metrics(self._client(), run_id, {k: v for k, v in result.items() if "/" in k}, step=step)
+            self._last_step[trial.trial_id] = step
         value = result.get(self.metric)
         best = self._best.get(trial.trial_id)
         if isinstance(value, (int, float)) and not math.isnan(value) and result.get("checkpoint_path") and (

@@ -10,21 +10,21 @@ from search.space import ran_all_epochs, trial_overrides
 
 
 class ProgressTable(Callback):
-    def __init__(self, metric: str, max_epochs: int, stream=None):
+    def __init__(self, metric: str, max_epochs: int):
+        # No stream held: Tune pickles its callbacks with the experiment state.
         self.metric, self.max_epochs = metric, max_epochs
-        self.stream = stream or sys.stdout
         self._header_done = False
 
     def _row(self, trial, status: str, result: dict | None = None) -> None:
         if not self._header_done:
-            print(f"{'time':<8} {'trial':<10} {'status':<10} {'epoch':>7} {self.metric:>10}  params", file=self.stream)
+            print(f"{'time':<8} {'trial':<10} {'status':<10} {'epoch':>7} {self.metric:>10}  params", file=sys.stdout)
             self._header_done = True
         r = result or trial.last_result or {}
         value = r.get(self.metric)
         epochs = trial_overrides(trial.config).get("train.epochs", self.max_epochs)
         params = " ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(trial_overrides(trial.config).items()))
         print(f"{time.strftime('%H:%M:%S'):<8} {trial.trial_id:<10} {status:<10} {r.get('epoch', 0):>3}/{epochs:<3} "
-              f"{('%.4f' % value) if isinstance(value, float) else '-':>10}  {params}", file=self.stream, flush=True)
+              f"{('%.4f' % value) if isinstance(value, float) else '-':>10}  {params}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._row(trial, "started")

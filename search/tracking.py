@@ -115,12 +115,19 @@ def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = N
 class MlflowReportCallback(UserCallback):
     """Ray Train controller callback: rank 0's metrics of each report into one MLflow run."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+    def __init__(self, tracking_uri: str, run_id: str, metric: str = "val/mIoU"):
+        self.tracking_uri, self.run_id, self.metric = tracking_uri, run_id, metric
+        self._last_step: int | None = None
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]
-        log_metrics(MlflowClient(self.tracking_uri), self.run_id, m, step=int(m.get("epoch", 0)))
+        c = MlflowClient(self.tracking_uri)
+        if self._last_step is None:  # a restored run replays its checkpoint's epoch first
+            self._last_step = max((h.step for h in c.get_metric_history(self.run_id, self.metric)), default=0)
+        step = int(m.get("epoch", 0))
+        if step > self._last_step:
+            log_metrics(c, self.run_id, m, step=step)
+            self._last_step = step
 
 
 def best_of(metrics_list: list[dict], metric: str, mode: str = "max") -> dict | None:

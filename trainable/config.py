@@ -30,6 +30,7 @@ class DataConfig(_Strict):
     scale_max: float = Field(2.0, gt=0)
     # None: validate on whole images; an int: resize shorter side + centre crop to it.
     val_crop: int | None = Field(None, strict=True, ge=32)
+    # Per Ray Train worker: the global batch is batch_size x train.num_workers.
     batch_size: int = Field(16, strict=True, ge=1)
     val_batch_size: int = Field(4, strict=True, ge=1)
     loader_workers: int = Field(2, strict=True, ge=0)

@@ -32,11 +32,15 @@ class RayWorker(Worker):
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
 
     def resume_state(self) -> dict | None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        self._restored = ray.train.get_checkpoint()
+        if self._restored is None:
             return None
-        with ckpt.as_directory() as d:
+        with self._restored.as_directory() as d:
             return load_checkpoint(d, map_location=self.device)
+
+    def replay(self, metrics: dict) -> None:
+        # The checkpoint is already in storage: point at it rather than uploading a copy.
+        ray.train.report({**metrics, "checkpoint_path": self._restored.path, "replayed": True})
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

@@ -1,0 +1,194 @@
+"""Issue 5: real sweeps on a local Ray cluster, logged to a real sqlite MLflow store and to a
+real `mlflow server` process; best-checkpoint retrieval; resume after Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from search.best import fetch_best
+from search.configs import load_job
+from search.sweep import run_sweep
+from tests.conftest import CONF, REPO
+from trainable.inference import evaluate_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TINY_SWEEP = """\
+defaults: [train/demo]
+data: {max_train_images: 8, max_val_images: 4, crop_size: 48}
+train: {epochs: 3, cpus_per_worker: 0.95}
+sweep: {num_samples: %(n)d, seed: 1, asha: {grace_period: 1, reduction_factor: 2}}
+space:
+  train.lr: {type: loguniform, low: 0.001, high: 0.3}
+  model.output_stride: {type: choice, values: [8, 16]}
+"""
+
+
+def _write_sweep(tmp_path: Path, n: int) -> Path:
+    p = tmp_path / "tiny_sweep.yaml"
+    p.write_text(TINY_SWEEP % {"n": n})
+    return p
+
+
+def _runs(c: MlflowClient, experiment: str = "deeplab"):
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("deeplab.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+    return parent, children
+
+
+def test_sweep_sqlite_runs_statuses_pruning_and_best_round_trip(ray_cluster, synth_voc_root, workdir, tmp_path):
+    job = load_job(_write_sweep(tmp_path, 5), [f"data.root={synth_voc_root}", "sweep.name=s1"], conf_root=CONF)
+    summary = run_sweep(job)
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    parents, children = _runs(c)
+    assert len(parents) == 1 and len(children) == 5
+    parent = parents[0]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.info.status != "RUNNING" for r in parents + children), "no run left RUNNING"
+    assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"summary.json", "search_space.json",
+                                                                      "sweep_config.yaml"}
+    assert parent.data.tags["git_commit"] and len(parent.data.tags["dataset_fingerprint"]) == 16
+
+    statuses = {r.data.tags["deeplab.trial_id"]: r.data.tags["deeplab.status"] for r in children}
+    assert set(statuses.values()) <= {"completed", "pruned"} and "completed" in statuses.values()
+    for r in children:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
+        trial = next(t for t in summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
+        assert steps == list(range(1, trial["epochs"] + 1))
+        assert (statuses[trial["trial_id"]] == "completed") == (trial["epochs"] == 3)
+        # all resolved params, the sampled ones with the trial's values
+        assert float(r.data.params["train.lr"]) == pytest.approx(trial["params"]["train.lr"])
+        assert r.data.params["model.output_stride"] == str(trial["params"]["model.output_stride"])
+        assert r.data.params["data.max_train_images"] == "8" and len(r.data.params) >= 40
+        assert "checkpoint" in {a.path for a in c.list_artifacts(r.info.run_id)}
+
+    # What Optuna was told matches what ASHA did.
+    n_pruned = list(statuses.values()).count("pruned")
+    assert summary["optuna_states"].get("PRUNED", 0) == n_pruned
+    assert summary["optuna_states"].get("COMPLETE", 0) == 5 - n_pruned
+
+    # Retrieval: best through MLflow, downloaded, loaded; eval reproduces the logged metric.
+    info = fetch_best(f"sqlite:///{workdir}/runs/mlflow.db", "deeplab", workdir / "best", sweep="s1",
+                      register="tiny", alias="champion")
+    assert info["run_id"] == parent.data.tags["best_run_id"] == summary["best"]["run_id"]
+    assert info["value"] == pytest.approx(summary["best"]["val/mIoU"])
+    assert torch.load(info["local_path"], weights_only=True)["epoch"] == info["checkpoint_epoch"]
+    assert evaluate_checkpoint(info["local_path"])["val/mIoU"] == info["value"]
+    mv = c.get_model_version_by_alias("tiny", "champion")
+    assert mv.run_id == info["run_id"]
+
+
+def test_best_cli_json_and_unknown_experiment(workdir, capsys):
+    from search.cli import main
+
+    assert main(["best", "--experiment", "nope", "--tracking-uri", f"sqlite:///{workdir}/x.db"]) == 2
+    assert "no such MLflow experiment" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, stopped at the end."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_sweep_against_real_mlflow_server(ray_cluster, synth_voc_root, workdir, tmp_path, mlflow_server):
+    from search.cli import main
+
+    rc = main(["sweep", str(_write_sweep(tmp_path, 2)), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
+               "sweep.name=srv", "sweep.asha.enabled=false", "--tracking-uri", mlflow_server])
+    assert rc == 0
+    c = MlflowClient(mlflow_server)
+    parents, children = _runs(c)
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.data.tags["deeplab.status"] == "completed" for r in children)
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)
+    assert not (workdir / "runs" / "mlartifacts").exists(), "artifacts went to the server, not a local folder"
+    info = fetch_best(mlflow_server, "deeplab", workdir / "best")
+    assert Path(info["local_path"]).is_file() and info["run_id"] in {r.info.run_id for r in children}
+
+
+def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
+    """Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
+    interrupted ones continue from their last checkpoint, in the same MLflow runs."""
+    cfg = _write_sweep(tmp_path, 4)
+    cmd = [sys.executable, "-m", "search.cli", "sweep", str(cfg), "--conf-dir", str(CONF),
+           f"data.root={synth_voc_root}", "sweep.name=r1", "sweep.asha.enabled=false", "train.epochs=4",
+           "cluster.num_cpus=2", "cluster.object_store_memory=100000000"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if " done " in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert any(" done " in ln for ln in seen), "".join(seen)[-3000:]
+
+    c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    _, before = _runs(c)
+    finished = {r.data.tags["deeplab.trial_id"]: r for r in before if r.data.tags.get("deeplab.status") == "completed"}
+    assert finished
+    done_steps = {t: len(c.get_metric_history(r.info.run_id, "val/mIoU")) for t, r in finished.items()}
+
+    res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    parents, after = _runs(c)
+    assert len(parents) == 1, "the same parent run continues"
+    ids = [r.data.tags["deeplab.trial_id"] for r in after]
+    assert len(ids) == len(set(ids)) == 4, "one child run per trial, none duplicated"
+    assert all(r.data.tags["deeplab.status"] == "completed" for r in after)
+    for r in after:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
+        assert steps == [1, 2, 3, 4], (r.data.tags["deeplab.trial_id"], steps)  # nothing lost, nothing repeated
+        t = r.data.tags["deeplab.trial_id"]
+        if t in done_steps:
+            assert len(steps) == done_steps[t]  # a finished trial was not rerun
+    summary = json.loads(c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
+                         and (tmp_path / "s" / "summary.json").read_text())
+    assert len(summary["trials"]) == 4
