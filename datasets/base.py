@@ -53,38 +53,38 @@ def read_mask(path: Path) -> torch.Tensor:
 class SegmentationDataset(Dataset):
     """(image, mask) pairs. Without a transform an item is (uint8 [3,H,W], int64 [H,W]).
 
-    `lut` maps stored mask values to class ids (Cityscapes labelIds -> trainIds); `valid_values`
-    are the stored values allowed, anything else is reported with the file's name.
+    Stored mask values must be 0..`max_label` or 255 (void); anything else is reported with the
+    file's name. `lut` maps stored values to class ids (Cityscapes labelIds -> trainIds).
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, Path]], valid_values: frozenset[int],
+    def __init__(self, samples: Sequence[tuple[Path, Path]], max_label: int,
                  lut: torch.Tensor | None = None, transform: Callable | None = None, limit: int | None = None):
         self.samples = list(samples)[:limit] if limit else list(samples)
         self.transform = transform
         self.lut = lut
-        invalid = torch.ones(256, dtype=torch.bool)
-        invalid[list(valid_values)] = False
-        self._invalid = invalid
+        self.max_label = max_label
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 image [3,H,W], uint8 class-id mask [H,W]), checked."""
         img_path, mask_path = self.samples[index]
         image, raw = read_image(img_path), read_mask(mask_path)
         if image.shape[-2:] != raw.shape:
             raise DatasetError(f"{mask_path}: mask size {tuple(raw.shape)} differs from image "
                                f"{img_path.name} size {tuple(image.shape[-2:])}")
-        bad = self._invalid[raw.long()]
-        if bad.any():
-            values = sorted(set(raw[bad].unique().tolist()))
+        # uint8 wraps 255 (void) to 0: one add and one max check every pixel of the mask.
+        if int((raw + 1).max()) > self.max_label + 1:
+            values = [v for v in raw.unique().tolist() if v > self.max_label and v != 255]
             raise DatasetError(f"{mask_path}: unexpected label values {values[:10]}")
         mask = self.lut[raw.long()] if self.lut is not None else raw
-        return image, mask.long()
+        # uint8 through the transforms (a quarter of the memory traffic); int64 at the end.
+        return image, mask
 
     def __getitem__(self, index: int):
         image, mask = self.load(index)
-        return self.transform(image, mask) if self.transform else (image, mask)
+        return self.transform(image, mask) if self.transform else (image, mask.long())
 
 
 def read_id_list(path: Path) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.base import DatasetError, SegmentationDataset
-from datasets.labels import CITYSCAPES_VALID_LABEL_IDS, cityscapes_lut
+from datasets.labels import CITYSCAPES_MAX_LABEL_ID, cityscapes_lut
 
 SPLITS = ("train", "val", "test")
 IMG_SUFFIX, MASK_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -35,5 +35,5 @@ def cityscapes_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
 class Cityscapes(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        super().__init__(cityscapes_samples(root, split), CITYSCAPES_VALID_LABEL_IDS, lut=cityscapes_lut(),
+        super().__init__(cityscapes_samples(root, split), CITYSCAPES_MAX_LABEL_ID, lut=cityscapes_lut(),
                          transform=transform, limit=limit)

@@ -44,8 +44,8 @@ CITYSCAPES_LABELS = (
 )
 CITYSCAPES_CLASSES = tuple(name for name, _, t, _ in sorted(CITYSCAPES_LABELS, key=lambda r: r[2]) if t != 255)
 
-# labelIds PNGs store uint8: license plate (-1) is written as 255 by the official scripts.
-CITYSCAPES_VALID_LABEL_IDS = frozenset(lid % 256 for _, lid, _, _ in CITYSCAPES_LABELS)
+# labelIds PNGs store 0..33; license plate (-1) is written as 255 by the official scripts.
+CITYSCAPES_MAX_LABEL_ID = max(lid for _, lid, _, _ in CITYSCAPES_LABELS)
 
 
 def cityscapes_lut() -> torch.Tensor:

@@ -15,31 +15,51 @@ STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(round(255 * m) for m in MEAN)
 
 
-class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from [lo, hi] (the paper's 0.5-2.0 scale jitter)."""
+class RandomScaleCrop(v2.Transform):
+    """The paper's augmentation: scale by a factor drawn from [lo, hi], then take a random
+    `crop` x `crop` window, padding (image: mean pixel, mask: 255) where the scaled image is
+    smaller. Fused: only the source region that lands in the window is resized, so the cost
+    follows the crop size, not the (up to 4x larger) scaled image."""
 
-    def __init__(self, lo: float, hi: float):
+    def __init__(self, crop: int, lo: float, hi: float):
         super().__init__()
-        self.lo, self.hi = lo, hi
+        self.crop, self.lo, self.hi = crop, lo, hi
 
     def make_params(self, flat_inputs):
         h, w = v2.query_size(flat_inputs)
         s = self.lo + (self.hi - self.lo) * float(torch.rand(()))
-        return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))  # the scaled image's size
+        ch, cw = min(self.crop, sh), min(self.crop, sw)  # the part of the window it covers
+        y0 = int(torch.randint(0, sh - ch + 1, ()))
+        x0 = int(torch.randint(0, sw - cw + 1, ()))
+        top, left = min(int(y0 / s), h - 1), min(int(x0 / s), w - 1)
+        height = max(1, min(round(ch / s), h - top))
+        width = max(1, min(round(cw / s), w - left))
+        pt = int(torch.randint(0, self.crop - ch + 1, ()))
+        pl = int(torch.randint(0, self.crop - cw + 1, ()))
+        return {"box": (top, left, height, width), "size": [ch, cw],
+                "pad": [pl, pt, self.crop - cw - pl, self.crop - ch - pt]}
 
     def transform(self, inpt, params):
-        return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
+        out = self._call_kernel(F.resized_crop, inpt, *params["box"], size=params["size"], antialias=True)
+        if any(params["pad"]):
+            fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else list(MEAN_PIXEL)
+            out = self._call_kernel(F.pad, out, padding=params["pad"], fill=fill)
+        return out
 
 
 class _Finish(v2.Transform):
-    """uint8 image -> normalised float32; mask -> int64 [H, W]."""
+    """uint8 image -> normalised float32 (one multiply-subtract, not to_dtype + normalize);
+    mask -> int64 [H, W]."""
+
+    _scale = (1.0 / (255.0 * torch.tensor(STD))).view(3, 1, 1)
+    _shift = (torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
 
     def transform(self, inpt, params):
         if isinstance(inpt, tv_tensors.Mask):
             return inpt.as_subclass(torch.Tensor).long()
         if isinstance(inpt, tv_tensors.Image):
-            x = F.to_dtype(inpt.as_subclass(torch.Tensor), torch.float32, scale=True)
-            return F.normalize(x, MEAN, STD)
+            return inpt.as_subclass(torch.Tensor).float().mul_(self._scale).sub_(self._shift)
         return inpt
 
 
@@ -58,8 +78,7 @@ class JointTransform:
 
 def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0) -> JointTransform:
     return JointTransform(v2.Compose([
-        RandomScale(scale_min, scale_max),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: MEAN_PIXEL, tv_tensors.Mask: IGNORE_INDEX}),
+        RandomScaleCrop(crop_size, scale_min, scale_max),
         v2.RandomHorizontalFlip(),
         _Finish(),
     ]))

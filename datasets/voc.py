@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets.base import DatasetError, SegmentationDataset, read_id_list
 
 SPLITS = ("train", "val", "trainval", "train_aug")
-VOC_VALID = frozenset(range(21)) | {255}
+VOC_MAX_LABEL = 20  # 21 classes; 255 = void
 
 
 def voc_dir(root: str | Path) -> Path:
@@ -44,4 +44,4 @@ def voc_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
 class VOCSegmentation(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        super().__init__(voc_samples(root, split), VOC_VALID, lut=None, transform=transform, limit=limit)
+        super().__init__(voc_samples(root, split), VOC_MAX_LABEL, lut=None, transform=transform, limit=limit)
