@@ -18,7 +18,7 @@ def find_best_run(c: MlflowClient, experiment: str, metric: str = "val/mIoU", mo
     if exp is None:
         names = [e.name for e in c.search_experiments()]
         raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment; known: {', '.join(names) or 'none'}")
-    filters = ["tags.`deeplab.kind` != 'sweep'"]
+    filters = ["tags.`deeplab.kind` != 'sweep'", "attributes.status != 'FAILED'"]
     if sweep:
         filters.append(f"tags.`deeplab.sweep` = '{sweep}'")
     order = "DESC" if mode == "max" else "ASC"

@@ -9,7 +9,6 @@ import ray
 
 from search.configs import ClusterConfig, ConfigError
 
-
 # Ray Train polls worker health every 2 s by default, and a report waits for the next poll:
 # with short epochs that is most of a trial's overhead. Polling at 0.2 s costs nothing visible.
 RUNTIME_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}

@@ -10,13 +10,21 @@ group, e.g. `model=mobilenet_v2_os16`. The result is validated once; any problem
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainable.config import DataConfig, MlflowConfig, ModelConfig, RunConfig, StorageConfig, TrainConfig
+from trainable.config import (
+    DataConfig,
+    MlflowConfig,
+    ModelConfig,
+    RunConfig,
+    StorageConfig,
+    TrainConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -174,6 +182,9 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+_SCI_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _parse_value(raw: str) -> Any:
     if raw == "":
         return None
@@ -181,12 +192,9 @@ def _parse_value(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
-    if isinstance(value, str):
+    if isinstance(value, str) and _SCI_NUMBER.fullmatch(value):
         # YAML 1.1 reads 1e-3 as a string; on the command line it is meant as a number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        return float(value)
     return value
 
 
@@ -283,6 +291,29 @@ def check_space(job: JobConfig) -> None:
                 raise ConfigError(f"space.{key}: value {value!r} is invalid: {format_validation_error(err)}") from None
 
 
+# Conditional search parameters are suggested under "key|parent_value" so that each Optuna
+# distribution keeps one fixed set of choices; trials fold the name back to "key".
+COND_SEP = "|"
+
+
+def trial_overrides(config: dict) -> dict[str, Any]:
+    """Sampled values keyed by dotted config path (conditional names folded back)."""
+    return {k.split(COND_SEP, 1)[0]: v for k, v in config.items() if "." in k}
+
+
+def ran_all_epochs(config: dict, last_result: dict | None, default_epochs: int) -> bool:
+    """False for a trial that ended early without an error: stopped by ASHA (pruned)."""
+    epochs = trial_overrides(config or {}).get("train.epochs", default_epochs)
+    return (last_result or {}).get("epoch", 0) >= epochs
+
+
+def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        _set_dotted(out, key, value)
+    return out
+
+
 def dump_yaml(job: JobConfig | RunConfig) -> str:
     return yaml.safe_dump(job.to_dict(), sort_keys=False)
 
@@ -303,5 +334,5 @@ def check_data_root(job: JobConfig | RunConfig) -> None:
 __all__ = [
     "AshaConfig", "ClusterConfig", "ConfigError", "DataConfig", "JobConfig", "MlflowConfig", "ModelConfig",
     "RunConfig", "SearchParam", "StorageConfig", "SweepConfig", "TrainConfig", "check_data_root", "check_space",
-    "compose", "dump_yaml", "load_job", "load_yaml_config", "validate",
+    "COND_SEP", "apply_overrides", "compose", "dump_yaml", "ran_all_epochs", "trial_overrides", "load_job", "load_yaml_config", "validate",
 ]

@@ -4,12 +4,13 @@ the same runs instead of duplicating them."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from ray.tune import Callback
 
 from search import tracking
-from search.space import apply_overrides, ran_all_epochs, trial_overrides
+from search.configs import apply_overrides, ran_all_epochs, trial_overrides
 
 TRIAL_TAG = "deeplab.trial_id"
 SWEEP_TAG = "deeplab.sweep"
@@ -90,14 +91,14 @@ class MlflowTrialCallback(Callback):
         return self._runs.get(trial_id)
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
+
+
 def _error_reason(trial) -> str:
+    """The innermost exception line of the trial's traceback ("pkg.mod.Error: message"): Ray
+    wraps worker errors, and the user wants the worker's own exception."""
     path = getattr(trial, "error_file", None)
-    text = ""
-    if path and Path(path).is_file():
-        text = Path(path).read_text(errors="replace")
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # The last meaningful line of the traceback names the exception and its message.
-    for ln in reversed(lines):
-        if "Error" in ln or "Exception" in ln:
-            return ln[:500]
-    return lines[-1][:500] if lines else "unknown error"
+    found = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return (found[-1] if found else lines[-1] if lines else "unknown error")[:500]

@@ -6,7 +6,7 @@ import time
 
 from ray.tune import Callback
 
-from search.space import ran_all_epochs, trial_overrides
+from search.configs import ran_all_epochs, trial_overrides
 
 
 class ProgressTable(Callback):

@@ -2,7 +2,6 @@
 Optuna searcher that tells ASHA-stopped trials to Optuna as pruned."""
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import optuna
@@ -10,11 +9,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from search.configs import ConfigError, JobConfig, SearchParam, _set_dotted
-
-# Conditional parameters are suggested under "key|parent_value" so that each Optuna
-# distribution keeps one fixed set of choices; the trial folds the name back to "key".
-COND_SEP = "|"
+from search.configs import COND_SEP, ConfigError, JobConfig, SearchParam, ran_all_epochs
 
 
 def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
@@ -56,24 +51,6 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
             raise ConfigError(f"space.{key}: grid search needs `type: choice` (or grid) with fixed values; "
                               f"got {p.type}{' with depends_on' if p.depends_on else ''}")
         out[key] = tune.grid_search(p.values)
-    return out
-
-
-def trial_overrides(config: dict) -> dict[str, Any]:
-    """Sampled values keyed by dotted config path (conditional names folded back)."""
-    return {k.split(COND_SEP, 1)[0]: v for k, v in config.items() if "." in k}
-
-
-def ran_all_epochs(config: dict, last_result: dict | None, default_epochs: int) -> bool:
-    """False for a trial that ended early without an error: stopped by ASHA (pruned)."""
-    epochs = trial_overrides(config or {}).get("train.epochs", default_epochs)
-    return (last_result or {}).get("epoch", 0) >= epochs
-
-
-def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        _set_dotted(out, key, value)
     return out
 
 

@@ -14,29 +14,24 @@ from pathlib import Path
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from search import tracking
 from search.cluster import ray_session
-from search.configs import ConfigError, JobConfig, check_space, dump_yaml
+from search.configs import (
+    ConfigError,
+    JobConfig,
+    check_space,
+    dump_yaml,
+    trial_overrides,
+)
 from search.mlflow_callback import SWEEP_TAG, MlflowTrialCallback
-from search.progress import ProgressTable
 from search.prepare import prepare_job
-from search.space import apply_overrides, build_searcher, trial_overrides
-from trainable.config import RunConfig
-from trainable.ray_train import build_trainer
+from search.progress import ProgressTable
+from search.space import build_searcher
+from search.trial import sweep_trial
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
-
-
-def sweep_trial(config: dict, base: dict, sweep_dir: str) -> None:
-    cfg = RunConfig.model_validate(apply_overrides(base, trial_overrides(config)))
-    trial_id = tune.get_context().get_trial_id()
-    # Named by trial id: a resumed sweep restarts the same Train run, which restores its
-    # latest checkpoint from storage instead of starting over.
-    trainer = build_trainer(cfg, name=trial_id, storage_path=sweep_dir, callbacks=[TuneReportCallback()])
-    trainer.fit()
 
 
 def max_concurrent(job: JobConfig) -> int:
@@ -150,7 +145,8 @@ def _summarise(results, callback: MlflowTrialCallback, job: JobConfig, name: str
                      "error": str(r.error).splitlines()[0][:200] if r.error else None,
                      "run_id": callback.run_of_trial(trial_id) if trial_id else None,
                      "checkpoint": best["checkpoint_path"] if best else None})
-    scored = [row for row in rows if row[job.sweep.metric] is not None]
+    # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
+    scored = [row for row in rows if row[job.sweep.metric] is not None and not row["error"]]
     pick = max if job.sweep.mode == "max" else min
     best_row = pick(scored, key=lambda r: r[job.sweep.metric]) if scored else None
     return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,

@@ -6,8 +6,20 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from search.configs import ConfigError, check_space, load_job, validate
-from search.space import COND_SEP, OptunaSpace, PruneAwareOptunaSearch, build_searcher, grid_param_space, trial_overrides
+from search.configs import (
+    COND_SEP,
+    ConfigError,
+    check_space,
+    load_job,
+    trial_overrides,
+    validate,
+)
+from search.space import (
+    OptunaSpace,
+    PruneAwareOptunaSearch,
+    build_searcher,
+    grid_param_space,
+)
 from tests.conftest import CONF
 
 DEMO = CONF / "sweep" / "demo.yaml"

@@ -192,3 +192,27 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
     summary = json.loads(c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
                          and (tmp_path / "s" / "summary.json").read_text())
     assert len(summary["trials"]) == 4
+
+
+def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir, tmp_path):
+    """Grid over a sane and an absurd learning rate: the absurd trial's loss goes non-finite;
+    it is marked failed with the reason, the other trial completes and the sweep finishes."""
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text("defaults: [train/demo]\n"
+                   "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+                   "train: {epochs: 2, cpus_per_worker: 0.95}\n"
+                   "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
+                   "space:\n  train.lr: {type: choice, values: [0.01, 1.0e+12]}\n")
+    job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=nan"], conf_root=CONF)
+    summary = run_sweep(job)
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    parents, children = _runs(c)
+    by_lr = {float(r.data.params["train.lr"]): r for r in children}
+    bad, good = by_lr[1e12], by_lr[0.01]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["deeplab.status"].startswith("failed: ")
+    assert "NonFiniteLoss" in bad.data.tags["deeplab.status"] and "loss became" in bad.data.tags["deeplab.status"]
+    assert good.info.status == "FINISHED" and good.data.tags["deeplab.status"] == "completed"
+    assert parents[0].info.status == "FINISHED"
+    assert summary["best"]["run_id"] == good.info.run_id
+    assert sum(1 for t in summary["trials"] if t["error"]) == 1

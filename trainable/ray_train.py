@@ -12,7 +12,8 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from trainable.checkpoint import load_checkpoint
