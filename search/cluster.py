@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 
 import ray
 
@@ -18,11 +19,27 @@ def runtime_env() -> dict:
     return {"env_vars": {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}}
 
 
+def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str | None:
+    """The cluster to join (None: start a local one), checked to answer before Ray is asked:
+    ray.init() on a dead address retries for minutes."""
+    address = address or cluster.address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local") or address.startswith("ray://"):
+        return address
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
+                          "start one with `ray start --head` or leave the address unset for a local Ray") from None
+    return address
+
+
 @contextlib.contextmanager
 def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False):
     """Quiet by default: the workers' logs stay in Ray's log folder (errors still surface
     with the failed run); `verbose` streams them to this terminal."""
-    address = address or cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cluster, address)
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose, "runtime_env": runtime_env()}
     if address:
         kwargs["address"] = address

@@ -20,8 +20,9 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
     ml = job.mlflow
     c = tracking.client(ml)
     exp_id = tracking.ensure_experiment(ml)
-    run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={"deeplab.kind": "train"})
     with ray_session(job.cluster, address, verbose):
+        # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
+        run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={"deeplab.kind": "train"})
         trainer = build_trainer(run_cfg, name, job.storage.path,
                                 callbacks=[tracking.MlflowReportCallback(ml.tracking_uri, run_id)], metric=METRIC)
         try:

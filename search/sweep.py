@@ -17,7 +17,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from search import tracking
-from search.cluster import ray_session
+from search.cluster import cluster_address, ray_session
 from search.configs import (
     ConfigError,
     JobConfig,
@@ -95,6 +95,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     if not resume and sweep_path.exists():
         raise ConfigError(f"sweep.name = {name!r}: {sweep_path} exists; add --resume to continue it, or pick another name")
     searcher, param_space = build_searcher(job)  # errors in the space surface before Ray starts
+    cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     base = job.run.to_dict()
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)

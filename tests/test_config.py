@@ -124,3 +124,17 @@ def test_compose_detects_cycles(tmp_path):
 def test_every_subcommand_has_help_with_examples(cmd):
     out = subprocess.run([sys.executable, "-m", "search.cli", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "examples:" in out.stdout and "deeplab " + cmd in out.stdout
+
+
+@pytest.mark.parametrize("cmd", ["train", "sweep"])
+def test_unreachable_cluster_is_a_clear_error_without_dangling_runs(cmd, workdir, capsys, synth_voc_root):
+    from mlflow.tracking import MlflowClient
+
+    conf = CONF / ("train/demo.yaml" if cmd == "train" else "sweep/demo.yaml")
+    rc = main([cmd, str(conf), f"data.root={synth_voc_root}", "--address", "127.0.0.1:1"])
+    assert rc == 2
+    assert "cluster.address = '127.0.0.1:1': no Ray cluster answers there" in capsys.readouterr().err
+    db = workdir / "runs" / "mlflow.db"
+    if db.exists():
+        c = MlflowClient(f"sqlite:///{db}")
+        assert all(not c.search_runs([e.experiment_id]) for e in c.search_experiments())

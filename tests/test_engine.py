@@ -90,3 +90,14 @@ def test_batch_larger_than_data_is_explained(synth_voc_root):
     cfg = _cfg(synth_voc_root, "data.batch_size=64")
     with pytest.raises(ValueError, match="data.batch_size = 64 is larger than the 24 training images"):
         fit(cfg, LocalWorker())
+
+
+@pytest.mark.parametrize("options", [
+    ["train.amp=bf16", "train.channels_last=true"],  # the GPU recipe's code path, run on CPU
+    ["train.grad_clip=1.0", "model.separable=true", "data.val_crop=64"],
+])
+def test_training_options_run_and_report(synth_voc_root, options):
+    cfg = _cfg(synth_voc_root, "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2", *options)
+    (report,) = fit(cfg, LocalWorker())
+    assert report["epoch"] == 1 and 0.0 <= report["val/mIoU"] <= 1.0
+    assert report["train/loss"] == report["train/loss"]  # finite, not NaN

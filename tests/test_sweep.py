@@ -74,6 +74,10 @@ def test_sweep_sqlite_runs_statuses_pruning_and_best_round_trip(ray_cluster, syn
         assert r.data.params["data.max_train_images"] == "8" and len(r.data.params) >= 40
         assert "checkpoint" in {a.path for a in c.list_artifacts(r.info.run_id)}
 
+    if list(statuses.values()).count("completed") >= 2:  # enough for importances and the plot
+        assert {"param_importances.json", "parallel_coordinates.png"} <= {
+            a.path for a in c.list_artifacts(parent.info.run_id)}
+
     # What Optuna was told matches what ASHA did.
     n_pruned = list(statuses.values()).count("pruned")
     assert summary["optuna_states"].get("PRUNED", 0) == n_pruned
