@@ -154,29 +154,17 @@ def cmd_best(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from datasets import DatasetError
-    from trainable.checkpoint import CheckpointError
     from trainable.inference import evaluate_checkpoint
 
-    try:
-        metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.device)
-    except (CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.device)
     print(json.dumps(_json_safe(metrics), indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from datasets import DatasetError
-    from trainable.checkpoint import CheckpointError
     from trainable.inference import predict_files
 
-    try:
-        written = predict_files(args.checkpoint, args.inputs, args.out, args.device)
-    except (CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    written = predict_files(args.checkpoint, args.inputs, args.out, args.device)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
@@ -259,6 +247,15 @@ def cmd_data(args) -> int:
 COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "eval": cmd_eval, "predict": cmd_predict}
 
 
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's input, worded for the user: one line, exit 2. Imported only
+    when an exception is being matched, so `deeplab --help` does not load torch."""
+    from datasets import DatasetError
+    from trainable.checkpoint import CheckpointError
+
+    return ConfigError, DatasetError, CheckpointError
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = _parser()
@@ -271,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
+    except _bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

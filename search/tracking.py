@@ -6,7 +6,6 @@ DDP rank, so a run never appears once per worker.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -128,11 +127,3 @@ class MlflowReportCallback(UserCallback):
         if step > self._last_step:
             log_metrics(c, self.run_id, m, step=step)
             self._last_step = step
-
-
-def best_of(metrics_list: list[dict], metric: str, mode: str = "max") -> dict | None:
-    scored = [m for m in metrics_list if isinstance(m.get(metric), float) and not math.isnan(m[metric])]
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda m: m[metric])
-

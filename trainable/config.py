@@ -49,10 +49,6 @@ class DataConfig(_Strict):
         return DATASET_CLASSES[self.name]
 
     @property
-    def train_split(self) -> str:
-        return "train_aug" if self.name == "voc_aug" else "train"
-
-    @property
     def palette(self) -> str:
         return "cityscapes" if self.name == "cityscapes" else "voc"
 
