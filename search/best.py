@@ -8,7 +8,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from search.configs import ConfigError
-from search.tracking import resolve_tracking_uri
+from search.tracking import check_server, resolve_tracking_uri
 from trainable.inference import load_model
 
 
@@ -33,6 +33,7 @@ def find_best_run(c: MlflowClient, experiment: str, metric: str = "val/mIoU", mo
 
 def fetch_best(tracking_uri: str, experiment: str, out: Path, metric: str = "val/mIoU", mode: str = "max",
                sweep: str | None = None, register: str | None = None, alias: str = "best") -> dict:
+    check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
         run = find_best_run(c, experiment, metric, mode, sweep)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -48,8 +50,23 @@ def client(cfg: MlflowConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.tracking_uri)
 
 
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking server must answer before a run starts: MLflow's client would retry
+    with back-off for minutes before failing."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as e:
+        from search.configs import ConfigError
+
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"mlflow.tracking_uri = {uri!r}: tracking server does not answer ({reason})") from None
+
+
 def ensure_experiment(cfg: MlflowConfig) -> str:
     """Created here, on the driver, before any trial starts (parallel creation races)."""
+    check_server(cfg.tracking_uri)
     c = client(cfg)
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:

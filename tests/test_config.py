@@ -138,3 +138,20 @@ def test_unreachable_cluster_is_a_clear_error_without_dangling_runs(cmd, workdir
     if db.exists():
         c = MlflowClient(f"sqlite:///{db}")
         assert all(not c.search_runs([e.experiment_id]) for e in c.search_experiments())
+
+
+@pytest.mark.parametrize("argv", [
+    ["sweep", str(CONF / "sweep" / "demo.yaml"), "--tracking-uri", "http://127.0.0.1:1"],
+    ["train", str(DEMO), "mlflow.tracking_uri=http://127.0.0.1:1"],
+    ["best", "--experiment", "deeplab", "--tracking-uri", "http://127.0.0.1:1"],
+])
+def test_unreachable_tracking_server_is_a_clear_error_before_ray(argv, workdir, capsys, synth_voc_root):
+    import time
+
+    import ray
+
+    t = time.monotonic()
+    rc = main(argv + ([f"data.root={synth_voc_root}"] if argv[0] != "best" else []))
+    assert rc == 2 and time.monotonic() - t < 30
+    assert "http://127.0.0.1:1': tracking server does not answer" in capsys.readouterr().err
+    assert not ray.is_initialized()
