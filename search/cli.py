@@ -86,6 +86,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--alias", default="best")
     b.add_argument("--json", action="store_true")
 
+    im = sub.add_parser("import-checkpoint", help="convert a reference-implementation checkpoint to ours",
+                        formatter_class=fmt, description=textwrap.dedent("""\
+        Read a checkpoint of the widely used PyTorch DeepLabv3+ reference implementation
+        ({"model_state": ..., "cur_itrs": ...}, keys possibly prefixed module.), map every tensor
+        onto our model (strict: shapes checked, nothing left over), infer backbone, classes and
+        separable head from the tensors, and write our checkpoint format."""),
+                        epilog=textwrap.dedent("""\
+        examples:
+          deeplab import-checkpoint best_deeplabv3plus_resnet101_voc_os16.pth --out imported/r101_voc
+          deeplab import-checkpoint model.pth --out imported/m --output-stride 8 --dataset cityscapes
+          deeplab eval --checkpoint imported/r101_voc --data-root /data/voc"""))
+    im.add_argument("path", type=Path)
+    im.add_argument("--out", required=True, type=Path, help="folder for checkpoint.pt")
+    im.add_argument("--output-stride", type=int, choices=[8, 16], default=None,
+                    help="not stored in the weights: default from the file name (_os8/_os16), else 16")
+    im.add_argument("--dataset", choices=["voc", "voc_aug", "cityscapes"], default=None,
+                    help="default from the class count (21: voc, 19: cityscapes)")
+    im.add_argument("--data-root", default="", help="dataset root to record in the config")
+
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation set, print JSON metrics",
                        formatter_class=fmt, description="Evaluate a checkpoint exactly as training did.",
                        epilog=textwrap.dedent("""\
@@ -150,6 +169,14 @@ def cmd_best(args) -> int:
         r = info["registered"]
         print(f"  registered: models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from trainable.import_ref import import_reference
+
+    out = import_reference(args.path, args.out, args.output_stride, args.dataset, args.data_root)
+    print(f"wrote {out}")
     return 0
 
 
@@ -244,7 +271,7 @@ def cmd_data(args) -> int:
         return 1
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "eval": cmd_eval, "predict": cmd_predict}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "import-checkpoint": cmd_import, "eval": cmd_eval, "predict": cmd_predict}
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:

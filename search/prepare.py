@@ -19,7 +19,15 @@ def ensure_data(job: JobConfig) -> None:
 
 
 def prepare_job(job: JobConfig) -> JobConfig:
+    init = job.train.init_checkpoint
+    if init is not None:
+        from trainable.checkpoint import checkpoint_file
+
+        if not checkpoint_file(init).is_file():
+            raise ConfigError(f"train.init_checkpoint = {init!r}: file not found")
+        init = resolve_path(str(checkpoint_file(init)))
     job = job.model_copy(update={
+        "train": job.train.model_copy(update={"init_checkpoint": init}),
         "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
         "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
         "mlflow": tracking.resolved(job.mlflow),

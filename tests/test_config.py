@@ -120,7 +120,7 @@ def test_compose_detects_cycles(tmp_path):
         compose(tmp_path / "data" / "a.yaml")
 
 
-@pytest.mark.parametrize("cmd", ["data", "train", "sweep", "best", "eval", "predict"])
+@pytest.mark.parametrize("cmd", ["data", "train", "sweep", "best", "import-checkpoint", "eval", "predict"])
 def test_every_subcommand_has_help_with_examples(cmd):
     out = subprocess.run([sys.executable, "-m", "search.cli", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "examples:" in out.stdout and "deeplab " + cmd in out.stdout

@@ -96,6 +96,9 @@ class TrainConfig(_Strict):
     # Ray retries a failed run this many times from its last checkpoint.
     max_failures: int = Field(0, strict=True, ge=-1)
     torch_threads: int | None = Field(None, strict=True, ge=1)
+    # Fine-tune from weights: our checkpoint or a reference-implementation one (same classes
+    # and backbone as this run). Ignored when the run resumes from its own checkpoint.
+    init_checkpoint: str | None = None
 
 
 class MlflowConfig(_Strict):

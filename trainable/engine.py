@@ -128,9 +128,9 @@ def val_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1, pin: bool = F
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
-    # The lower backbone LR protects pretrained features; a backbone trained from scratch
-    # learns at the full rate.
-    mult = t.backbone_lr_mult if cfg.model.pretrained_backbone else 1.0
+    # The lower backbone LR protects pretrained features (ImageNet or a fine-tuning start);
+    # a backbone trained from scratch learns at the full rate.
+    mult = t.backbone_lr_mult if cfg.model.pretrained_backbone or t.init_checkpoint else 1.0
     groups = model.param_groups(t.lr, mult)
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
@@ -236,6 +236,8 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
 
     start_epoch = 1
     state = worker.resume_state()
+    if state is None and t.init_checkpoint:
+        model.load_state_dict(init_weights(t.init_checkpoint, cfg, model))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -264,6 +266,26 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
             worker.report(metrics, ckpt_dir)
         reports.append(metrics)
     return reports
+
+
+def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
+    """Weights to fine-tune from, checked against this run's model: ours or a reference file."""
+    from trainable.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
+    from trainable.import_ref import check_shapes, reference_to_ours
+
+    raw = torch.load(checkpoint_file(path), map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and "config" in raw:
+        ckpt = load_checkpoint(path)
+        src = RunConfig.model_validate(ckpt["config"])
+        if (src.model.backbone, src.data.num_classes) != (cfg.model.backbone, cfg.data.num_classes):
+            raise CheckpointError(
+                f"train.init_checkpoint = {path!r} is {src.model.backbone} with {src.data.num_classes} classes; "
+                f"this run is {cfg.model.backbone} with {cfg.data.num_classes} classes")
+        weights = ckpt["model"]
+    else:
+        weights, _ = reference_to_ours(raw.get("model_state", raw))
+    check_shapes(model, weights, f"train.init_checkpoint = {path!r}")
+    return weights
 
 
 def _finite(metrics: dict) -> dict:
