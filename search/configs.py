@@ -70,6 +70,7 @@ class AshaConfig(_Strict):
 
 class SweepConfig(_Strict):
     search: Literal["tpe", "random", "grid"] = "tpe"
+    # Trials to run; with `grid`, how many times the whole grid is repeated.
     num_samples: int = Field(8, strict=True, ge=1)
     metric: str = "val/mIoU"
     mode: Literal["max", "min"] = "max"

@@ -33,6 +33,19 @@ def prepare_job(job: JobConfig) -> JobConfig:
         "mlflow": tracking.resolved(job.mlflow),
     })
     ensure_data(job)
+    if job.model.pretrained_backbone and job.train.init_checkpoint is None:
+        # Fetched (or found) once here, so that N workers neither race to download it nor
+        # fail one by one inside Ray on a machine without network.
+        from trainable.models import (
+            BACKBONE_WEIGHTS,
+            PretrainedWeightsMissing,
+            imagenet_state,
+        )
+
+        try:
+            imagenet_state(BACKBONE_WEIGHTS[job.model.backbone], job.model.backbone_weights)
+        except PretrainedWeightsMissing as e:
+            raise ConfigError(f"model.pretrained_backbone: {e}") from None
     from datasets import DatasetError, build_dataset
 
     try:  # layout problems surface here, with the file named, not inside a Ray worker

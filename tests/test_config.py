@@ -11,6 +11,7 @@ from search.cli import main
 from search.configs import (
     ConfigError,
     JobConfig,
+    check_space,
     compose,
     dump_yaml,
     load_job,
@@ -105,6 +106,8 @@ def test_every_shipped_config_validates_and_builds_on_cpu(path):
     from trainable.models import build_from_config
 
     job = load_job(path, ["model.pretrained_backbone=false"])
+    if job.space:
+        check_space(job)
     model = build_from_config(job.model, job.data.num_classes).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))

@@ -116,3 +116,26 @@ def test_missing_init_checkpoint_is_a_config_error(synth_voc_root, workdir, caps
     rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}",
                "train.init_checkpoint=/nope/ckpt.pt"])
     assert rc == 2 and "train.init_checkpoint = '/nope/ckpt.pt': file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_fine_tunes_from_imported_checkpoint(ray_cluster, synth_voc_root, workdir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from search.sweep import run_sweep
+
+    _save_reference(tmp_path / "ref.pth", reference_state("mobilenet_v2", 21))
+    assert main(["import-checkpoint", str(tmp_path / "ref.pth"), "--out", str(tmp_path / "imported")]) == 0
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("defaults: [train/demo]\n"
+                   "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+                   "train: {epochs: 1, cpus_per_worker: 0.95}\n"
+                   "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
+                   "space:\n  train.lr: {type: choice, values: [0.001, 0.01]}\n")
+    job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=ft",
+                         f"train.init_checkpoint={tmp_path / 'imported'}"], conf_root=CONF)
+    summary = run_sweep(job)
+    assert all(t["error"] is None and t["epochs"] == 1 for t in summary["trials"])
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.kind` = 'trial'")
+    assert {r.data.params["train.init_checkpoint"] for r in runs} == {str(tmp_path / "imported" / "checkpoint.pt")}

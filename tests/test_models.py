@@ -63,3 +63,17 @@ def test_pretrained_from_torch_cache(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth")
     model = build_model("mobilenet_v2", 21, 16, pretrained_backbone=True)
     assert torch.equal(model.backbone.low_level_features[0][0].weight, ref.features[0][0].weight)
+
+
+def test_missing_pretrained_weights_stop_the_cli_before_ray(tmp_path, monkeypatch, capsys, synth_voc_root):
+    import ray
+
+    from search.cli import main
+    from tests.conftest import CONF
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "model.pretrained_backbone=true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.pretrained_backbone: pretrained backbone weights not found: place mobilenet_v2-b0353104.pth" in err
+    assert not ray.is_initialized()

@@ -219,7 +219,9 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         torch.set_num_threads(t.torch_threads)
     device = worker.device
     seed_everything(t.seed, 0, 0)  # identical initial weights on every rank
-    model = build_from_config(cfg.model, cfg.data.num_classes)
+    # Weights that the init checkpoint replaces are not fetched first.
+    model_cfg = cfg.model.model_copy(update={"pretrained_backbone": False}) if t.init_checkpoint else cfg.model
+    model = build_from_config(model_cfg, cfg.data.num_classes)
     if t.sync_bn and worker.world_size > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -45,19 +45,37 @@ class PretrainedWeightsMissing(FileNotFoundError):
     pass
 
 
-def _load_imagenet(net: nn.Module, weights: "tvm.WeightsEnum", weights_file: str | None) -> None:
-    """ImageNet weights from an explicit file or the torch hub cache; never the network here:
-    a sweep's many workers must not each try a download and hang on a closed network."""
-    if weights_file:
-        path = Path(weights_file)
+def imagenet_state(weights: "tvm.WeightsEnum", weights_file: str | None = None) -> dict:
+    """ImageNet weights through torchvision's weights API: an explicit file, else the torch hub
+    cache, else a download into that cache. Where none works (no network here), one line
+    names the file to place and where."""
+    name = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    path = Path(weights_file) if weights_file else cached
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if weights_file is None:
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+            reason = getattr(e, "reason", e)
+            detail = f" (download failed: {str(reason).splitlines()[0][:120]})"
     else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not path.is_file():
-        raise PretrainedWeightsMissing(
-            f"pretrained backbone weights not found: place {Path(weights.url).name} "
-            f"(from {weights.url}) at {path}, or set model.backbone_weights=FILE, or model.pretrained_backbone=false")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+        detail = ""
+    raise PretrainedWeightsMissing(
+        f"pretrained backbone weights not found: place {name} (from {weights.url}) at {path}{detail}, "
+        "or set model.backbone_weights=FILE, or model.pretrained_backbone=false")
+
+
+def _load_imagenet(net: nn.Module, weights: "tvm.WeightsEnum", weights_file: str | None) -> None:
+    net.load_state_dict(imagenet_state(weights, weights_file))
+
+
+BACKBONE_WEIGHTS = {
+    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
+    "mobilenet_v2": tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
+}
 
 
 class _ResNet(Backbone):
@@ -65,8 +83,8 @@ class _ResNet(Backbone):
 
     def __init__(self, depth: int, output_stride: int, pretrained: bool, weights_file: str | None):
         super().__init__()
-        ctor, weights = {50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
-                         101: (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1)}[depth]
+        ctor = {50: tvm.resnet50, 101: tvm.resnet101}[depth]
+        weights = BACKBONE_WEIGHTS[f"resnet{depth}"]
         # OS 16 dilates layer4; OS 8 dilates layer3 and layer4 (stride kept, receptive field grows).
         dilate = [False, output_stride == 8, True]
         net = ctor(weights=None, replace_stride_with_dilation=dilate)
@@ -102,7 +120,7 @@ class _MobileNetV2(Backbone):
         super().__init__()
         net = tvm.mobilenet_v2(weights=None)
         if pretrained:
-            _load_imagenet(net, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, weights_file)
+            _load_imagenet(net, BACKBONE_WEIGHTS["mobilenet_v2"], weights_file)
         _dilate_mobilenet(net.features, output_stride)
         self.body = IntermediateLayerGetter(
             _MobileNetV2Features(net.features),
