@@ -84,12 +84,6 @@ class MlflowTrialCallback(Callback):
             c.set_tag(run_id, "deeplab.best_checkpoint", best["checkpoint_path"])
         tracking.finish_run(c, run_id, status, reason)
 
-    def best_of_trial(self, trial_id: str) -> dict | None:
-        return self._best.get(trial_id)
-
-    def run_of_trial(self, trial_id: str) -> str | None:
-        return self._runs.get(trial_id)
-
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
 

@@ -25,7 +25,7 @@ from search.configs import (
     dump_yaml,
     trial_overrides,
 )
-from search.mlflow_callback import SWEEP_TAG, MlflowTrialCallback
+from search.mlflow_callback import SWEEP_TAG, TRIAL_TAG, MlflowTrialCallback
 from search.prepare import prepare_job
 from search.progress import ProgressTable
 from search.space import build_searcher
@@ -123,7 +123,10 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
                                               verbose=1 if verbose else 0,
                                               failure_config=tune.FailureConfig(max_failures=0)))
             results = tuner.fit()
-        summary = _summarise(results, callback, job, name, parent)
+        if resume and searcher is not None:
+            # Tune ran a restored copy of the searcher; its final state is in the sweep folder.
+            searcher.restore_from_dir(str(sweep_path))
+        summary = _summarise(results, c, exp_id, job, name, parent)
         study = getattr(searcher, "study", None)
         if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
             states = [t.state.name for t in study.trials]
@@ -136,20 +139,27 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         raise
 
 
-def _summarise(results, callback: MlflowTrialCallback, job: JobConfig, name: str, parent: str) -> dict:
+def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str) -> dict:
+    """Per-trial rows from Tune's results joined with the trials' MLflow runs: MLflow holds each
+    trial's best metric and checkpoint, also for trials finished before a resume (the callback
+    that logged them may have been a previous process's)."""
+    metric = job.sweep.metric
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
+        [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'trial'")}
     rows = []
     for r in results:
-        trial_id = r.metrics.get("trial_id") if r.metrics else None
-        best = callback.best_of_trial(trial_id) if trial_id else None
+        trial_id = (r.metrics or {}).get("trial_id")
+        run = runs.get(trial_id)
         rows.append({"trial_id": trial_id, "params": trial_overrides(r.config or {}),
-                     "epochs": (r.metrics or {}).get("epoch"), job.sweep.metric: best[job.sweep.metric] if best else None,
+                     "epochs": (r.metrics or {}).get("epoch"),
+                     metric: run.data.metrics.get(f"best/{metric}") if run else None,
                      "error": str(r.error).splitlines()[0][:200] if r.error else None,
-                     "run_id": callback.run_of_trial(trial_id) if trial_id else None,
-                     "checkpoint": best["checkpoint_path"] if best else None})
+                     "run_id": run.info.run_id if run else None,
+                     "checkpoint": run.data.tags.get("deeplab.best_checkpoint") if run else None})
     # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
-    scored = [row for row in rows if row[job.sweep.metric] is not None and not row["error"]]
+    scored = [row for row in rows if row[metric] is not None and not row["error"]]
     pick = max if job.sweep.mode == "max" else min
-    best_row = pick(scored, key=lambda r: r[job.sweep.metric]) if scored else None
+    best_row = pick(scored, key=lambda r: r[metric]) if scored else None
     return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
             "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri,
             "sweep_path": str(Path(job.storage.path) / name)}

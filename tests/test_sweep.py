@@ -196,6 +196,10 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
     summary = json.loads(c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
                          and (tmp_path / "s" / "summary.json").read_text())
     assert len(summary["trials"]) == 4
+    # The summary after a resume covers the trials finished before it too.
+    assert all(t["run_id"] and t["val/mIoU"] is not None for t in summary["trials"])
+    assert summary["best"]["run_id"] in {r.info.run_id for r in after}
+    assert summary["optuna_states"] == {"COMPLETE": 4}
 
 
 def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir, tmp_path):
