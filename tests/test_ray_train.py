@@ -33,7 +33,8 @@ def test_two_workers_aggregate_metrics_like_one(ray_cluster, synth_voc_root, tmp
     assert metrics_from_confusion(two)["mIoU"] == metrics_from_confusion(local)["mIoU"]
 
 
-def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, workdir, capsys):
+def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, workdir, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")  # never logged (issue 6)
     rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "train.epochs=2",
                "train.num_workers=2", "data.batch_size=4", "data.max_train_images=16", "storage.name=ddp-run"])
     assert rc == 0
@@ -45,11 +46,15 @@ def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, work
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["deeplab.status"] == "completed"
     assert run.data.params["train.num_workers"] == "2" and run.data.params["model.backbone"] == "mobilenet_v2"
+    assert not any("env-secret-value" in v for v in [*run.data.params.values(), *run.data.tags.values()])
     history = c.get_metric_history(run.info.run_id, "val/mIoU")
     assert [m.step for m in history] == [1, 2]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert arts == {"checkpoint", "config.yaml"}
+    assert arts == {"checkpoint", "config.yaml", "visuals"}
+    # Issue 9: each eval's image grid and confusion matrix, named by epoch, from rank 0 only.
+    visuals = sorted(a.path for a in c.list_artifacts(run.info.run_id, "visuals"))
+    assert visuals == [f"visuals/{kind}_epoch_{e:04d}.png" for kind in ("confusion", "val_images") for e in (1, 2)]
     assert run.info.artifact_uri.startswith(f"file://{workdir}/runs/mlartifacts")
     assert (workdir / "runs" / "ray" / "ddp-run").is_dir()
 

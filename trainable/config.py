@@ -7,10 +7,11 @@ what checkpoints and MLflow store, and `RunConfig.model_validate(dumped)` rebuil
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DATASET_CLASSES = {"voc": 21, "voc_aug": 21, "cityscapes": 19}
 
@@ -53,22 +54,46 @@ class DataConfig(_Strict):
         return "cityscapes" if self.name == "cityscapes" else "voc"
 
 
+BUILTIN_MODEL = "deeplabv3plus"
+
+
 class ModelConfig(_Strict):
-    # A backbone registered in trainable.models (see `registered_backbones()`).
+    # A model registered in trainable.models (`registered_models()`), or your own as
+    # 'pkg.module:callable': called as callable(num_classes, this ModelConfig), it returns an
+    # nn.Module mapping N x 3 x H x W images to N x num_classes x H x W logits.
+    factory: str = BUILTIN_MODEL
+    # For the built-in DeepLabv3+: a backbone registered in trainable.models (`registered_backbones()`).
     backbone: str = "resnet50"
     output_stride: Literal[8, 16] = 16
     separable: bool = False
+    # bn; syncbn (BatchNorm synchronised across DDP workers on GPUs); gn (GroupNorm: for small
+    # per-GPU batches). A pretrained backbone keeps its BatchNorm whatever this says.
+    norm: Literal["bn", "syncbn", "gn"] = "bn"
     pretrained_backbone: bool = False
     # Explicit ImageNet weights file for the backbone; otherwise the torch hub cache is used.
     backbone_weights: str | None = None
+    # Free-form keyword options for your own factory (ignored by the built-in model).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str) -> str:
+        from trainable.models import registered_models
+
+        module, sep, attr = v.partition(":")
+        if v not in registered_models() and not (sep and module and attr):
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(registered_models())}, "
+                             "or your own as 'pkg.module:callable'")
+        return v
 
     @field_validator("backbone")
     @classmethod
-    def _known_backbone(cls, v: str) -> str:
+    def _known_backbone(cls, v: str, info: ValidationInfo) -> str:
         from trainable.models import registered_backbones
 
         names = registered_backbones()
-        if v not in names:
+        # `factory` is declared first, so it is validated by now; your own model ignores backbone.
+        if info.data.get("factory") == BUILTIN_MODEL and v not in names:
             raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(names)}")
         return v
 
@@ -84,9 +109,11 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
-    sync_bn: bool = False
     seed: int = Field(0, strict=True, ge=0)
     eval_every: int = Field(1, strict=True, ge=1)
+    # Each evaluation renders this many fixed validation images (image | truth | prediction)
+    # and a confusion-matrix figure into the checkpoint's visuals/, logged to MLflow. 0: off.
+    visuals: int = Field(4, strict=True, ge=0, le=16)
     # Ray Train scaling: data-parallel workers, and what each one gets.
     num_workers: int = Field(1, strict=True, ge=1)
     use_gpu: bool = False
@@ -125,6 +152,23 @@ class RunConfig(_Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redacted(value):
+    """The config (or any value in it) with credentials in URIs (https://user:token@host,
+    s3://KEY:SECRET@bucket) replaced by ***: what is stored with a run or a checkpoint is read by
+    everyone who can read those. Pass credentials in the environment (MLFLOW_TRACKING_TOKEN,
+    AWS_*) instead."""
+    if isinstance(value, str):
+        return _USERINFO.sub("***@", value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
 
 
 def resolve_path(p: str, base: Path | None = None) -> str:

@@ -25,9 +25,9 @@ from datasets import build_dataset
 from datasets.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from datasets.transforms import list_collate, train_transform, val_transform
 from trainable.checkpoint import save_checkpoint
-from trainable.config import RunConfig
+from trainable.config import BUILTIN_MODEL, RunConfig, redacted
 from trainable.metrics import ConfusionMatrix
-from trainable.models import build_from_config
+from trainable.models import build_from_config, param_groups
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -131,7 +131,7 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     # The lower backbone LR protects pretrained features (ImageNet or a fine-tuning start);
     # a backbone trained from scratch learns at the full rate.
     mult = t.backbone_lr_mult if cfg.model.pretrained_backbone or t.init_checkpoint else 1.0
-    groups = model.param_groups(t.lr, mult)
+    groups = param_groups(model, t.lr, mult)
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
@@ -156,6 +156,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
         masks = masks.to(device, non_blocking=True)
         with _autocast(cfg, device):
             loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
+        # A host sync per step; checking one step late measured no different on an H100
+        # (benchmarks/README.md), so the error names the very iteration that diverged.
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, iteration {it} "
                                 f"(global step {scheduler.last_epoch}); lower train.lr or enable train.grad_clip")
@@ -208,6 +210,18 @@ def val_metrics(cm: ConfusionMatrix, dataset: str) -> dict:
     return out
 
 
+VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
+
+
+def _write_visuals(out: Path, epoch: int, model: nn.Module, dataset, cm: ConfusionMatrix, cfg: RunConfig,
+                   device) -> None:
+    from trainable.visuals import predict_samples, write_visuals
+
+    with _autocast(cfg, device):
+        samples = predict_samples(model, dataset, cfg.train.visuals, device)
+    write_visuals(out, epoch, samples, cm.mat, class_names(cfg.data.name), cfg.data.palette, cm.compute()["mIoU"])
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -222,10 +236,9 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
     # Weights that the init checkpoint replaces are not fetched first.
     model_cfg = cfg.model.model_copy(update={"pretrained_backbone": False}) if t.init_checkpoint else cfg.model
     model = build_from_config(model_cfg, cfg.data.num_classes)
-    if t.sync_bn and worker.world_size > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # SyncBatchNorm needs CUDA/NCCL; on CPU workers per-rank BN statistics are kept.
+    if cfg.model.norm == "syncbn" and worker.world_size > 1 and device.type == "cuda":
+        # SyncBatchNorm needs CUDA/NCCL; on CPU workers (gloo) per-rank BN statistics are kept.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -257,13 +270,16 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch)}
         if epoch % t.eval_every and epoch != t.epochs:
             continue
-        metrics.update(val_metrics(evaluate(model, val_loader, cfg.data.num_classes, device, cfg), cfg.data.name))
+        cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg)
+        metrics.update(val_metrics(cm, cfg.data.name))
         with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
             ckpt_dir = None
             if worker.rank == 0:
-                save_checkpoint(tmp, model_state=_unwrap(model).state_dict(), config=cfg.to_dict(), epoch=epoch,
+                save_checkpoint(tmp, model_state=_unwrap(model).state_dict(), config=redacted(cfg.to_dict()), epoch=epoch,
                                 metrics=_finite(metrics), optimizer_state=optimizer.state_dict(),
                                 scheduler_state=scheduler.state_dict(), scaler_state=scaler.state_dict())
+                if t.visuals:
+                    _write_visuals(Path(tmp) / VISUALS_DIR, epoch, _unwrap(model), val_loader.dataset, cm, cfg, device)
                 ckpt_dir = tmp
             worker.report(metrics, ckpt_dir)
         reports.append(metrics)
@@ -279,15 +295,20 @@ def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
     if isinstance(raw, dict) and "config" in raw:
         ckpt = load_checkpoint(path)
         src = RunConfig.model_validate(ckpt["config"])
-        if (src.model.backbone, src.data.num_classes) != (cfg.model.backbone, cfg.data.num_classes):
+        if _arch(src) != _arch(cfg):
             raise CheckpointError(
-                f"train.init_checkpoint = {path!r} is {src.model.backbone} with {src.data.num_classes} classes; "
-                f"this run is {cfg.model.backbone} with {cfg.data.num_classes} classes")
+                f"train.init_checkpoint = {path!r} is {_arch(src)[0]} with {src.data.num_classes} classes; "
+                f"this run is {_arch(cfg)[0]} with {cfg.data.num_classes} classes")
         weights = ckpt["model"]
     else:
         weights, _ = reference_to_ours(raw.get("model_state", raw))
     check_shapes(model, weights, f"train.init_checkpoint = {path!r}")
     return weights
+
+
+def _arch(cfg: RunConfig) -> tuple[str, int]:
+    name = cfg.model.backbone if cfg.model.factory == BUILTIN_MODEL else cfg.model.factory
+    return name, cfg.data.num_classes
 
 
 def _finite(metrics: dict) -> dict:

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from datasets.base import read_image
-from datasets.labels import palette
 from datasets.transforms import val_transform
 from trainable.checkpoint import CheckpointError, load_checkpoint
 from trainable.config import RunConfig
 from trainable.engine import evaluate, val_loader, val_metrics
 from trainable.models import build_from_config
+from trainable.visuals import colorize
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
@@ -43,11 +43,6 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     return {"epoch": ckpt["epoch"], "images": len(loader.dataset), **metrics}
 
 
-def colorize(mask: np.ndarray, dataset: str) -> Image.Image:
-    pal = np.array(palette(dataset), dtype=np.uint8)
-    return Image.fromarray(pal[mask.astype(np.uint8)])
-
-
 @torch.no_grad()
 def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str = "cpu", alpha: float = 0.5) -> list[Path]:
     model, cfg, _ = load_model(path, device)
@@ -57,14 +52,14 @@ def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str =
     for p in inputs:
         image = read_image(p)
         x, _ = transform(image, torch.zeros(image.shape[-2:], dtype=torch.long))
-        pred = model(x.unsqueeze(0).to(device)).argmax(1)[0].cpu().numpy()
-        colour = colorize(pred, cfg.data.palette)
+        pred = model(x.unsqueeze(0).to(device)).argmax(1)[0].cpu()
+        colour = Image.fromarray(colorize(pred, cfg.data.palette).permute(1, 2, 0).numpy())
         overlay = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()), colour, alpha)
         for suffix, im in (("mask", colour), ("overlay", overlay)):
             dest = out / f"{p.stem}_{suffix}.png"
             im.save(dest)
             written.append(dest)
-        Image.fromarray(pred.astype(np.uint8)).save(out / f"{p.stem}_ids.png")
+        Image.fromarray(pred.numpy().astype(np.uint8)).save(out / f"{p.stem}_ids.png")
         written.append(out / f"{p.stem}_ids.png")
     return written
 

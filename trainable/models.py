@@ -2,12 +2,17 @@
 
 Module and parameter names follow the widely used PyTorch reference implementation
 (`backbone.*`, `classifier.aspp.*`, `classifier.project.*`, `classifier.classifier.*`), so its
-published checkpoints map onto this model one to one. Backbones live in a small decorator
-registry: `registered_backbones()` is both the list of allowed `model.backbone` values and the
+published checkpoints map onto this model one to one.
+
+Two small decorator registries: models (`@register_model`, what `model.factory` names; a user's
+own model is any importable `pkg.module:callable` with the same signature) and DeepLabv3+
+backbones (`@register_backbone`, what `model.backbone` names). Both listings double as the
 test matrix. This module knows nothing of Ray or MLflow.
 """
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +23,59 @@ from torchvision import models as tvm
 from torchvision.models._utils import IntermediateLayerGetter
 
 _BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+# A model factory: (num_classes, the run's ModelConfig) -> module mapping N x 3 x H x W images
+# to N x num_classes x H x W logits.
+ModelFactory = Callable[..., nn.Module]
+_MODELS: dict[str, ModelFactory] = {}
+Norm = Callable[[int], nn.Module]  # channels -> normalisation layer
+
+
+class ModelFactoryError(ValueError):
+    pass
+
+
+def register_model(name: str):
+    def deco(fn: ModelFactory) -> ModelFactory:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_factory(spec: str) -> ModelFactory:
+    """A registered model name, or `pkg.module:callable` imported now."""
+    if spec in _MODELS:
+        return _MODELS[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelFactoryError(f"model.factory = {spec!r}: not a registered model "
+                                f"({', '.join(registered_models())}) nor 'pkg.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module's own error while importing
+        raise ModelFactoryError(f"model.factory = {spec!r}: cannot import {module_name!r} "
+                                f"({type(e).__name__}: {e})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ModelFactoryError(f"model.factory = {spec!r}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def norm_layer(kind: str) -> Norm:
+    """`model.norm`: BatchNorm (also for syncbn: converted when DDP runs on GPUs) or GroupNorm,
+    which does not depend on the per-GPU batch. Groups of 32 channels where they divide, else
+    the largest divisor of 32 that does (48 channels -> 16 groups)."""
+    if kind == "gn":
+        return lambda c: nn.GroupNorm(math.gcd(32, c), c)
+    if kind in ("bn", "syncbn"):
+        return nn.BatchNorm2d
+    raise ValueError(f"model.norm must be bn, syncbn or gn, got {kind!r}")
 
 
 class Backbone(nn.Module):
@@ -81,13 +139,14 @@ BACKBONE_WEIGHTS = {
 class _ResNet(Backbone):
     low_level_channels, out_channels = 256, 2048
 
-    def __init__(self, depth: int, output_stride: int, pretrained: bool, weights_file: str | None):
+    def __init__(self, depth: int, output_stride: int, pretrained: bool, weights_file: str | None,
+                 norm: Norm = nn.BatchNorm2d):
         super().__init__()
         ctor = {50: tvm.resnet50, 101: tvm.resnet101}[depth]
         weights = BACKBONE_WEIGHTS[f"resnet{depth}"]
         # OS 16 dilates layer4; OS 8 dilates layer3 and layer4 (stride kept, receptive field grows).
         dilate = [False, output_stride == 8, True]
-        net = ctor(weights=None, replace_stride_with_dilation=dilate)
+        net = ctor(weights=None, replace_stride_with_dilation=dilate, norm_layer=norm)
         if pretrained:
             _load_imagenet(net, weights, weights_file)
         self.body = IntermediateLayerGetter(net, return_layers={"layer4": "out", "layer1": "low_level"})
@@ -97,13 +156,15 @@ class _ResNet(Backbone):
 
 
 @register_backbone("resnet50")
-def resnet50(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
-    return _ResNet(50, output_stride, pretrained, weights_file)
+def resnet50(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
+              norm: Norm = nn.BatchNorm2d) -> Backbone:
+    return _ResNet(50, output_stride, pretrained, weights_file, norm)
 
 
 @register_backbone("resnet101")
-def resnet101(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
-    return _ResNet(101, output_stride, pretrained, weights_file)
+def resnet101(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
+              norm: Norm = nn.BatchNorm2d) -> Backbone:
+    return _ResNet(101, output_stride, pretrained, weights_file, norm)
 
 
 class _MobileNetV2Features(nn.Module):
@@ -116,9 +177,10 @@ class _MobileNetV2Features(nn.Module):
 class _MobileNetV2(Backbone):
     low_level_channels, out_channels = 24, 320
 
-    def __init__(self, output_stride: int, pretrained: bool, weights_file: str | None):
+    def __init__(self, output_stride: int, pretrained: bool, weights_file: str | None,
+                 norm: Norm = nn.BatchNorm2d):
         super().__init__()
-        net = tvm.mobilenet_v2(weights=None)
+        net = tvm.mobilenet_v2(weights=None, norm_layer=norm)
         if pretrained:
             _load_imagenet(net, BACKBONE_WEIGHTS["mobilenet_v2"], weights_file)
         _dilate_mobilenet(net.features, output_stride)
@@ -151,42 +213,44 @@ def _dilate_mobilenet(features: nn.Sequential, output_stride: int) -> None:
 
 
 @register_backbone("mobilenet_v2")
-def mobilenet_v2(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
-    return _MobileNetV2(output_stride, pretrained, weights_file)
+def mobilenet_v2(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
+                 norm: Norm = nn.BatchNorm2d) -> Backbone:
+    return _MobileNetV2(output_stride, pretrained, weights_file, norm)
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> list[nn.Module]:
+def _conv_bn_relu(cin: int, cout: int, k: int, norm: Norm, dilation: int = 1) -> list[nn.Module]:
     pad = 0 if k == 1 else dilation
-    return [nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False), norm(cout), nn.ReLU(inplace=True)]
 
 
 class ASPPPooling(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, cout, 1))
+    def __init__(self, cin: int, cout: int, norm: Norm):
+        super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(cin, cout, 1, norm))
 
     def forward(self, x):
         return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class ASPP(nn.Module):
-    def __init__(self, cin: int, rates: tuple[int, int, int], cout: int = 256):
+    def __init__(self, cin: int, rates: tuple[int, int, int], norm: Norm, cout: int = 256):
         super().__init__()
         self.convs = nn.ModuleList(
-            [nn.Sequential(*_conv_bn_relu(cin, cout, 1))]
-            + [nn.Sequential(*_conv_bn_relu(cin, cout, 3, r)) for r in rates]
-            + [ASPPPooling(cin, cout)])
-        self.project = nn.Sequential(*_conv_bn_relu(5 * cout, cout, 1), nn.Dropout(0.1))
+            [nn.Sequential(*_conv_bn_relu(cin, cout, 1, norm))]
+            + [nn.Sequential(*_conv_bn_relu(cin, cout, 3, norm, r)) for r in rates]
+            + [ASPPPooling(cin, cout, norm)])
+        self.project = nn.Sequential(*_conv_bn_relu(5 * cout, cout, 1, norm), nn.Dropout(0.1))
 
     def forward(self, x):
         return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
 
 
 class DeepLabHeadV3Plus(nn.Module):
-    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int, rates: tuple[int, int, int]):
+    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int, rates: tuple[int, int, int],
+                 norm: Norm = nn.BatchNorm2d):
         super().__init__()
-        self.project = nn.Sequential(*_conv_bn_relu(low_level_channels, 48, 1))
-        self.aspp = ASPP(in_channels, rates)
-        self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3), nn.Conv2d(256, num_classes, 1))
+        self.project = nn.Sequential(*_conv_bn_relu(low_level_channels, 48, 1, norm))
+        self.aspp = ASPP(in_channels, rates, norm)
+        self.classifier = nn.Sequential(*_conv_bn_relu(304, 256, 3, norm), nn.Conv2d(256, num_classes, 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
@@ -221,12 +285,14 @@ def _separable(module: nn.Module) -> None:
 
 
 class DeepLabV3Plus(nn.Module):
-    def __init__(self, backbone: Backbone, num_classes: int, output_stride: int, separable: bool = False):
+    def __init__(self, backbone: Backbone, num_classes: int, output_stride: int, separable: bool = False,
+                 norm: Norm = nn.BatchNorm2d):
         super().__init__()
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         # The reference registers the getter itself as `backbone`: keep its key names.
         self.backbone = backbone.body
-        self.classifier = DeepLabHeadV3Plus(backbone.out_channels, backbone.low_level_channels, num_classes, rates)
+        self.classifier = DeepLabHeadV3Plus(backbone.out_channels, backbone.low_level_channels, num_classes, rates,
+                                            norm)
         if separable:
             _separable(self.classifier)
 
@@ -240,15 +306,59 @@ class DeepLabV3Plus(nn.Module):
 
 
 def build_model(backbone: str, num_classes: int, output_stride: int = 16, pretrained_backbone: bool = False,
-                separable: bool = False, backbone_weights: str | None = None) -> DeepLabV3Plus:
+                separable: bool = False, backbone_weights: str | None = None, norm: str = "bn") -> DeepLabV3Plus:
     if backbone not in _BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(registered_backbones())}")
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-    net = _BACKBONES[backbone](output_stride=output_stride, pretrained=pretrained_backbone, weights_file=backbone_weights)
-    return DeepLabV3Plus(net, num_classes, output_stride, separable)
+    head_norm = norm_layer(norm)
+    # ImageNet weights carry BatchNorm statistics: a pretrained backbone keeps BN whatever the head uses.
+    backbone_norm = norm_layer("bn") if pretrained_backbone else head_norm
+    net = _BACKBONES[backbone](output_stride=output_stride, pretrained=pretrained_backbone,
+                               weights_file=backbone_weights, norm=backbone_norm)
+    return DeepLabV3Plus(net, num_classes, output_stride, separable, head_norm)
 
 
-def build_from_config(model_cfg, num_classes: int) -> DeepLabV3Plus:
-    return build_model(model_cfg.backbone, num_classes, model_cfg.output_stride, model_cfg.pretrained_backbone,
-                       model_cfg.separable, model_cfg.backbone_weights)
+@register_model("deeplabv3plus")
+def deeplabv3plus(num_classes: int, cfg) -> DeepLabV3Plus:
+    return build_model(cfg.backbone, num_classes, cfg.output_stride, cfg.pretrained_backbone, cfg.separable,
+                       cfg.backbone_weights, cfg.norm)
+
+
+def build_from_config(model_cfg, num_classes: int) -> nn.Module:
+    return resolve_factory(model_cfg.factory)(num_classes, model_cfg)
+
+
+def check_model(model_cfg, num_classes: int, size: int = 65) -> int:
+    """Build the model and run one tiny batch through it: a factory that fails or returns the
+    wrong shape is named here, before any cluster work. Odd size: catches off-by-one upsampling.
+    Returns the model's parameter count."""
+    spec = model_cfg.factory
+    try:
+        model = build_from_config(model_cfg.model_copy(update={"pretrained_backbone": False}), num_classes)
+    except ModelFactoryError:
+        raise
+    except Exception as e:
+        raise ModelFactoryError(f"model.factory = {spec!r} failed to build ({type(e).__name__}: {e})") from None
+    if not isinstance(model, nn.Module):
+        raise ModelFactoryError(f"model.factory = {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    x = torch.zeros(2, 3, size, size)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:
+        raise ModelFactoryError(f"model.factory = {spec!r}: forward of a 2x3x{size}x{size} batch failed "
+                                f"({type(e).__name__}: {e})") from None
+    want = (2, num_classes, size, size)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelFactoryError(f"model.factory = {spec!r}: a 2x3x{size}x{size} batch gave {got}; "
+                                f"expected logits of shape {want} (N x num_classes x H x W)")
+    return sum(p.numel() for p in model.parameters())
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """The model's own groups where it defines them (DeepLabv3+: backbone, head), else one."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(lr, backbone_lr_mult)
+    return [{"params": list(model.parameters()), "lr": lr}]

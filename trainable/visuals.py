@@ -1,0 +1,111 @@
+"""What an evaluation looks like, as two PNGs per eval (the reference showed this live in
+visdom): a grid of fixed validation images (image | ground truth | prediction, in the dataset's
+palette, void in black) and the row-normalised confusion matrix. Written by rank 0 next to
+the checkpoint; whoever tracks the run (MLflow) logs them. No Ray, no MLflow here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import write_png
+
+from datasets.labels import IGNORE_INDEX, palette
+from datasets.transforms import MEAN, STD
+
+TILE_HEIGHT = 160  # each row is scaled to this height: a few images stay a small PNG
+
+
+def grid_name(epoch: int) -> str:
+    return f"val_images_epoch_{epoch:04d}.png"
+
+
+def confusion_name(epoch: int) -> str:
+    return f"confusion_epoch_{epoch:04d}.png"
+
+
+def colorize(mask: torch.Tensor, palette_name: str) -> torch.Tensor:
+    """[H, W] class ids -> [3, H, W] uint8; void (255) and unknown ids black."""
+    lut = torch.zeros(256, 3, dtype=torch.uint8)
+    colors = torch.tensor(palette(palette_name), dtype=torch.uint8)
+    lut[: len(colors)] = colors
+    lut[IGNORE_INDEX] = 0
+    return lut[mask.long().clamp(0, 255)].permute(2, 0, 1)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Normalised float [3, H, W] (as the val transform gives it) -> uint8 [3, H, W]."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (image.float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _row(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, palette_name: str) -> torch.Tensor:
+    h, w = mask.shape[-2:]
+    size = [TILE_HEIGHT, max(1, round(w * TILE_HEIGHT / h))]
+    tiles = [denormalize(image), colorize(mask.cpu(), palette_name), colorize(pred.cpu(), palette_name)]
+    mode = ["bilinear", "nearest", "nearest"]
+    out = [F.interpolate(t[None].float(), size=size, mode=m, **({"antialias": True} if m == "bilinear" else {}))[0]
+           for t, m in zip(tiles, mode)]
+    gap = torch.full((3, TILE_HEIGHT, 4), 255.0)
+    return torch.cat([out[0], gap, out[1], gap, out[2]], dim=2)
+
+
+def image_grid(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette_name: str) -> torch.Tensor:
+    """(image, truth, prediction) triples -> one uint8 [3, H, W] grid, one row per image."""
+    rows = [_row(i, m, p, palette_name) for i, m, p in samples]
+    width = max(r.shape[-1] for r in rows)
+    gap = torch.full((3, 4, width), 255.0)
+    padded = []
+    for r in rows:
+        padded += [F.pad(r, (0, width - r.shape[-1]), value=255.0), gap]
+    return torch.cat(padded[:-1], dim=1).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def predict_samples(model: torch.nn.Module, dataset, count: int, device) -> list[tuple]:
+    """The first `count` validation images (the same ones every epoch) with their predictions."""
+    model.eval()
+    out = []
+    for idx in range(min(count, len(dataset))):
+        image, mask = dataset[idx]
+        pred = model(image[None].to(device)).argmax(1)[0]
+        out.append((image, mask, pred))
+    return out
+
+
+def confusion_figure(mat: torch.Tensor, class_names: tuple[str, ...], path: Path, title: str) -> None:
+    """Rows: ground truth, normalised to sum 1 (recall on the diagonal); columns: prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    m = mat.double().cpu()
+    norm = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(2 + 0.32 * n, 1.6 + 0.32 * n), dpi=90)
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_visuals(out_dir: str | Path, epoch: int, samples: list[tuple], confusion: torch.Tensor,
+                  class_names: tuple[str, ...], palette_name: str, miou: float) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if samples:
+        paths.append(out / grid_name(epoch))
+        write_png(image_grid(samples, palette_name), str(paths[-1]))
+    paths.append(out / confusion_name(epoch))
+    confusion_figure(confusion, class_names, paths[-1], f"epoch {epoch}: val mIoU {miou:.3f}")
+    return paths
