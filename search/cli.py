@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from search.configs import ConfigError
+from search.configs import ConfigError, RunFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -85,6 +85,34 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--register", default=None, metavar="MODEL", help="register in the MLflow model registry")
     b.add_argument("--alias", default="best")
     b.add_argument("--json", action="store_true")
+
+    sy = sub.add_parser("sync", help="write into MLflow what a sweep's Ray results hold and MLflow misses",
+                        formatter_class=fmt, description=textwrap.dedent("""\
+        After the tracking server was down during a sweep: reconcile the sweep's MLflow runs
+        with Ray's results in the sweep folder (missing epochs, runs, end status, best
+        checkpoint). Safe to run any number of times."""),
+                        epilog=textwrap.dedent("""\
+        examples:
+          deeplab sync runs/ray/lr-study
+          deeplab sync /mnt/shared/ray/voc-sweep --tracking-uri http://127.0.0.1:5000 --experiment deeplab"""))
+    sy.add_argument("sweep_path", type=Path, help="the sweep's folder (storage.path/sweep.name)")
+    sy.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
+    sy.add_argument("--experiment", default="deeplab")
+
+    u = sub.add_parser("ui", help="serve the MLflow UI and tracking API over the local store (127.0.0.1 only)",
+                       formatter_class=fmt, description=textwrap.dedent("""\
+        Start `mlflow server` on the project's store. It binds 127.0.0.1 unless --host says
+        otherwise: MLflow's server has no authentication, so anyone who can reach the port can
+        read and change every run. Reach it from elsewhere through an SSH tunnel."""),
+                       epilog=textwrap.dedent("""\
+        examples:
+          deeplab ui                                   # http://127.0.0.1:5000
+          deeplab ui --port 5001 --store sqlite:///runs/mlflow.db
+          ssh -L 5000:127.0.0.1:5000 head-node         # from your laptop"""))
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--store", default="sqlite:///runs/mlflow.db", help="backend store URI")
+    u.add_argument("--artifacts", default="runs/mlartifacts", help="artifact folder for runs logged through it")
 
     im = sub.add_parser("import-checkpoint", help="convert a reference-implementation checkpoint to ours",
                         formatter_class=fmt, description=textwrap.dedent("""\
@@ -169,6 +197,35 @@ def cmd_best(args) -> int:
         r = info["registered"]
         print(f"  registered: models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from search.sync import sync_sweep
+
+    stats = sync_sweep(args.sweep_path, args.tracking_uri, args.experiment)
+    print(f"{stats['trials']} trials: {stats['epochs_logged']} epochs logged, {stats['runs_created']} runs created, "
+          f"{stats['runs_finished']} runs finished")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import ipaddress
+
+    from search.tracking import resolve_tracking_uri
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"warning: binding {args.host}: the MLflow server has no authentication; anyone who reaches "
+              f"port {args.port} can read and change every run", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
+           "--backend-store-uri", resolve_tracking_uri(args.store),
+           "--artifacts-destination", str(Path(args.artifacts).resolve()), "--workers", "1"]
+    print(f"MLflow UI: http://{args.host}:{args.port}", flush=True)
+    os.execv(sys.executable, cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
     return 0
 
 
@@ -271,7 +328,7 @@ def cmd_data(args) -> int:
         return 1
 
 
-COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "import-checkpoint": cmd_import, "eval": cmd_eval, "predict": cmd_predict}
+COMMANDS = {"data": cmd_data, "train": cmd_train, "sweep": cmd_sweep, "best": cmd_best, "sync": cmd_sync, "ui": cmd_ui, "import-checkpoint": cmd_import, "eval": cmd_eval, "predict": cmd_predict}
 
 
 def _bad_input_errors() -> tuple[type[Exception], ...]:
@@ -301,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ class ConfigError(ValueError):
     """A config problem, worded for the user (one line)."""
 
 
+class RunFailed(RuntimeError):
+    """A run that failed after it started (the training's own error, not the input), worded
+    for the user in one line: exit code 1."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -276,6 +281,7 @@ def check_space(job: JobConfig) -> None:
     for key, param in job.space.items():
         section, _, field = key.partition(".")
         model = JobConfig.model_fields.get(section)
+        field = field.split(".", 1)[0]  # model.options.<name>: a key of your own model's options
         if not field or model is None or section in ("sweep", "space", "cluster") or field not in model.annotation.model_fields:
             raise ConfigError(f"space.{key}: not a config key (use section.key, e.g. train.lr)")
         if param.depends_on is not None and param.depends_on not in job.space:
@@ -333,7 +339,7 @@ def check_data_root(job: JobConfig | RunConfig) -> None:
 
 
 __all__ = [
-    "AshaConfig", "ClusterConfig", "ConfigError", "DataConfig", "JobConfig", "MlflowConfig", "ModelConfig",
+    "AshaConfig", "ClusterConfig", "ConfigError", "RunFailed", "DataConfig", "JobConfig", "MlflowConfig", "ModelConfig",
     "RunConfig", "SearchParam", "StorageConfig", "SweepConfig", "TrainConfig", "check_data_root", "check_space",
     "COND_SEP", "apply_overrides", "compose", "dump_yaml", "ran_all_epochs", "trial_overrides", "load_job", "load_yaml_config", "validate",
 ]

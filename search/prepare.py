@@ -46,6 +46,7 @@ def prepare_job(job: JobConfig) -> JobConfig:
             imagenet_state(BACKBONE_WEIGHTS[job.model.backbone], job.model.backbone_weights)
         except PretrainedWeightsMissing as e:
             raise ConfigError(f"model.pretrained_backbone: {e}") from None
+    check_storage(job, check_models(job))
     from datasets import DatasetError, build_dataset
 
     try:  # layout problems surface here, with the file named, not inside a Ray worker
@@ -55,3 +56,57 @@ def prepare_job(job: JobConfig) -> JobConfig:
     except DatasetError as e:
         raise ConfigError(f"data.root: {e}") from None
     return job
+
+
+def check_models(job: JobConfig) -> None:
+    """The model builds and gives N x C x H x W logits on one tiny batch, here rather than in N
+    trials on the cluster: the base config, and the base with each value the sweep can give a
+    `model.*` key (one key at a time, not the product: a few builds of a second or less)."""
+    from search.configs import apply_overrides, validate
+    from trainable.models import ModelFactoryError, check_model
+
+    variants = {"": job.model}
+    for key, param in job.space.items():
+        if not key.startswith("model.") or param.type in ("loguniform", "uniform"):
+            continue
+        values = param.values or [v for vs in (param.cases or {}).values() for v in vs]
+        if param.type == "randint":
+            values = [int(param.low), int(param.high) - 1]
+        for v in values:
+            variants[f"{key}={v}"] = validate(apply_overrides(job.to_dict(), {key: v})).model
+    largest = 0
+    for where, model in variants.items():
+        try:
+            largest = max(largest, check_model(model, job.data.num_classes))
+        except ModelFactoryError as e:
+            raise ConfigError(f"{e} (with space {where})" if where else str(e)) from None
+    return largest
+
+
+def check_storage(job: JobConfig, parameters: int) -> None:
+    """A local storage path must take a file and hold at least one checkpoint, said now rather
+    than by a trial failing after its first epoch. (s3:// and other URIs: Ray's business.)"""
+    import shutil
+    import sys
+    import tempfile
+
+    path = Path(job.storage.path)
+    if "://" in job.storage.path:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"storage.path = {job.storage.path!r}: not writable ({e.strerror or e})") from None
+    # Weights and SGD momentum, 4 bytes each: what one checkpoint.pt of this model takes.
+    needed = 2 * 4 * parameters
+    free = shutil.disk_usage(path).free
+    mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
+    if free < needed:
+        raise ConfigError(f"storage.path = {job.storage.path!r}: {mb(free)} free, but one checkpoint of this model "
+                          f"takes ~{mb(needed)}")
+    per_run = needed * (job.train.keep_checkpoints + 1)
+    if free < per_run:
+        print(f"warning: storage.path = {job.storage.path!r} has {mb(free)} free; a run keeps up to "
+              f"{job.train.keep_checkpoints + 1} checkpoints of ~{mb(needed)}", file=sys.stderr)

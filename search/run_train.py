@@ -6,9 +6,12 @@ from pathlib import Path
 
 from search import tracking
 from search.cluster import ray_session
-from search.configs import JobConfig
+from search.configs import JobConfig, RunFailed
 from search.prepare import prepare_job
-from trainable.ray_train import build_trainer
+from ray.train import TrainingFailedError
+
+from search.mlflow_callback import error_reason
+from trainable.ray_train import build_trainer, run_visuals
 
 METRIC = "val/mIoU"
 
@@ -24,10 +27,17 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
         # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
         run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={"deeplab.kind": "train"})
         trainer = build_trainer(run_cfg, name, job.storage.path,
-                                callbacks=[tracking.MlflowReportCallback(ml.tracking_uri, run_id)], metric=METRIC)
+                                callbacks=[tracking.MlflowReportCallback(
+                                    ml.tracking_uri, run_id, str(run_visuals(job.storage.path, name)))],
+                                metric=METRIC)
         try:
             result = trainer.fit()
-        except BaseException as e:  # interrupted or failed: the run is marked, nothing logged is lost
+        except TrainingFailedError as e:  # the workers' own error, in one line: the run is marked, nothing logged is lost
+            reason = error_reason(str(e))
+            tracking.finish_run(c, run_id, "failed", reason)
+            raise RunFailed(f"training failed: {reason} (MLflow run {run_id}, Ray storage "
+                            f"{Path(job.storage.path) / name})") from None
+        except BaseException as e:  # interrupted: the run is marked, nothing logged is lost
             tracking.finish_run(c, run_id, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get(METRIC, float("-inf")), default=None)

@@ -5,33 +5,36 @@ the trial's resolved config; `TuneReportCallback` relays rank 0's metrics and ch
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import ray
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from search import tracking
 from search.cluster import cluster_address, ray_session
-from search.configs import (
-    ConfigError,
-    JobConfig,
-    check_space,
-    dump_yaml,
-    trial_overrides,
-)
+from search.configs import ConfigError, JobConfig, check_space, trial_overrides
 from search.mlflow_callback import SWEEP_TAG, TRIAL_TAG, MlflowTrialCallback
 from search.prepare import prepare_job
 from search.progress import ProgressTable
 from search.space import build_searcher
+from search.sync import TRAIN_DIR, best_result, read_trials, sync_runs
 from search.trial import sweep_trial
+from trainable.config import redacted
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def max_concurrent(job: JobConfig) -> int:
@@ -81,7 +84,7 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
         SWEEP_TAG: name, "deeplab.kind": "sweep", "git_commit": _git_commit(),
         "dataset_fingerprint": _dataset_fingerprint(job)})
     c.log_text(run_id, json.dumps({k: v.model_dump() for k, v in job.space.items()}, indent=2), "search_space.json")
-    c.log_text(run_id, dump_yaml(job), "sweep_config.yaml")
+    c.log_text(run_id, yaml.safe_dump(redacted(job.to_dict()), sort_keys=False), "sweep_config.yaml")
     return run_id
 
 
@@ -97,15 +100,22 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     searcher, param_space = build_searcher(job)  # errors in the space surface before Ray starts
     cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     base = job.run.to_dict()
+    # A tracking server that goes down mid-sweep must cost seconds per attempt, not MLflow's
+    # default minutes of retries, which would stall Tune's loop and with it every trial.
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(var, value)
+    # Each retry would print a urllib3 warning; the callback says once that MLflow is down.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)
     parent = _parent_run(c, exp_id, job, name, resume)
     s = job.sweep
-    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs)
+    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs,
+                                   train_dir=str(sweep_path / TRAIN_DIR))
     try:
         with ray_session(job.cluster, address, verbose):
             trainable = tune.with_resources(
-                tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_path / "train")),
+                tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_path / TRAIN_DIR)),
                 {"CPU": TRIAL_DRIVER_CPU})
             if resume:
                 tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_unfinished=True,
@@ -126,43 +136,64 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         if resume and searcher is not None:
             # Tune ran a restored copy of the searcher; its final state is in the sweep folder.
             searcher.restore_from_dir(str(sweep_path))
-        summary = _summarise(results, c, exp_id, job, name, parent)
+        try:
+            # What the trial callback could not write (MLflow down, or a previous driver's queue
+            # lost to a crash) is in Ray's results: write it now.
+            sync_runs(c, exp_id, parent, job, sweep_path, update_parent=False)
+            mlflow_error = None
+        except Exception as e:  # noqa: BLE001 - any client/transport error
+            mlflow_error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        summary = _summarise(results, None if mlflow_error else c, exp_id, job, name, parent)
         study = getattr(searcher, "study", None)
         if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
             states = [t.state.name for t in study.trials]
             summary["optuna_states"] = {st: states.count(st) for st in sorted(set(states))}
-        _log_parent_summary(c, parent, summary, searcher, s.metric)
-        tracking.finish_run(c, parent, "completed")
+        if mlflow_error is None:
+            _log_parent_summary(c, parent, summary, searcher, s.metric)
+            tracking.finish_run(c, parent, "completed")
+        else:
+            summary["mlflow_error"] = mlflow_error
+            print(f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
+                  f"trial's results are in {sweep_path}. Once the server answers, run:\n"
+                  f"  deeplab sync {sweep_path} --tracking-uri {job.mlflow.tracking_uri} "
+                  f"--experiment {job.mlflow.experiment}", file=sys.stderr)
         return summary
     except BaseException as e:
-        tracking.finish_run(c, parent, "failed", f"{type(e).__name__}: {str(e)[:300]}")
+        with contextlib.suppress(Exception):  # MLflow down must not hide the real error
+            tracking.finish_run(c, parent, "failed", f"{type(e).__name__}: {str(e)[:300]}")
         raise
 
 
 def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str) -> dict:
     """Per-trial rows from Tune's results joined with the trials' MLflow runs: MLflow holds each
     trial's best metric and checkpoint, also for trials finished before a resume (the callback
-    that logged them may have been a previous process's)."""
+    that logged them may have been a previous process's). Without MLflow (`c` None: it did not
+    answer), the same comes from Ray's results in the sweep folder."""
     metric = job.sweep.metric
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
+    sweep_path = Path(job.storage.path) / name
+    runs = {} if c is None else {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
         [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'trial'")}
+    records = {rec.trial_id: rec for rec in read_trials(sweep_path)}
     rows = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")
         run = runs.get(trial_id)
+        value = run.data.metrics.get(f"best/{metric}") if run else None
+        checkpoint = run.data.tags.get("deeplab.best_checkpoint") if run else None
+        if run is None and trial_id in records:
+            best = best_result(records[trial_id], metric, job.sweep.mode)
+            value, checkpoint = (best[metric], best["checkpoint_path"]) if best else (None, None)
         rows.append({"trial_id": trial_id, "params": trial_overrides(r.config or {}),
-                     "epochs": (r.metrics or {}).get("epoch"),
-                     metric: run.data.metrics.get(f"best/{metric}") if run else None,
+                     "epochs": (r.metrics or {}).get("epoch"), metric: value,
                      "error": str(r.error).splitlines()[0][:200] if r.error else None,
-                     "run_id": run.info.run_id if run else None,
-                     "checkpoint": run.data.tags.get("deeplab.best_checkpoint") if run else None})
+                     "run_id": run.info.run_id if run else None, "checkpoint": checkpoint})
     # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
     scored = [row for row in rows if row[metric] is not None and not row["error"]]
     pick = max if job.sweep.mode == "max" else min
     best_row = pick(scored, key=lambda r: r[metric]) if scored else None
     return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
             "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri,
-            "sweep_path": str(Path(job.storage.path) / name)}
+            "sweep_path": str(sweep_path)}
 
 
 def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:

@@ -6,6 +6,7 @@ DDP rank, so a run never appears once per worker.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 import urllib.error
@@ -17,7 +18,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.train.v2.api.callback import UserCallback
 
-from trainable.config import MlflowConfig, resolve_path
+from trainable.config import MlflowConfig, redacted, resolve_path
 
 # Param values beyond this are cut by MLflow servers; configs never get near it.
 MAX_PARAM_LEN = 6000
@@ -86,7 +87,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_params(cfg_dict: dict) -> list[Param]:
-    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg_dict).items())]
+    return [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(redacted(cfg_dict)).items())]
 
 
 def metric_entities(metrics: dict, step: int, timestamp_ms: int) -> list[Metric]:
@@ -118,8 +119,27 @@ def log_checkpoint(c: MlflowClient, run_id: str, checkpoint_dir: str | Path, cfg
     c.log_artifacts(run_id, str(checkpoint_dir), artifact_path="checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "config.yaml"
-        p.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        p.write_text(yaml.safe_dump(redacted(cfg_dict), sort_keys=False))
         c.log_artifact(run_id, str(p))
+
+
+def log_visuals(c: MlflowClient, run_id: str, folder: str | Path, skip: set[str] = frozenset()) -> int:
+    """The eval PNGs (image grid, confusion matrix; rank 0 writes them next to the checkpoint)
+    in `folder`, under visuals/ in the run; those named in `skip` (already there) are not."""
+    from trainable.engine import VISUALS_DIR
+
+    logged = 0
+    for f in sorted(Path(folder).glob("*.png")) if Path(folder).is_dir() else []:
+        if f"{VISUALS_DIR}/{f.name}" not in skip:
+            c.log_artifact(run_id, str(f), artifact_path=VISUALS_DIR)
+            logged += 1
+    return logged
+
+
+def logged_visuals(c: MlflowClient, run_id: str) -> set[str]:
+    from trainable.engine import VISUALS_DIR
+
+    return {a.path for a in c.list_artifacts(run_id, VISUALS_DIR)}
 
 
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
@@ -129,18 +149,37 @@ def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = N
 
 
 class MlflowReportCallback(UserCallback):
-    """Ray Train controller callback: rank 0's metrics of each report into one MLflow run."""
+    """Ray Train controller callback: rank 0's metrics of each report into one MLflow run.
+    MLflow down does not stop training: reports are queued and written at the next report
+    that reaches it (what is still queued when the run ends is only in Ray's checkpoints)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, metric: str = "val/mIoU"):
+    def __init__(self, tracking_uri: str, run_id: str, visuals_dir: str, metric: str = "val/mIoU"):
         self.tracking_uri, self.run_id, self.metric = tracking_uri, run_id, metric
+        self.visuals_dir = visuals_dir  # where the workers persist the eval PNGs (ray_train.run_visuals)
         self._last_step: int | None = None
+        self._pending: list[dict] = []
+        self._down = False
 
     def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]
-        c = MlflowClient(self.tracking_uri)
+        self._pending.append(dict(metrics[0]))
+        try:
+            self._flush(MlflowClient(self.tracking_uri))
+        except Exception as e:  # noqa: BLE001 - any client/transport error: keep them queued
+            if not self._down:
+                print(f"MLflow is not answering; training goes on and the metrics are queued: "
+                      f"{type(e).__name__}: {' '.join(str(e).split())[:200]}", file=sys.stderr)
+            self._down = True
+            return
+        self._down = False
+
+    def _flush(self, c: MlflowClient) -> None:
         if self._last_step is None:  # a restored run replays its checkpoint's epoch first
             self._last_step = max((h.step for h in c.get_metric_history(self.run_id, self.metric)), default=0)
-        step = int(m.get("epoch", 0))
-        if step > self._last_step:
-            log_metrics(c, self.run_id, m, step=step)
-            self._last_step = step
+        while self._pending:
+            m = self._pending[0]
+            step = int(m.get("epoch", 0))
+            if step > self._last_step:
+                log_metrics(c, self.run_id, m, step=step)
+                self._last_step = step
+            self._pending.pop(0)
+        log_visuals(c, self.run_id, self.visuals_dir, skip=logged_visuals(c, self.run_id))

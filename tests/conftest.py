@@ -2,6 +2,7 @@
 (2 CPUs, capped object store, dashboard on) shut down at the end of the session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -44,8 +45,11 @@ def ray_cluster():
     from search.cluster import runtime_env
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=150 * 1024 * 1024, include_dashboard=True,
-                 log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
+        # Ray puts the driver's working directory on the workers' sys.path: the repo root,
+        # so that they import test helpers such as `tests.toy_model` (a test may have chdir-ed).
+        with contextlib.chdir(REPO):
+            ray.init(num_cpus=2, object_store_memory=150 * 1024 * 1024, include_dashboard=True,
+                     log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
     yield
     ray.shutdown()
 
@@ -55,3 +59,60 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh folder: the embedded defaults (runs/...) land inside it."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 over a sqlite store in `folder`; it can be
+    stopped and started again on the same port and store (a tracking server outage)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{folder}/server.db"
+        self.proc = None
+
+    def start(self, timeout_s: float = 90) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "art"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("mlflow server did not start")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, stopped at the end."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

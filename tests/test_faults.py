@@ -1,9 +1,11 @@
-"""Faults during training (issue 6, first part): a Ray Train worker killed mid-run is
-restarted from the last checkpoint, and MLflow ends with every epoch exactly once."""
+"""Faults during training (issue 6): a Ray Train worker killed mid-run is restarted from the
+last checkpoint, and MLflow ends with every epoch exactly once; the MLflow server down for
+part of a sweep costs no training and nothing logged (`deeplab sync` writes it afterwards)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -14,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from search.cli import main
-from tests.conftest import CONF
+from tests.conftest import CONF, MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +71,130 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
     # instead of training a completed epoch again.
     epochs = sorted(torch.load(run_dir / d / "checkpoint.pt", weights_only=True)["epoch"] for d in _registered(run_dir))
     assert epochs == [1, 2, 3, 4], epochs
+
+
+def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc_root, workdir, tmp_path, capsys):
+    from search.configs import load_job
+    from search.sweep import run_sweep
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    store = MlflowClient(server.store)  # the server's own store, readable while it is down
+    stopped = threading.Event()
+
+    def stop_server_after_first_epoch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            exp = store.get_experiment_by_name("deeplab")
+            runs = store.search_runs([exp.experiment_id]) if exp else []
+            if any(r.data.metrics.get("val/mIoU") is not None for r in runs):
+                server.stop()
+                stopped.set()
+                return
+            time.sleep(0.2)
+
+    (tmp_path / "s.yaml").write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 3, cpus_per_worker: 0.95, visuals: 1}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: outage}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n")
+    job = load_job(tmp_path / "s.yaml", [f"data.root={synth_voc_root}", f"mlflow.tracking_uri={server.url}"],
+                   conf_root=CONF)
+    threading.Thread(target=stop_server_after_first_epoch, daemon=True).start()
+    try:
+        summary = run_sweep(job)
+        assert stopped.is_set(), "the server was never stopped: the test proved nothing"
+        err = capsys.readouterr().err
+        assert "MLflow is not answering; training goes on" in err
+        assert f"deeplab sync {workdir}/runs/ray/outage" in err
+        # Training went on: every trial ran all its epochs; the best comes from Ray's results.
+        assert summary["mlflow_error"] and [t["epochs"] for t in summary["trials"]] == [3, 3]
+        assert summary["best"]["val/mIoU"] is not None and Path(summary["best"]["checkpoint"]).is_dir()
+        runs = store.search_runs([store.get_experiment_by_name("deeplab").experiment_id])
+        trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+        assert all(len(store.get_metric_history(r.info.run_id, "val/mIoU")) < 3 for r in trials)
+
+        server.start()  # back, same port and store
+        assert main(["sync", summary["sweep_path"], "--tracking-uri", server.url]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^2 trials: [1-9]\d* epochs logged, 0 runs created, 2 runs finished$", out, re.M), out
+        c = MlflowClient(server.url)
+        runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+        trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+        (parent,) = [r for r in runs if r.data.tags.get("deeplab.kind") == "sweep"]
+        assert len(trials) == 2
+        for r in trials:
+            assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2, 3]
+            assert r.data.tags["deeplab.status"] == "completed" and r.info.status == "FINISHED"
+            arts = {a.path for a in c.list_artifacts(r.info.run_id)}
+            assert {"checkpoint", "config.yaml", "visuals"} <= arts
+            assert len(c.list_artifacts(r.info.run_id, "visuals")) == 6  # 3 epochs x (grid, confusion)
+        assert parent.data.tags["best_run_id"] in {r.info.run_id for r in trials}
+        assert parent.info.status == "FINISHED"
+        # Idempotent: a second sync writes nothing.
+        assert main(["sync", summary["sweep_path"], "--tracking-uri", server.url]) == 0
+        assert "0 epochs logged, 0 runs created, 0 runs finished" in capsys.readouterr().out
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (root only): a real full disk, not a simulated one."""
+    import subprocess
+
+    mounts = []
+
+    def make(size_mb: int) -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(d)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:100]})")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_unwritable_storage_is_reported_before_ray(synth_voc_root, workdir, capsys):
+    import ray
+
+    (workdir / "a-file").write_text("not a folder")
+    ray_before = ray.is_initialized()
+    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}",
+               f"storage.path={workdir}/a-file/ray"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"storage.path = '{workdir}/a-file/ray': not writable (Not a directory)" in err, err
+    assert ray.is_initialized() == ray_before
+
+
+def test_storage_too_small_for_one_checkpoint_is_reported_before_ray(synth_voc_root, workdir, small_disk, capsys):
+    disk = small_disk(2)
+    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", f"storage.path={disk}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"storage.path = '{disk}': 2 MB free, but one checkpoint of this model takes ~40 MB" in err, err
+
+
+def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(ray_cluster, synth_voc_root, workdir, small_disk,
+                                                                   capsys):
+    """Room for two checkpoints of ~40 MB: the third epoch's does not fit. The run fails with
+    one line saying so, and epochs 1-2 stay in MLflow and in storage, loadable."""
+    disk = small_disk(100)
+    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", f"storage.path={disk}",
+               "storage.name=full", "train.epochs=4", "train.keep_checkpoints=10", "train.visuals=0",
+               "data.max_train_images=8", "data.max_val_images=2"])
+    err = capsys.readouterr().err
+    assert rc == 1, err[-2000:]
+    assert f"error: training failed: trainable.ray_train.StorageError: storage.path = '{disk}': no space left on " \
+           "device while saving the epoch 3 checkpoint" in err, err[-2000:]
+    assert "Traceback" not in err
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    (run,) = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+    assert run.info.status == "FAILED" and "no space left on device" in run.data.tags["deeplab.status"]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2]
+    kept = sorted(torch.load(disk / "full" / d / "checkpoint.pt", weights_only=True)["epoch"]
+                  for d in _registered(disk / "full"))
+    assert kept == [1, 2]

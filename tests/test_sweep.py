@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -101,42 +100,10 @@ def test_best_cli_json_and_unknown_experiment(workdir, capsys):
     assert "no such MLflow experiment" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1, stopped at the end."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import urllib.request
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start")
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 def test_sweep_against_real_mlflow_server(ray_cluster, synth_voc_root, workdir, tmp_path, mlflow_server):
     from search.cli import main
 
+    mlflow_server = mlflow_server.url
     rc = main(["sweep", str(_write_sweep(tmp_path, 2)), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
                "sweep.name=srv", "sweep.asha.enabled=false", "--tracking-uri", mlflow_server])
     assert rc == 0

@@ -18,11 +18,16 @@ from ray.train.torch import TorchTrainer
 
 from trainable.checkpoint import load_checkpoint
 from trainable.config import RunConfig
-from trainable.engine import Worker, fit
+from trainable.engine import VISUALS_DIR, Worker, fit
+
+
+class StorageError(RuntimeError):
+    """The storage path filled up or refused a write: said in words, with what was kept."""
 
 
 class RayWorker(Worker):
-    def __init__(self):
+    def __init__(self, storage_path: str = ""):
+        self.storage_path = storage_path
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -45,11 +50,57 @@ class RayWorker(Worker):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            if checkpoint_dir:
+                _persist_visuals(Path(checkpoint_dir) / VISUALS_DIR)
+            ray.train.report(metrics, checkpoint=checkpoint)  # Ray copies the checkpoint into storage here
+        except OSError as e:
+            raise storage_error(e, self.storage_path, metrics.get("epoch"), checkpoint_dir) from None
+
+
+def _persist_visuals(folder: Path) -> None:
+    """The eval PNGs also go to `<run>/visuals/` in storage, before the report: Ray prunes
+    checkpoints (and with them their copy) as soon as better ones arrive, which can be before
+    a busy or MLflow-less driver has looked at them. Any storage Ray supports (pyarrow fs)."""
+    import pyarrow.fs
+
+    if not folder.is_dir():
+        return
+    storage = ray.train.get_context().get_storage()
+    dest = f"{storage.experiment_fs_path}/{VISUALS_DIR}"
+    storage.storage_filesystem.create_dir(dest)
+    pyarrow.fs.copy_files(str(folder), dest, destination_filesystem=storage.storage_filesystem)
+
+
+def run_visuals(train_storage: str | Path, run_name: str) -> Path:
+    """Where `_persist_visuals` put a run's PNGs, for a local or mounted storage path."""
+    return Path(train_storage) / run_name / VISUALS_DIR
+
+
+def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | None) -> Exception:
+    import errno
+    import shutil
+
+    text = " ".join(str(e).split())
+    size = sum(f.stat().st_size for f in Path(checkpoint_dir).rglob("*") if f.is_file()) if checkpoint_dir else 0
+    try:
+        free = f"{shutil.disk_usage(storage_path).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the checkpoints of epochs before {epoch} are kept; run the same command again to resume"
+    if e.errno == errno.ENOSPC or "No space left" in text:
+        return StorageError(f"storage.path = {storage_path!r}: no space left on device while saving the epoch "
+                            f"{epoch} checkpoint ({size / 2**20:.0f} MB; {free}). Free space or lower "
+                            f"train.keep_checkpoints: {kept}")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text or "Read-only" in text:
+        return StorageError(f"storage.path = {storage_path!r}: not writable while saving the epoch {epoch} "
+                            f"checkpoint ({text[:200]}); {kept}")
+    return e
 
 
 def train_loop_per_worker(config: dict) -> None:
-    fit(RunConfig.model_validate(config["run"]), RayWorker())
+    cfg = RunConfig.model_validate(config["run"])
+    fit(cfg, RayWorker(cfg.storage.path))
 
 
 def eval_loop_per_worker(config: dict) -> None:
