@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--tracking-uri", default="sqlite:///runs/mlflow.db")
     sy.add_argument("--experiment", default="deeplab")
 
-    u = sub.add_parser("ui", help="serve the MLflow UI and tracking API over the local store (127.0.0.1 only)",
+    u = sub.add_parser("ui", help="serve the MLflow UI and tracking API over the local store (127.0.0.1 by default)",
                        formatter_class=fmt, description=textwrap.dedent("""\
         Start `mlflow server` on the project's store. It binds 127.0.0.1 unless --host says
         otherwise: MLflow's server has no authentication, so anyone who can reach the port can
