@@ -66,6 +66,13 @@ class SearchParam(_Strict):
             raise ValueError(f"{self.type} needs a non-empty `values` list")
         return self
 
+    def candidates(self) -> list[Any]:
+        """Values that represent what this parameter can take: every listed choice (all cases
+        of a conditional one), the bounds of a range, both ends of a randint."""
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return self.values or [v for vs in (self.cases or {}).values() for v in vs] or [self.low, self.high]
+
 
 class AshaConfig(_Strict):
     enabled: bool = True
@@ -286,10 +293,7 @@ def check_space(job: JobConfig) -> None:
             raise ConfigError(f"space.{key}: not a config key (use section.key, e.g. train.lr)")
         if param.depends_on is not None and param.depends_on not in job.space:
             raise ConfigError(f"space.{key}.depends_on: {param.depends_on!r} is not searched")
-        candidates = param.values or [v for vs in (param.cases or {}).values() for v in vs] or [param.low, param.high]
-        if param.type == "randint":
-            candidates = [int(param.low), int(param.high) - 1]
-        for value in candidates:
+        for value in param.candidates():
             trial = copy.deepcopy(base)
             _set_dotted(trial, key, value)
             try:

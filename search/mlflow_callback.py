@@ -85,14 +85,10 @@ class MlflowTrialCallback(Callback):
     def _mark_down(self, e: Exception) -> None:
         self._down_until = time.monotonic() + self.retry_s
         first = self.outage is None
-        self.outage = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        self.outage = tracking.one_line(e)
         if first:
             print(f"MLflow is not answering; training goes on and the results are queued "
                   f"(retried every {self.retry_s:.0f} s): {self.outage}", file=sys.stderr)
-
-    def unsynced(self) -> list[str]:
-        """Trials with results or an end not yet in MLflow."""
-        return sorted(t for t, q in self._queues.items() if q)
 
     # -- the writes --------------------------------------------------------------------------
 

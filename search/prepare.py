@@ -58,10 +58,11 @@ def prepare_job(job: JobConfig) -> JobConfig:
     return job
 
 
-def check_models(job: JobConfig) -> None:
+def check_models(job: JobConfig) -> int:
     """The model builds and gives N x C x H x W logits on one tiny batch, here rather than in N
     trials on the cluster: the base config, and the base with each value the sweep can give a
-    `model.*` key (one key at a time, not the product: a few builds of a second or less)."""
+    `model.*` key (one key at a time, not the product: a few builds of a second or less).
+    Returns the largest model's parameter count."""
     from search.configs import apply_overrides, validate
     from trainable.models import ModelFactoryError, check_model
 
@@ -69,10 +70,7 @@ def check_models(job: JobConfig) -> None:
     for key, param in job.space.items():
         if not key.startswith("model.") or param.type in ("loguniform", "uniform"):
             continue
-        values = param.values or [v for vs in (param.cases or {}).values() for v in vs]
-        if param.type == "randint":
-            values = [int(param.low), int(param.high) - 1]
-        for v in values:
+        for v in param.candidates():
             variants[f"{key}={v}"] = validate(apply_overrides(job.to_dict(), {key: v})).model
     largest = 0
     for where, model in variants.items():

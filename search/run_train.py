@@ -4,13 +4,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ray.train import TrainingFailedError
+
 from search import tracking
 from search.cluster import ray_session
 from search.configs import JobConfig, RunFailed
-from search.prepare import prepare_job
-from ray.train import TrainingFailedError
-
 from search.mlflow_callback import error_reason
+from search.prepare import prepare_job
 from trainable.ray_train import build_trainer, run_visuals
 
 METRIC = "val/mIoU"

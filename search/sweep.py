@@ -136,14 +136,15 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         if resume and searcher is not None:
             # Tune ran a restored copy of the searcher; its final state is in the sweep folder.
             searcher.restore_from_dir(str(sweep_path))
+        records = read_trials(sweep_path)
         try:
             # What the trial callback could not write (MLflow down, or a previous driver's queue
             # lost to a crash) is in Ray's results: write it now.
-            sync_runs(c, exp_id, parent, job, sweep_path, update_parent=False)
+            sync_runs(c, exp_id, parent, job, sweep_path, update_parent=False, records=records)
             mlflow_error = None
         except Exception as e:  # noqa: BLE001 - any client/transport error
-            mlflow_error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        summary = _summarise(results, None if mlflow_error else c, exp_id, job, name, parent)
+            mlflow_error = tracking.one_line(e)
+        summary = _summarise(results, None if mlflow_error else c, exp_id, job, name, parent, records)
         study = getattr(searcher, "study", None)
         if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
             states = [t.state.name for t in study.trials]
@@ -164,16 +165,16 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         raise
 
 
-def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str) -> dict:
+def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str, records: list) -> dict:
     """Per-trial rows from Tune's results joined with the trials' MLflow runs: MLflow holds each
     trial's best metric and checkpoint, also for trials finished before a resume (the callback
     that logged them may have been a previous process's). Without MLflow (`c` None: it did not
-    answer), the same comes from Ray's results in the sweep folder."""
+    answer), the same comes from Ray's results in the sweep folder (`records`)."""
     metric = job.sweep.metric
     sweep_path = Path(job.storage.path) / name
     runs = {} if c is None else {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
         [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'trial'")}
-    records = {rec.trial_id: rec for rec in read_trials(sweep_path)}
+    records = {rec.trial_id: rec for rec in records}
     rows = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")

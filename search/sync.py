@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from search import tracking
-from search.configs import ConfigError, JobConfig, apply_overrides, load_yaml_config, trial_overrides
+from search.configs import (
+    ConfigError,
+    JobConfig,
+    apply_overrides,
+    load_yaml_config,
+    trial_overrides,
+)
 from search.mlflow_callback import (
     SWEEP_TAG,
     better,
@@ -111,12 +117,14 @@ def sync_sweep(sweep_path: str | Path, tracking_uri: str, experiment: str) -> di
     return sync_runs(c, exp.experiment_id, parent.info.run_id, job, sweep_path)
 
 
-def sync_runs(c, exp_id: str, parent_run_id: str, job: JobConfig, sweep_path: Path, update_parent: bool = True) -> dict:
-    """Reconcile each trial's MLflow run with its Ray results; returns counts of what was written."""
+def sync_runs(c, exp_id: str, parent_run_id: str, job: JobConfig, sweep_path: Path, update_parent: bool = True,
+              records: list[TrialRecord] | None = None) -> dict:
+    """Reconcile each trial's MLflow run with its Ray results (`records`, read from
+    `sweep_path` unless given); returns counts of what was written."""
     metric, mode, base = job.sweep.metric, job.sweep.mode, job.run.to_dict()
     stats = {"trials": 0, "runs_created": 0, "epochs_logged": 0, "runs_finished": 0}
     best_overall = None
-    records = read_trials(sweep_path)
+    records = read_trials(sweep_path) if records is None else records
     all_finished = all(rec.finished for rec in records)
     for rec in records:
         stats["trials"] += 1

@@ -142,6 +142,11 @@ def logged_visuals(c: MlflowClient, run_id: str) -> set[str]:
     return {a.path for a in c.list_artifacts(run_id, VISUALS_DIR)}
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (MLflow's and urllib3's span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
     """status: completed | pruned | failed; MLflow's own status follows (FAILED for failed)."""
     c.set_tag(run_id, STATUS_TAG, status if reason is None else f"{status}: {reason}"[:5000])
@@ -166,8 +171,8 @@ class MlflowReportCallback(UserCallback):
             self._flush(MlflowClient(self.tracking_uri))
         except Exception as e:  # noqa: BLE001 - any client/transport error: keep them queued
             if not self._down:
-                print(f"MLflow is not answering; training goes on and the metrics are queued: "
-                      f"{type(e).__name__}: {' '.join(str(e).split())[:200]}", file=sys.stderr)
+                print(f"MLflow is not answering; training goes on and the metrics are queued: {one_line(e)}",
+                      file=sys.stderr)
             self._down = True
             return
         self._down = False
