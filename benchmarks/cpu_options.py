@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from search.configs import load_job
-from trainable.engine import build_optimizer, poly_scheduler, train_one_epoch
-from trainable.models import build_from_config
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.engine import build_optimizer, poly_scheduler, train_one_epoch
+from deeplab_sweep.trainable.models import build_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

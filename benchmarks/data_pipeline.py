@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datasets import VOCSegmentation
-from datasets.synth import synth_voc
-from datasets.transforms import MEAN, STD, train_transform
+from deeplab_sweep.datasets.voc import VOCSegmentation
+from deeplab_sweep.datasets.synth import synth_voc
+from deeplab_sweep.datasets.transforms import MEAN, STD, train_transform
 
 
 class SeedPILPipeline(Dataset):

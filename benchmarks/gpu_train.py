@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from search.configs import load_job
-from trainable.engine import _autocast, build_optimizer, poly_scheduler, train_one_epoch
-from trainable.models import build_from_config
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.engine import _autocast, build_optimizer, poly_scheduler, train_one_epoch
+from deeplab_sweep.trainable.models import build_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -74,7 +74,7 @@ def measure(cfg, device, data, warmup: int, iters: int, bare: bool) -> tuple[flo
     model, opt, sched, scaler = setup(cfg, device)
     timed = [data[i % len(data)] for i in range(iters)]
 
-    def run(batches):
+    def run(batches, model=model, opt=opt, sched=sched, scaler=scaler):
         if bare:
             bare_epoch(model, batches, opt, cfg, device)
         else:
@@ -88,7 +88,7 @@ def measure(cfg, device, data, warmup: int, iters: int, bare: bool) -> tuple[flo
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, sched, scaler
+    del run, model, opt, sched, scaler
     torch.cuda.empty_cache()
     return iters * data[0][0].shape[0] / dt, peak
 

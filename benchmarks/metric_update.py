@@ -11,12 +11,12 @@ import time
 import numpy as np
 import torch
 
-from trainable.metrics import ConfusionMatrix
+from deeplab_sweep.trainable.metrics import ConfusionMatrix
 
 
 def numpy_reference(hist: np.ndarray, gts: np.ndarray, preds: np.ndarray, n: int) -> None:
     """The seed project's StreamSegMetrics.update: one _fast_hist per image."""
-    for lt, lp in zip(gts, preds):
+    for lt, lp in zip(gts, preds, strict=True):
         lt, lp = lt.flatten(), lp.flatten()
         mask = (lt >= 0) & (lt < n)
         hist += np.bincount(n * lt[mask].astype(int) + lp[mask], minlength=n ** 2).reshape(n, n)
@@ -47,7 +47,7 @@ def main():
     for threads in sorted({1, torch.get_num_threads()}):
         torch.set_num_threads(threads)
         cm = ConfusionMatrix(n)
-        ours = timeit(lambda: cm.update(gt, pred), args.repeat)
+        ours = timeit(lambda cm=cm: cm.update(gt, pred), args.repeat)
         print(f"ours, cpu, {threads} thread(s):       {ours:7.2f} ms  ({ref / ours:.1f}x)")
     # the training loop's predictions come as int64 argmax; uint8 targets are cheaper to move
     if torch.cuda.is_available():

@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from search.configs import load_job
-from search.sweep import run_sweep
-from search.sync import read_trials
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.sweep import run_sweep
+from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.search.sync import read_trials
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -44,7 +45,7 @@ def sweep(tmp: Path, name: str, search: str, asha: bool, trials: int, epochs: in
                          f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db"], conf_root=CONF)
     t = time.perf_counter()
     run_sweep(job)
-    rows = [r for rec in read_trials(tmp / "ray" / name) for r in rec.rows if not r.get("replayed")]
+    rows = [r for rec in read_trials(Storage(str(tmp / "ray" / name))) for r in rec.rows if not r.get("replayed")]
     print(f"{name}: {len(rows)} epochs in {time.perf_counter() - t:.0f} s", flush=True)
     return sorted(rows, key=lambda r: r["timestamp"])
 

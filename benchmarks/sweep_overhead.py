@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from search.configs import load_job
-from search.sweep import run_sweep
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.sweep import run_sweep
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

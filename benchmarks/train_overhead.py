@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets.synth import synth_voc
-from search.configs import load_job
+from deeplab_sweep.datasets.synth import synth_voc
+from deeplab_sweep.search.compose import load_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def bare_loop(cfg, epochs: int) -> float:
-    from trainable.engine import build_loaders, build_optimizer, seed_everything
-    from trainable.models import build_from_config
+    from deeplab_sweep.trainable.engine import build_loaders, build_optimizer, seed_everything
+    from deeplab_sweep.trainable.models import build_from_config
 
     seed_everything(0, 0, 0)
     model = build_from_config(cfg.model, cfg.data.num_classes)
@@ -49,7 +49,7 @@ def bare_loop(cfg, epochs: int) -> float:
 
 
 def engine_local(cfg) -> float:
-    from trainable.engine import LocalWorker, fit
+    from deeplab_sweep.trainable.engine import LocalWorker, fit
 
     reports = fit(cfg, LocalWorker())
     return sum(r["train/images_per_s"] for r in reports[1:]) / len(reports[1:])
@@ -58,8 +58,8 @@ def engine_local(cfg) -> float:
 def engine_ray(cfg, workers: int) -> float:
     import ray
 
-    from search.cluster import runtime_env
-    from trainable.ray_train import build_trainer
+    from deeplab_sweep.search.cluster import runtime_env
+    from deeplab_sweep.trainable.ray_train import build_trainer
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers, "cpus_per_worker": 1.0})})
     if not ray.is_initialized():

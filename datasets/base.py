@@ -9,15 +9,15 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_png, read_file
 
+from deeplab_sweep.errors import DatasetError
+
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
 # decoders in the pinned pair (libjpeg-turbo, libpng), so the warning is silenced here only.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
 
-
-class DatasetError(RuntimeError):
-    """A problem with the data on disk; the message names the file."""
+__all__ = ["DatasetError", "SegmentationDataset", "read_image", "read_mask", "read_id_list"]
 
 
 def _read_bytes(path: Path, what: str) -> torch.Tensor:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.base import DatasetError, SegmentationDataset
-from datasets.labels import CITYSCAPES_MAX_LABEL_ID, cityscapes_lut
+from deeplab_sweep.datasets.base import SegmentationDataset
+from deeplab_sweep.datasets.labels import CITYSCAPES_MAX_LABEL_ID, cityscapes_lut
+from deeplab_sweep.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 IMG_SUFFIX, MASK_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"

@@ -1,8 +1,6 @@
 """Class names, palettes and the Cityscapes labelId -> trainId table."""
 from __future__ import annotations
 
-import torch
-
 IGNORE_INDEX = 255
 
 VOC_CLASSES = (
@@ -48,8 +46,10 @@ CITYSCAPES_CLASSES = tuple(name for name, _, t, _ in sorted(CITYSCAPES_LABELS, k
 CITYSCAPES_MAX_LABEL_ID = max(lid for _, lid, _, _ in CITYSCAPES_LABELS)
 
 
-def cityscapes_lut() -> torch.Tensor:
-    """uint8 labelId -> trainId lookup; anything not in the table maps to 255."""
+def cityscapes_lut():
+    """uint8 labelId -> trainId lookup (a torch tensor); anything not in the table maps to 255."""
+    import torch
+
     lut = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
     for _, lid, tid, _ in CITYSCAPES_LABELS:
         if lid >= 0:
@@ -64,7 +64,3 @@ def cityscapes_palette() -> list[tuple[int, int, int]]:
         if tid != 255:
             pal[tid] = colour
     return pal
-
-
-def palette(name: str) -> list[tuple[int, int, int]]:
-    return cityscapes_palette() if name == "cityscapes" else voc_palette()

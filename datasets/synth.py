@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from datasets.labels import CITYSCAPES_LABELS, voc_palette
+from deeplab_sweep.datasets.labels import CITYSCAPES_LABELS, voc_palette
 
 
 def _class_colour(c: int, n: int) -> tuple[int, int, int]:

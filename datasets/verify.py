@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-from datasets.base import DatasetError
-from datasets.cityscapes import Cityscapes
-from datasets.voc import VOCSegmentation
+from deeplab_sweep.datasets.catalog import get_dataset
+from deeplab_sweep.errors import DatasetError
 
 
 @dataclass
@@ -22,17 +21,12 @@ class VerifyReport:
         return not self.problems
 
 
-SPLITS = {"voc": ("train", "val", "trainval"), "voc_aug": ("train_aug", "val"), "cityscapes": ("train", "val")}
-
-
 def verify(name: str, root: str | Path, max_problems: int = 20) -> VerifyReport:
-    if name not in SPLITS:
-        raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(SPLITS)}")
+    spec = get_dataset(name)
     report = VerifyReport()
-    cls = Cityscapes if name == "cityscapes" else VOCSegmentation
-    for split in SPLITS[name]:
+    for split in spec.verify_splits:
         try:
-            ds = cls(root, split)
+            ds = spec.build(root, split)
         except DatasetError as e:
             report.problems.append(str(e))
             continue

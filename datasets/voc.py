@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.base import DatasetError, SegmentationDataset, read_id_list
+from deeplab_sweep.datasets.base import SegmentationDataset, read_id_list
+from deeplab_sweep.errors import DatasetError
 
 SPLITS = ("train", "val", "trainval", "train_aug")
 VOC_MAX_LABEL = 20  # 21 classes; 255 = void

@@ -7,20 +7,22 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from search.configs import ConfigError
-from search.tracking import check_server, resolve_tracking_uri
-from trainable.inference import load_model
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.tracking import check_server, resolve_tracking_uri
+from deeplab_sweep.trainable.inference import load_model
+from deeplab_sweep.trainable.run_config import DEFAULT_METRIC
 
 
-def find_best_run(c: MlflowClient, experiment: str, metric: str = "val/mIoU", mode: str = "max",
+def find_best_run(c: MlflowClient, experiment: str, metric: str = DEFAULT_METRIC, mode: str = "max",
                   sweep: str | None = None):
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in c.search_experiments()]
         raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment; known: {', '.join(names) or 'none'}")
-    filters = ["tags.`deeplab.kind` != 'sweep'", "attributes.status != 'FAILED'"]
+    filters = [f"tags.`{tracking.KIND_TAG}` != '{tracking.KIND_SWEEP}'", "attributes.status != 'FAILED'"]
     if sweep:
-        filters.append(f"tags.`deeplab.sweep` = '{sweep}'")
+        filters.append(f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'")
     order = "DESC" if mode == "max" else "ASC"
     runs = c.search_runs([exp.experiment_id], filter_string=" and ".join(filters),
                          order_by=[f"metrics.`best/{metric}` {order}"], max_results=50)
@@ -31,7 +33,7 @@ def find_best_run(c: MlflowClient, experiment: str, metric: str = "val/mIoU", mo
     return runs[0]
 
 
-def fetch_best(tracking_uri: str, experiment: str, out: Path, metric: str = "val/mIoU", mode: str = "max",
+def fetch_best(tracking_uri: str, experiment: str, out: Path, metric: str = DEFAULT_METRIC, mode: str = "max",
                sweep: str | None = None, register: str | None = None, alias: str = "best") -> dict:
     check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))

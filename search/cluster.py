@@ -8,7 +8,8 @@ import socket
 
 import ray
 
-from search.configs import ClusterConfig, ConfigError
+from deeplab_sweep.errors import ServiceUnreachable
+from deeplab_sweep.search.job_config import ClusterConfig
 
 # Ray Train polls worker health every 2 s by default, and a report waits for the next poll:
 # with short epochs that is most of a trial's overhead. Polling at 0.2 s costs nothing visible.
@@ -30,7 +31,7 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
             pass
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
+        raise ServiceUnreachable(f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
                           "start one with `ray start --head` or leave the address unset for a local Ray") from None
     return address
 
@@ -53,7 +54,7 @@ def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: boo
         try:
             ray.init(**kwargs)
         except ConnectionError as e:
-            raise ConfigError(f"cluster.address = {address!r}: cannot reach a Ray cluster there ({e})") from None
+            raise ServiceUnreachable(f"cluster.address = {address!r}: cannot reach a Ray cluster there ({e})") from None
     try:
         yield
     finally:

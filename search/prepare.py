@@ -4,58 +4,66 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search import tracking
-from search.configs import ConfigError, JobConfig, check_data_root
-from trainable.config import resolve_path
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.trainable.run_config import resolve_path
 
 
 def ensure_data(job: JobConfig) -> None:
-    check_data_root(job)
+    """The dataset root exists, or is generated now when `data.synthesize` asks for it."""
     root = Path(job.data.root)
+    if not root.exists() and not job.data.synthesize:
+        raise ConfigError(f"data.root = {job.data.root!r}: dataset root does not exist "
+                          f"(get it with `deeplab data download {job.data.name} --root DIR`, "
+                          "or set data.synthesize=true for generated data)")
     if job.data.synthesize and not any(root.glob("*")):
-        from datasets.synth import synth_cityscapes, synth_voc
-
-        (synth_cityscapes if job.data.name == "cityscapes" else synth_voc)(root)
+        job.data.spec.synth(root)
 
 
 def prepare_job(job: JobConfig) -> JobConfig:
     init = job.train.init_checkpoint
     if init is not None:
-        from trainable.checkpoint import checkpoint_file
+        from deeplab_sweep.trainable.checkpoint import checkpoint_file
 
         if not checkpoint_file(init).is_file():
             raise ConfigError(f"train.init_checkpoint = {init!r}: file not found")
         init = resolve_path(str(checkpoint_file(init)))
+    mlflow = tracking.resolved(job.mlflow)
     job = job.model_copy(update={
         "train": job.train.model_copy(update={"init_checkpoint": init}),
         "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
         "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
-        "mlflow": tracking.resolved(job.mlflow),
+        "mlflow": mlflow,
+        "sweep": job.sweep.model_copy(update={"optuna_storage": optuna_storage(job.sweep.optuna_storage, mlflow)}),
     })
     ensure_data(job)
     if job.model.pretrained_backbone and job.train.init_checkpoint is None:
         # Fetched (or found) once here, so that N workers neither race to download it nor
         # fail one by one inside Ray on a machine without network.
-        from trainable.models import (
-            BACKBONE_WEIGHTS,
-            PretrainedWeightsMissing,
-            imagenet_state,
-        )
+        from deeplab_sweep.trainable.models import backbone_weights_of, imagenet_state
 
-        try:
-            imagenet_state(BACKBONE_WEIGHTS[job.model.backbone], job.model.backbone_weights)
-        except PretrainedWeightsMissing as e:
-            raise ConfigError(f"model.pretrained_backbone: {e}") from None
+        imagenet_state(backbone_weights_of(job.model.backbone), job.model.backbone_weights)
     check_storage(job, check_models(job))
-    from datasets import DatasetError, build_dataset
+    from deeplab_sweep.errors import DatasetError
 
     try:  # layout problems surface here, with the file named, not inside a Ray worker
         for split in ("train", "val"):
-            if len(build_dataset(job.data.name, job.data.root, split)) == 0:
+            if len(job.data.spec.build(job.data.root, split)) == 0:
                 raise ConfigError(f"data.root = {job.data.root!r}: the {split} split is empty")
     except DatasetError as e:
         raise ConfigError(f"data.root: {e}") from None
     return job
+
+
+def optuna_storage(configured: str | None, mlflow) -> str:
+    """Optuna's study storage: as configured, else optuna.db beside a local sqlite MLflow store
+    (else under runs/), as an absolute sqlite URI."""
+    if configured is None:
+        local = mlflow.tracking_uri.startswith("sqlite:///")
+        folder = Path(mlflow.tracking_uri.removeprefix("sqlite:///")).parent if local else Path("runs")
+        configured = f"sqlite:///{folder / 'optuna.db'}"
+    return tracking.resolve_tracking_uri(configured)
 
 
 def check_models(job: JobConfig) -> int:
@@ -63,8 +71,9 @@ def check_models(job: JobConfig) -> int:
     trials on the cluster: the base config, and the base with each value the sweep can give a
     `model.*` key (one key at a time, not the product: a few builds of a second or less).
     Returns the largest model's parameter count."""
-    from search.configs import apply_overrides, validate
-    from trainable.models import ModelFactoryError, check_model
+    from deeplab_sweep.search.compose import validate
+    from deeplab_sweep.search.overrides import apply_overrides
+    from deeplab_sweep.trainable.models import ModelFactoryError, check_model
 
     variants = {"": job.model}
     for key, param in job.space.items():

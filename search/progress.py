@@ -6,7 +6,8 @@ import time
 
 from ray.tune import Callback
 
-from search.configs import ran_all_epochs, trial_overrides
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.overrides import trial_epochs, trial_overrides
 
 
 class ProgressTable(Callback):
@@ -21,10 +22,10 @@ class ProgressTable(Callback):
             self._header_done = True
         r = result or trial.last_result or {}
         value = r.get(self.metric)
-        epochs = trial_overrides(trial.config).get("train.epochs", self.max_epochs)
+        epochs = trial_epochs(trial.config, self.max_epochs)
         params = " ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(trial_overrides(trial.config).items()))
         print(f"{time.strftime('%H:%M:%S'):<8} {trial.trial_id:<10} {status:<10} {r.get('epoch', 0):>3}/{epochs:<3} "
-              f"{('%.4f' % value) if isinstance(value, float) else '-':>10}  {params}", file=sys.stdout, flush=True)
+              f"{f'{value:.4f}' if isinstance(value, float) else '-':>10}  {params}", file=sys.stdout, flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._row(trial, "started")
@@ -33,7 +34,9 @@ class ProgressTable(Callback):
         self._row(trial, "running", result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._row(trial, "done" if ran_all_epochs(trial.config, trial.last_result, self.max_epochs) else "pruned")
+        last = (trial.last_result or {}).get("epoch", 0)
+        status = tracking.end_status(None, last, trial_epochs(trial.config, self.max_epochs))
+        self._row(trial, "done" if status == tracking.COMPLETED else "pruned")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._row(trial, "FAILED")

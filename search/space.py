@@ -1,15 +1,15 @@
-"""The search space from YAML (`space:` of a sweep config) for each search algorithm, and the
-Optuna searcher that tells ASHA-stopped trials to Optuna as pruned."""
+"""The search space from YAML (`space:` of a sweep config) for each search algorithm."""
 from __future__ import annotations
 
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
-from search.configs import COND_SEP, ConfigError, JobConfig, SearchParam, ran_all_epochs
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.job_config import JobConfig, SearchParam
+from deeplab_sweep.search.overrides import COND_SEP
+from deeplab_sweep.search.searcher import OptunaSearcher
 
 
 def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
@@ -54,32 +54,9 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
     return out
 
 
-class PruneAwareOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch tells Optuna COMPLETE whenever the last result holds the metric, so a
-    trial that ASHA stopped after 1 of 30 epochs would count as a finished trial with a
-    half-trained score. Here a trial that ended before its last epoch is told as PRUNED: TPE
-    then treats its (reported) intermediate values as those of a stopped trial."""
-
-    def __init__(self, *args, max_epochs: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_epochs = max_epochs
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if trial_id in self._completed_trials or error or not result:
-            return super().on_trial_complete(trial_id, result, error)
-        if not ran_all_epochs(result.get("config", {}), result, self.max_epochs):
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
-            return None
-        return super().on_trial_complete(trial_id, result, error)
-
-    @property
-    def study(self) -> optuna.Study:
-        return self._ot_study
-
-
-def build_searcher(job: JobConfig):
-    """(search_alg or None, param_space) for the sweep's `search` setting."""
+def build_searcher(job: JobConfig, study_name: str):
+    """(search_alg or None, param_space) for the sweep's `search` setting; Optuna's study is
+    `study_name` in `sweep.optuna_storage`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = job.sweep
     if not job.space:
@@ -88,6 +65,6 @@ def build_searcher(job: JobConfig):
         return None, grid_param_space(job.space)
     sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.num_samples))
                if s.search == "tpe" else optuna.samplers.RandomSampler(seed=s.seed))
-    searcher = PruneAwareOptunaSearch(space=OptunaSpace(job.space), metric=s.metric, mode=s.mode,
-                                      sampler=sampler, max_epochs=job.train.epochs)
+    searcher = OptunaSearcher(OptunaSpace(job.space), s.metric, s.mode, sampler, s.optuna_storage, study_name,
+                              job.train.epochs)
     return searcher, {}

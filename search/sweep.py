@@ -21,16 +21,21 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from search import tracking
-from search.cluster import cluster_address, ray_session
-from search.configs import ConfigError, JobConfig, check_space, trial_overrides
-from search.mlflow_callback import SWEEP_TAG, TRIAL_TAG, MlflowTrialCallback
-from search.prepare import prepare_job
-from search.progress import ProgressTable
-from search.space import build_searcher
-from search.sync import TRAIN_DIR, best_result, read_trials, sync_runs
-from search.trial import sweep_trial
-from trainable.config import redacted
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.cluster import cluster_address, ray_session
+from deeplab_sweep.search.compose import check_space
+from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
+from deeplab_sweep.search.overrides import trial_overrides
+from deeplab_sweep.search.prepare import prepare_job
+from deeplab_sweep.search.progress import ProgressTable
+from deeplab_sweep.search.run_writer import best_report
+from deeplab_sweep.search.space import build_searcher
+from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.search.sync import read_trials, sync_runs
+from deeplab_sweep.search.trial import sweep_trial
+from deeplab_sweep.trainable.run_config import redacted
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -63,11 +68,9 @@ def _dataset_fingerprint(job: JobConfig) -> str:
     """Cheap identity of the data: split sizes and the listed file names, hashed."""
     import hashlib
 
-    from datasets import build_dataset
-
     h = hashlib.sha1()
     for split in ("train", "val"):
-        ds = build_dataset(job.data.name, job.data.root, split)
+        ds = job.data.spec.build(job.data.root, split)
         h.update(f"{split}:{len(ds)}".encode())
         for img, mask in ds.samples:
             h.update(f"{img.name}|{mask.name}".encode())
@@ -76,12 +79,12 @@ def _dataset_fingerprint(job: JobConfig) -> str:
 
 def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
     if resume:
-        found = c.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'sweep'")
+        found = c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_SWEEP))
         if found:
             c.update_run(found[0].info.run_id, "RUNNING")
             return found[0].info.run_id
     run_id = tracking.start_run(c, exp_id, name, job.to_dict(), tags={
-        SWEEP_TAG: name, "deeplab.kind": "sweep", "git_commit": _git_commit(),
+        tracking.SWEEP_TAG: name, tracking.KIND_TAG: tracking.KIND_SWEEP, "git_commit": _git_commit(),
         "dataset_fingerprint": _dataset_fingerprint(job)})
     c.log_text(run_id, json.dumps({k: v.model_dump() for k, v in job.space.items()}, indent=2), "search_space.json")
     c.log_text(run_id, yaml.safe_dump(redacted(job.to_dict()), sort_keys=False), "sweep_config.yaml")
@@ -92,97 +95,114 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     check_space(job)
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_path = Path(job.storage.path) / name
-    if resume and not (sweep_path / "tuner.pkl").exists():
-        raise ConfigError(f"sweep.name = {name!r}: nothing to resume at {sweep_path}")
-    if not resume and sweep_path.exists():
-        raise ConfigError(f"sweep.name = {name!r}: {sweep_path} exists; add --resume to continue it, or pick another name")
-    searcher, param_space = build_searcher(job)  # errors in the space surface before Ray starts
+    storage = Storage(f"{job.storage.path.rstrip('/')}/{name}")
+    if resume and not storage.is_file(storage.join("tuner.pkl")):
+        raise ConfigError(f"sweep.name = {name!r}: nothing to resume at {storage.uri(storage.root)}")
+    if not resume and storage.is_dir(storage.root):
+        raise ConfigError(f"sweep.name = {name!r}: {storage.uri(storage.root)} exists; add --resume to continue it, "
+                          "or pick another name")
+    searcher, param_space = build_searcher(job, name)  # errors in the space surface before Ray starts
+    if searcher is not None and not resume and searcher.study_exists():
+        raise ConfigError(f"sweep.name = {name!r}: {job.sweep.optuna_storage} already holds an Optuna study of "
+                          "that name; pick another name, or add --resume to continue that sweep")
     cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
-    base = job.run.to_dict()
-    # A tracking server that goes down mid-sweep must cost seconds per attempt, not MLflow's
-    # default minutes of retries, which would stall Tune's loop and with it every trial.
-    for var, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(var, value)
-    # Each retry would print a urllib3 warning; the callback says once that MLflow is down.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    _quiet_mlflow_retries()
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)
     parent = _parent_run(c, exp_id, job, name, resume)
-    s = job.sweep
-    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs,
-                                   train_dir=str(sweep_path / TRAIN_DIR))
     try:
         with ray_session(job.cluster, address, verbose):
-            trainable = tune.with_resources(
-                tune.with_parameters(sweep_trial, base=base, sweep_dir=str(sweep_path / TRAIN_DIR)),
-                {"CPU": TRIAL_DRIVER_CPU})
-            if resume:
-                tuner = tune.Tuner.restore(str(sweep_path), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=True)
-            else:
-                scheduler = (ASHAScheduler(time_attr="epoch", max_t=job.train.epochs, grace_period=s.asha.grace_period,
-                                           reduction_factor=s.asha.reduction_factor)
-                             if s.asha.enabled else FIFOScheduler())
-                tuner = tune.Tuner(
-                    trainable, param_space=param_space,
-                    tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                                num_samples=s.num_samples, max_concurrent_trials=max_concurrent(job)),
-                    run_config=tune.RunConfig(name=name, storage_path=job.storage.path,
-                                              callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
-                                              verbose=1 if verbose else 0,
-                                              failure_config=tune.FailureConfig(max_failures=0)))
+            tuner = _tuner(job, name, storage, searcher, param_space, exp_id, parent, resume, verbose)
             results = tuner.fit()
-        if resume and searcher is not None:
-            # Tune ran a restored copy of the searcher; its final state is in the sweep folder.
-            searcher.restore_from_dir(str(sweep_path))
-        records = read_trials(sweep_path)
-        try:
-            # What the trial callback could not write (MLflow down, or a previous driver's queue
-            # lost to a crash) is in Ray's results: write it now.
-            sync_runs(c, exp_id, parent, job, sweep_path, update_parent=False, records=records)
-            mlflow_error = None
-        except Exception as e:  # noqa: BLE001 - any client/transport error
-            mlflow_error = tracking.one_line(e)
-        summary = _summarise(results, None if mlflow_error else c, exp_id, job, name, parent, records)
-        study = getattr(searcher, "study", None)
-        if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
-            states = [t.state.name for t in study.trials]
-            summary["optuna_states"] = {st: states.count(st) for st in sorted(set(states))}
-        if mlflow_error is None:
-            _log_parent_summary(c, parent, summary, searcher, s.metric)
-            tracking.finish_run(c, parent, "completed")
-        else:
-            summary["mlflow_error"] = mlflow_error
-            print(f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
-                  f"trial's results are in {sweep_path}. Once the server answers, run:\n"
-                  f"  deeplab sync {sweep_path} --tracking-uri {job.mlflow.tracking_uri} "
-                  f"--experiment {job.mlflow.experiment}", file=sys.stderr)
-        return summary
+        # The study Tune's (possibly restored) searcher wrote is in Optuna's storage: `searcher`
+        # reads it from there.
+        return _finish(results, c, exp_id, job, storage, parent, searcher)
     except BaseException as e:
         with contextlib.suppress(Exception):  # MLflow down must not hide the real error
-            tracking.finish_run(c, parent, "failed", f"{type(e).__name__}: {str(e)[:300]}")
+            tracking.finish_run(c, parent, tracking.FAILED, f"{type(e).__name__}: {str(e)[:300]}")
         raise
 
 
-def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str, records: list) -> dict:
+def _quiet_mlflow_retries() -> None:
+    """A tracking server that goes down mid-sweep must cost seconds per attempt, not MLflow's
+    default minutes of retries; and each retry would print a urllib3 warning, where the
+    callback says once that MLflow is down."""
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(var, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _tuner(job: JobConfig, name: str, storage: Storage, searcher, param_space: dict, exp_id: str, parent: str,
+           resume: bool, verbose: bool) -> tune.Tuner:
+    base = job.run.to_dict()
+    train_dir = storage.uri(storage.join(TRAIN_DIR))
+    s = job.sweep
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, base=base, sweep_dir=train_dir, metric=s.metric, mode=s.mode),
+        {"CPU": TRIAL_DRIVER_CPU})
+    if resume:
+        # Tune restores its callbacks and searcher from the sweep folder, as they were pickled.
+        return tune.Tuner.restore(storage.uri(storage.root), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs,
+                                   sweep_uri=storage.uri(storage.root))
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=job.train.epochs, grace_period=s.asha.grace_period,
+                               reduction_factor=s.asha.reduction_factor)
+                 if s.asha.enabled else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=s.num_samples, max_concurrent_trials=max_concurrent(job)),
+        run_config=tune.RunConfig(name=name, storage_path=job.storage.path,
+                                  callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
+                                  verbose=1 if verbose else 0, failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _finish(results, c, exp_id: str, job: JobConfig, storage: Storage, parent: str, searcher) -> dict:
+    """What the trial callback could not write (MLflow down, or a previous driver's queue lost
+    to a crash) is in Ray's results: written now; then the summary on the parent run."""
+    records = read_trials(storage)
+    try:
+        sync_runs(c, exp_id, parent, job, storage, update_parent=False, records=records)
+        mlflow_error = None
+    except Exception as e:  # noqa: BLE001 - any client/transport error
+        mlflow_error = tracking.one_line(e)
+    summary = _summarise(results, None if mlflow_error else c, exp_id, job, storage, parent, records)
+    study = getattr(searcher, "study", None)
+    if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
+        states = [t.state.name for t in study.trials]
+        summary["optuna_states"] = {st: states.count(st) for st in sorted(set(states))}
+    if mlflow_error is None:
+        _log_parent_summary(c, parent, summary, searcher, job.sweep.metric)
+        tracking.finish_run(c, parent, tracking.COMPLETED)
+    else:
+        summary["mlflow_error"] = mlflow_error
+        where = storage.uri(storage.root)
+        print(f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
+              f"trial's results are in {where}. Once the server answers, run:\n"
+              f"  deeplab sync {where} --tracking-uri {job.mlflow.tracking_uri} "
+              f"--experiment {job.mlflow.experiment}", file=sys.stderr)
+    return summary
+
+
+def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent: str, records: list) -> dict:
     """Per-trial rows from Tune's results joined with the trials' MLflow runs: MLflow holds each
     trial's best metric and checkpoint, also for trials finished before a resume (the callback
     that logged them may have been a previous process's). Without MLflow (`c` None: it did not
     answer), the same comes from Ray's results in the sweep folder (`records`)."""
     metric = job.sweep.metric
-    sweep_path = Path(job.storage.path) / name
-    runs = {} if c is None else {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
-        [exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`deeplab.kind` = 'trial'")}
+    name = storage.root.rsplit("/", 1)[-1]
+    runs = {} if c is None else {r.data.tags.get(tracking.TRIAL_TAG): r for r in c.search_runs(
+        [exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_TRIAL))}
     records = {rec.trial_id: rec for rec in records}
     rows = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")
         run = runs.get(trial_id)
         value = run.data.metrics.get(f"best/{metric}") if run else None
-        checkpoint = run.data.tags.get("deeplab.best_checkpoint") if run else None
+        checkpoint = run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) if run else None
         if run is None and trial_id in records:
-            best = best_result(records[trial_id], metric, job.sweep.mode)
+            best = best_report(records[trial_id].rows, metric, job.sweep.mode, storage)
             value, checkpoint = (best[metric], best["checkpoint_path"]) if best else (None, None)
         rows.append({"trial_id": trial_id, "params": trial_overrides(r.config or {}),
                      "epochs": (r.metrics or {}).get("epoch"), metric: value,
@@ -194,7 +214,7 @@ def _summarise(results, c, exp_id: str, job: JobConfig, name: str, parent: str, 
     best_row = pick(scored, key=lambda r: r[metric]) if scored else None
     return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
             "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri,
-            "sweep_path": str(sweep_path)}
+            "sweep_path": storage.uri(storage.root)}
 
 
 def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
@@ -202,8 +222,8 @@ def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) ->
     best = summary["best"]
     if best:
         c.log_metric(parent, f"best/{metric}", float(best[metric]))
-        c.set_tag(parent, "best_trial_id", best["trial_id"])
-        c.set_tag(parent, "best_run_id", best["run_id"] or "")
+        c.set_tag(parent, tracking.BEST_TRIAL_TAG, best["trial_id"])
+        c.set_tag(parent, tracking.BEST_RUN_TAG, best["run_id"] or "")
     study = getattr(searcher, "study", None)
     if study is None:
         return
@@ -243,7 +263,7 @@ def summary_table(summary: dict, metric: str) -> str:
     lines = [f"{'trial':<14} {'epochs':>6} {metric:>10}  params"]
     for r in summary["trials"]:
         v = r[metric]
-        lines.append(f"{r['trial_id'] or '?':<14} {r['epochs'] or 0:>6} {('%.4f' % v) if v is not None else '-':>10}  "
+        lines.append(f"{r['trial_id'] or '?':<14} {r['epochs'] or 0:>6} {f'{v:.4f}' if v is not None else '-':>10}  "
                      + " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
                      + (f"  FAILED: {r['error']}" if r["error"] else ""))
     return "\n".join(lines)

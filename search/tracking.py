@@ -1,12 +1,12 @@
-"""MLflow wiring: experiment set-up on the driver, params from the resolved config, per-epoch
-metrics with step, checkpoint + config artifacts, and run status tags.
+"""MLflow's vocabulary here (tag names, run kinds, end statuses) and the basic operations on it:
+the experiment set up on the driver, params from the resolved config, metrics with step,
+checkpoint + config artifacts, run status.
 
 Only the driver or the Ray Train controller (one process per run) talks to MLflow, never a
 DDP rank, so a run never appears once per worker.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import urllib.error
@@ -16,13 +16,36 @@ from pathlib import Path
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from ray.train.v2.api.callback import UserCallback
 
-from trainable.config import MlflowConfig, redacted, resolve_path
+from deeplab_sweep.errors import ServiceUnreachable
+from deeplab_sweep.trainable.run_config import DEFAULT_ARTIFACTS, MlflowConfig, redacted, resolve_path
+
+# Tags: what a run is, which sweep and trial it belongs to, how it ended, its best checkpoint.
+KIND_TAG = "deeplab.kind"
+SWEEP_TAG = "deeplab.sweep"
+TRIAL_TAG = "deeplab.trial_id"
+STATUS_TAG = "deeplab.status"
+BEST_CHECKPOINT_TAG = "deeplab.best_checkpoint"
+BEST_TRIAL_TAG = "best_trial_id"  # on a sweep's parent run
+BEST_RUN_TAG = "best_run_id"
+
+KIND_SWEEP, KIND_TRIAL, KIND_TRAIN = "sweep", "trial", "train"
+COMPLETED, PRUNED, FAILED = "completed", "pruned", "failed"
 
 # Param values beyond this are cut by MLflow servers; configs never get near it.
 MAX_PARAM_LEN = 6000
-STATUS_TAG = "deeplab.status"
+
+
+def end_status(error: str | None, last_epoch: int, epochs: int) -> str:
+    """How a trial ended: failed (an error), completed (every epoch), else pruned (stopped early
+    by the scheduler, without an error)."""
+    if error:
+        return FAILED
+    return COMPLETED if last_epoch >= epochs else PRUNED
+
+
+def sweep_filter(sweep: str, kind: str) -> str:
+    return f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = '{kind}'"
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -41,7 +64,7 @@ def resolved(cfg: MlflowConfig) -> MlflowConfig:
     loc = cfg.artifact_location
     remote = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
     if loc is None and not remote:
-        loc = "runs/mlartifacts"
+        loc = DEFAULT_ARTIFACTS
     if loc is not None and "://" not in loc and not loc.startswith("mlflow-artifacts:"):
         loc = Path(resolve_path(loc)).as_uri()
     return cfg.model_copy(update={"tracking_uri": resolve_tracking_uri(cfg.tracking_uri), "artifact_location": loc})
@@ -59,10 +82,8 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as e:
-        from search.configs import ConfigError
-
         reason = getattr(e, "reason", e)
-        raise ConfigError(f"mlflow.tracking_uri = {uri!r}: tracking server does not answer ({reason})") from None
+        raise ServiceUnreachable(f"mlflow.tracking_uri = {uri!r}: tracking server does not answer ({reason})") from None
 
 
 def ensure_experiment(cfg: MlflowConfig) -> str:
@@ -91,9 +112,10 @@ def config_params(cfg_dict: dict) -> list[Param]:
 
 
 def metric_entities(metrics: dict, step: int, timestamp_ms: int) -> list[Metric]:
+    """The numeric metrics of a report ("section/name" keys: train/loss, val/mIoU, ...)."""
     out = []
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or k in ("epoch", "training_iteration"):
+        if "/" not in k or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         out.append(Metric(k, float(v), timestamp_ms, step))
     return out
@@ -123,25 +145,6 @@ def log_checkpoint(c: MlflowClient, run_id: str, checkpoint_dir: str | Path, cfg
         c.log_artifact(run_id, str(p))
 
 
-def log_visuals(c: MlflowClient, run_id: str, folder: str | Path, skip: set[str] = frozenset()) -> int:
-    """The eval PNGs (image grid, confusion matrix; rank 0 writes them next to the checkpoint)
-    in `folder`, under visuals/ in the run; those named in `skip` (already there) are not."""
-    from trainable.engine import VISUALS_DIR
-
-    logged = 0
-    for f in sorted(Path(folder).glob("*.png")) if Path(folder).is_dir() else []:
-        if f"{VISUALS_DIR}/{f.name}" not in skip:
-            c.log_artifact(run_id, str(f), artifact_path=VISUALS_DIR)
-            logged += 1
-    return logged
-
-
-def logged_visuals(c: MlflowClient, run_id: str) -> set[str]:
-    from trainable.engine import VISUALS_DIR
-
-    return {a.path for a in c.list_artifacts(run_id, VISUALS_DIR)}
-
-
 def one_line(e: BaseException) -> str:
     """An exception as one short line (MLflow's and urllib3's span several)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -150,41 +153,4 @@ def one_line(e: BaseException) -> str:
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
     """status: completed | pruned | failed; MLflow's own status follows (FAILED for failed)."""
     c.set_tag(run_id, STATUS_TAG, status if reason is None else f"{status}: {reason}"[:5000])
-    c.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
-
-
-class MlflowReportCallback(UserCallback):
-    """Ray Train controller callback: rank 0's metrics of each report into one MLflow run.
-    MLflow down does not stop training: reports are queued and written at the next report
-    that reaches it (what is still queued when the run ends is only in Ray's checkpoints)."""
-
-    def __init__(self, tracking_uri: str, run_id: str, visuals_dir: str, metric: str = "val/mIoU"):
-        self.tracking_uri, self.run_id, self.metric = tracking_uri, run_id, metric
-        self.visuals_dir = visuals_dir  # where the workers persist the eval PNGs (ray_train.run_visuals)
-        self._last_step: int | None = None
-        self._pending: list[dict] = []
-        self._down = False
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self._pending.append(dict(metrics[0]))
-        try:
-            self._flush(MlflowClient(self.tracking_uri))
-        except Exception as e:  # noqa: BLE001 - any client/transport error: keep them queued
-            if not self._down:
-                print(f"MLflow is not answering; training goes on and the metrics are queued: {one_line(e)}",
-                      file=sys.stderr)
-            self._down = True
-            return
-        self._down = False
-
-    def _flush(self, c: MlflowClient) -> None:
-        if self._last_step is None:  # a restored run replays its checkpoint's epoch first
-            self._last_step = max((h.step for h in c.get_metric_history(self.run_id, self.metric)), default=0)
-        while self._pending:
-            m = self._pending[0]
-            step = int(m.get("epoch", 0))
-            if step > self._last_step:
-                log_metrics(c, self.run_id, m, step=step)
-                self._last_step = step
-            self._pending.pop(0)
-        log_visuals(c, self.run_id, self.visuals_dir, skip=logged_visuals(c, self.run_id))
+    c.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")

@@ -1,4 +1,4 @@
-"""The function trainable of one sweep trial. Kept apart from search.sweep so that a trial's
+"""The function trainable of one sweep trial. Kept apart from deeplab_sweep.search.sweep so that a trial's
 actor imports only what a trial needs (no MLflow, no Optuna): it starts faster."""
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import time
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from search.configs import apply_overrides, trial_overrides
-from trainable.config import RunConfig
-from trainable.ray_train import build_trainer
+from deeplab_sweep.search.overrides import apply_overrides, trial_overrides
+from deeplab_sweep.search.ray_internals import tune_relay_queue
+from deeplab_sweep.trainable.ray_train import build_trainer
+from deeplab_sweep.trainable.run_config import RunConfig
 
 
-def sweep_trial(config: dict, base: dict, sweep_dir: str) -> None:
+def sweep_trial(config: dict, base: dict, sweep_dir: str, metric: str, mode: str) -> None:
     cfg = RunConfig.model_validate(apply_overrides(base, trial_overrides(config)))
     trial_id = tune.get_context().get_trial_id()
     # Named by trial id: a resumed sweep restarts the same Train run, which restores its
     # latest checkpoint from storage instead of starting over.
-    trainer = build_trainer(cfg, name=trial_id, storage_path=sweep_dir, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, trial_id, sweep_dir, metric, mode, callbacks=[TuneReportCallback()])
     trainer.fit()
     _drain_reports()
 
@@ -28,10 +29,7 @@ def _drain_reports(timeout_s: float = 60.0) -> None:
     that result both go to a one-slot queue and the trial deadlocks (seen here as a sweep that
     hangs forever after a trial's last epoch). Returning only once the relay queue is empty,
     plus a moment for Tune's main thread to hand the result on, avoids it."""
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    queue = getattr(session, "_inter_actor_queue", None) if session else None
+    queue = tune_relay_queue()
     if queue is None:
         return
     deadline = time.monotonic() + timeout_s

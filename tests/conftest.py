@@ -18,14 +18,14 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 @pytest.fixture(scope="session")
 def synth_voc_root(tmp_path_factory) -> Path:
-    from datasets.synth import synth_voc
+    from deeplab_sweep.datasets.synth import synth_voc
 
     return synth_voc(tmp_path_factory.mktemp("voc"))
 
 
 @pytest.fixture(scope="session")
 def synth_cityscapes_root(tmp_path_factory) -> Path:
-    from datasets.synth import synth_cityscapes
+    from deeplab_sweep.datasets.synth import synth_cityscapes
 
     return synth_cityscapes(tmp_path_factory.mktemp("cityscapes"))
 
@@ -42,7 +42,7 @@ def voc_copy(synth_voc_root, tmp_path) -> Path:
 def ray_cluster():
     import ray
 
-    from search.cluster import runtime_env
+    from deeplab_sweep.search.cluster import runtime_env
 
     if not ray.is_initialized():
         # Ray puts the driver's working directory on the workers' sys.path: the repo root,
@@ -97,7 +97,7 @@ class MlflowServer:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise RuntimeError("mlflow server did not start")
+                    raise RuntimeError("mlflow server did not start") from None
                 time.sleep(0.5)
 
     def stop(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -60,11 +61,15 @@ def _stop(temp_dir: str) -> None:
             time.sleep(0.3)
 
 
+# `ray start --head` turns Ray's token authentication on; every process that starts, joins or
+# talks to the cluster needs the same token. The tests bring their own (RAY_AUTH_TOKEN) rather
+# than depend on a ~/.ray/auth_token left by something else.
+_TOKEN = secrets.token_hex(32)
+
+
 def cluster_env() -> dict:
-    # `ray start --head` turns Ray's token authentication on (the token in ~/.ray/auth_token);
-    # every process that joins or talks to the cluster must then use it too.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN,
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -104,7 +109,7 @@ def test_sweep_on_two_loopback_nodes(loopback_cluster, synth_voc_root, tmp_path)
                    "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n")
     env = cluster_env()
     res = subprocess.run(
-        [sys.executable, "-m", "search.cli", "sweep", str(cfg), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
+        [sys.executable, "-m", "deeplab_sweep.cli", "sweep", str(cfg), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
          f"storage.path={shared}", "--address", loopback_cluster["address"]],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

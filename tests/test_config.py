@@ -7,16 +7,10 @@ import sys
 import pytest
 import yaml
 
-from search.cli import main
-from search.configs import (
-    ConfigError,
-    JobConfig,
-    check_space,
-    compose,
-    dump_yaml,
-    load_job,
-    load_yaml_config,
-)
+from deeplab_sweep.cli import main
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.compose import check_space, compose, dump_yaml, load_job, load_yaml_config
+from deeplab_sweep.search.job_config import JobConfig
 from tests.conftest import CONF
 
 DEMO = CONF / "train" / "demo.yaml"
@@ -104,7 +98,7 @@ def test_every_shipped_config_validates_and_builds_on_cpu(path):
     """CPU smoke test of every config: it validates, and its model runs a forward pass."""
     import torch
 
-    from trainable.models import build_from_config
+    from deeplab_sweep.trainable.models import build_from_config
 
     job = load_job(path, ["model.pretrained_backbone=false"])
     if job.space:
@@ -126,7 +120,7 @@ def test_compose_detects_cycles(tmp_path):
 
 @pytest.mark.parametrize("cmd", ["data", "train", "sweep", "best", "import-checkpoint", "eval", "predict"])
 def test_every_subcommand_has_help_with_examples(cmd):
-    out = subprocess.run([sys.executable, "-m", "search.cli", cmd, "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "deeplab_sweep.cli", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "examples:" in out.stdout and "deeplab " + cmd in out.stdout
 
 

@@ -13,12 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import Cityscapes, DatasetError, VOCSegmentation, build_dataset
-from datasets.download import fetch, prepare_cityscapes, safe_extract
-from datasets.labels import CITYSCAPES_LABELS, voc_palette
-from datasets.transforms import MEAN_PIXEL, train_transform, val_transform
-from datasets.verify import verify
-from search.cli import main
+from deeplab_sweep.cli import main
+from deeplab_sweep.datasets.catalog import build_dataset
+from deeplab_sweep.datasets.cityscapes import Cityscapes
+from deeplab_sweep.datasets.voc import VOCSegmentation
+from deeplab_sweep.errors import DatasetError
+from deeplab_sweep.datasets.download import fetch, prepare_cityscapes, safe_extract
+from deeplab_sweep.datasets.labels import CITYSCAPES_LABELS, voc_palette
+from deeplab_sweep.datasets.transforms import MEAN_PIXEL, train_transform, val_transform
+from deeplab_sweep.datasets.verify import verify
 
 VOC = "VOCdevkit/VOC2012"
 

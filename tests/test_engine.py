@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.configs import load_job
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.checkpoint import load_checkpoint
+from deeplab_sweep.trainable.engine import LocalWorker, NonFiniteLoss, fit
 from tests.conftest import CONF
-from trainable.checkpoint import load_checkpoint
-from trainable.engine import LocalWorker, NonFiniteLoss, fit
 
 
 def _cfg(root: Path, *overrides: str):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.cli import main
+from deeplab_sweep.cli import main
 from tests.conftest import CONF, MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -74,8 +74,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
 
 
 def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc_root, workdir, tmp_path, capsys):
-    from search.configs import load_job
-    from search.sweep import run_sweep
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.sweep import run_sweep
 
     server = MlflowServer(tmp_path)
     server.start()
@@ -188,7 +188,7 @@ def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(ray_cluster, s
                "data.max_train_images=8", "data.max_val_images=2"])
     err = capsys.readouterr().err
     assert rc == 1, err[-2000:]
-    assert f"error: training failed: trainable.ray_train.StorageError: storage.path = '{disk}': no space left on " \
+    assert f"error: training failed: deeplab_sweep.trainable.ray_train.StorageError: storage.path = '{disk}': no space left on " \
            "device while saving the epoch 3 checkpoint" in err, err[-2000:]
     assert "Traceback" not in err
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")

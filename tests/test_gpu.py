@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.configs import load_job
+from deeplab_sweep.search.compose import load_job
 from tests.conftest import CONF, free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -19,8 +19,8 @@ def _cfg(root, *overrides):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_fit_on_cuda_with_amp_and_channels_last_resumes(amp, synth_voc_root, tmp_path):
-    from trainable.checkpoint import load_checkpoint
-    from trainable.engine import LocalWorker, fit
+    from deeplab_sweep.trainable.checkpoint import load_checkpoint
+    from deeplab_sweep.trainable.engine import LocalWorker, fit
 
     cfg = _cfg(synth_voc_root, f"train.amp={amp}", "train.channels_last=true", "train.visuals=2")
     cuda = torch.device("cuda")
@@ -41,7 +41,7 @@ def test_syncbn_converts_and_trains_under_nccl(synth_voc_root, tmp_path):
     import torch.distributed as dist
     from torch import nn
 
-    from trainable.engine import LocalWorker, fit
+    from deeplab_sweep.trainable.engine import LocalWorker, fit
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -62,7 +62,7 @@ def test_syncbn_converts_and_trains_under_nccl(synth_voc_root, tmp_path):
 
 
 def test_metric_on_cuda_equals_cpu():
-    from trainable.metrics import ConfusionMatrix
+    from deeplab_sweep.trainable.metrics import ConfusionMatrix
 
     g = torch.Generator().manual_seed(0)
     gt = torch.randint(0, 21, (4, 129, 129), generator=g)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.cli import main
-from search.configs import load_job
+from deeplab_sweep.cli import main
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.checkpoint import CheckpointError, load_checkpoint
+from deeplab_sweep.trainable.engine import LocalWorker, fit
+from deeplab_sweep.trainable.inference import load_model
+from deeplab_sweep.trainable.models import SeparableConv2d, build_model
 from tests.conftest import CONF
-from trainable.checkpoint import CheckpointError, load_checkpoint
-from trainable.engine import LocalWorker, fit
-from trainable.inference import load_model
-from trainable.models import SeparableConv2d, build_model
 
 
 def reference_state(backbone: str, num_classes: int, separable: bool = False, seed: int = 0) -> dict:
@@ -122,7 +122,7 @@ def test_missing_init_checkpoint_is_a_config_error(synth_voc_root, workdir, caps
 def test_sweep_fine_tunes_from_imported_checkpoint(ray_cluster, synth_voc_root, workdir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from search.sweep import run_sweep
+    from deeplab_sweep.search.sweep import run_sweep
 
     _save_reference(tmp_path / "ref.pth", reference_state("mobilenet_v2", 21))
     assert main(["import-checkpoint", str(tmp_path / "ref.pth"), "--out", str(tmp_path / "imported")]) == 0

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import torch
 
-from trainable.metrics import ConfusionMatrix
+from deeplab_sweep.trainable.metrics import ConfusionMatrix
 
 
 def _reference(gt: np.ndarray, pred: np.ndarray, n: int) -> dict:

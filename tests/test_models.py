@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainable.models import PretrainedWeightsMissing, build_model, registered_backbones
+from deeplab_sweep.trainable.models import PretrainedWeightsMissing, build_model, registered_backbones
 
 # With 21 classes, equal to the widely used PyTorch reference implementation's models.
 PARAMS = {"resnet50": 39_761_845, "resnet101": 58_753_973, "mobilenet_v2": 5_225_717}
@@ -68,7 +68,7 @@ def test_pretrained_from_torch_cache(tmp_path, monkeypatch):
 def test_missing_pretrained_weights_stop_the_cli_before_ray(tmp_path, monkeypatch, capsys, synth_voc_root):
     import ray
 
-    from search.cli import main
+    from deeplab_sweep.cli import main
     from tests.conftest import CONF
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

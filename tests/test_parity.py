@@ -11,12 +11,11 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torchvision.io import read_image
 
-from datasets.base import read_mask
-from search.configs import ConfigError, load_job
-from tests.conftest import CONF
-from trainable.config import ModelConfig
-from trainable.engine import evaluate, val_loader
-from trainable.models import (
+from deeplab_sweep.datasets.base import read_mask
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.engine import evaluate, val_loader
+from deeplab_sweep.trainable.models import (
     build_from_config,
     build_model,
     check_model,
@@ -24,6 +23,8 @@ from trainable.models import (
     registered_backbones,
     registered_models,
 )
+from deeplab_sweep.trainable.run_config import ModelConfig
+from tests.conftest import CONF
 
 TOY = "tests.toy_model:build"
 
@@ -53,7 +54,7 @@ def test_builtin_is_registered_like_a_user_model():
 def test_bad_factory_is_named_by_the_cli_before_ray(factory, message, synth_voc_root, workdir, capsys):
     import ray
 
-    from search.cli import main
+    from deeplab_sweep.cli import main
 
     ray_before = ray.is_initialized()
     rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", f"model.factory={factory}"])
@@ -100,7 +101,7 @@ def test_syncbn_builds_batch_norm_and_is_searchable(tmp_path):
     (tmp_path / "s.yaml").write_text(
         "defaults: [train/demo]\nspace:\n  model.norm: {type: choice, values: [bn, syncbn, gn]}\n"
         "  model.options.width: {type: choice, values: [4, 8]}\n")
-    from search.configs import check_space
+    from deeplab_sweep.search.compose import check_space
 
     check_space(load_job(tmp_path / "s.yaml", ["data.root=/x"], conf_root=CONF))
     (tmp_path / "bad.yaml").write_text("defaults: [train/demo]\nspace:\n  model.norm: {type: choice, values: [ln]}\n")
@@ -112,7 +113,7 @@ def test_sweep_values_are_checked_before_ray(tmp_path, synth_voc_root, workdir):
     """A searched value that breaks the model (6 channels in 4 groups) is named up front."""
     import ray
 
-    from search.sweep import run_sweep
+    from deeplab_sweep.search.sweep import run_sweep
 
     (tmp_path / "s.yaml").write_text(
         f"defaults: [train/demo]\nmodel: {{factory: '{TOY}', norm: gn}}\n"
@@ -150,9 +151,9 @@ def test_validation_whole_images_or_centre_crops(val_crop, synth_voc_root):
 @pytest.mark.slow
 def test_user_model_trains_sweeps_evaluates_and_predicts(ray_cluster, synth_voc_root, workdir, tmp_path):
     """The tests' own model, with a searched norm and width, through the whole product."""
-    from search.best import fetch_best
-    from search.sweep import run_sweep
-    from trainable.inference import evaluate_checkpoint, load_model, predict_files
+    from deeplab_sweep.search.best import fetch_best
+    from deeplab_sweep.search.sweep import run_sweep
+    from deeplab_sweep.trainable.inference import evaluate_checkpoint, load_model, predict_files
 
     (tmp_path / "toy.yaml").write_text(f"""\
 defaults: [train/demo]

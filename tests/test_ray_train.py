@@ -8,13 +8,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.cli import main
-from search.configs import load_job
+from deeplab_sweep.cli import main
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.trainable.engine import LocalWorker, evaluate, fit, val_loader
+from deeplab_sweep.trainable.inference import load_model
+from deeplab_sweep.trainable.metrics import metrics_from_confusion
+from deeplab_sweep.trainable.ray_train import evaluate_distributed
 from tests.conftest import CONF
-from trainable.engine import LocalWorker, evaluate, fit, val_loader
-from trainable.inference import load_model
-from trainable.metrics import metrics_from_confusion
-from trainable.ray_train import evaluate_distributed
 
 pytestmark = pytest.mark.slow
 

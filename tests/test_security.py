@@ -13,10 +13,10 @@ import urllib.request
 
 import torch
 
-from search.configs import load_job
-from search.tracking import config_params
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.tracking import config_params
+from deeplab_sweep.trainable.engine import LocalWorker, fit
 from tests.conftest import CONF, free_port
-from trainable.engine import LocalWorker, fit
 
 SECRET = "s3cr3t-t0ken"
 
@@ -53,7 +53,7 @@ def _listening(port: int) -> set[str]:
 
 def test_ui_listens_on_loopback_only(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "ui", "--port", str(port), "--store",
+    proc = subprocess.Popen([sys.executable, "-m", "deeplab_sweep.cli", "ui", "--port", str(port), "--store",
                              f"sqlite:///{tmp_path}/ui.db", "--artifacts", str(tmp_path / "art")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(CONF.parent)})

@@ -4,22 +4,11 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
-from ray.tune.search.optuna import OptunaSearch
 
-from search.configs import (
-    COND_SEP,
-    ConfigError,
-    check_space,
-    load_job,
-    trial_overrides,
-    validate,
-)
-from search.space import (
-    OptunaSpace,
-    PruneAwareOptunaSearch,
-    build_searcher,
-    grid_param_space,
-)
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.compose import check_space, load_job, validate
+from deeplab_sweep.search.overrides import COND_SEP, trial_overrides
+from deeplab_sweep.search.space import OptunaSpace, build_searcher, grid_param_space
 from tests.conftest import CONF
 
 DEMO = CONF / "sweep" / "demo.yaml"
@@ -63,31 +52,53 @@ def test_grid_needs_fixed_choices():
     assert grid["model.output_stride"] == {"grid_search": [8, 16]}
 
 
-def _tell(searcher, trial_id: str, epochs_reached: int, value: float):
+def _like_tune(searcher, trial_id: str, values: list[float], stopped: bool) -> dict:
+    """The calls Tune makes: every result to on_trial_result except a stopping one, which Ray
+    hands only to on_trial_complete; results are flat (no "config" in them)."""
     cfg = searcher.suggest(trial_id)
-    assert "train.lr" in cfg
-    for epoch in range(1, epochs_reached + 1):
-        searcher.on_trial_result(trial_id, {"val/mIoU": value, "epoch": epoch, "training_iteration": epoch})
-    searcher.on_trial_complete(trial_id, {"val/mIoU": value, "epoch": epochs_reached, "config": cfg})
+    results = [{"val/mIoU": v, "epoch": e, "training_iteration": e} for e, v in enumerate(values, 1)]
+    for r in results[:-1] if stopped else results:
+        searcher.on_trial_result(trial_id, r)
+    searcher.on_trial_complete(trial_id, results[-1])
+    return cfg
 
 
-def test_asha_stopped_trial_is_pruned_for_optuna():
-    job = load_job(DEMO, ["train.epochs=4"])
-    searcher, _ = build_searcher(job)
-    assert isinstance(searcher, PruneAwareOptunaSearch)
-    _tell(searcher, "a", 4, 0.5)  # ran all 4 epochs
-    _tell(searcher, "b", 1, 0.1)  # stopped by ASHA after 1
-    states = [t.state for t in searcher.study.trials]
-    assert states == [TrialState.COMPLETE, TrialState.PRUNED]
-    # the pruned trial's intermediate value is kept for TPE
-    assert searcher.study.trials[1].intermediate_values == {1: 0.1}
-    assert searcher.study.best_trial.number == 0
+def test_stopped_trial_is_pruned_with_its_last_value(tmp_path):
+    job = load_job(DEMO, ["train.epochs=4", f"sweep.optuna_storage=sqlite:///{tmp_path}/o.db"])
+    searcher, _ = build_searcher(job, "s")
+    _like_tune(searcher, "a", [0.3, 0.4, 0.45, 0.5], stopped=False)  # ran all 4 epochs
+    _like_tune(searcher, "b", [0.1], stopped=True)  # stopped by ASHA at its first report
+    _like_tune(searcher, "c", [0.2, 0.25], stopped=True)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db")  # read back independently
+    a, b, c = study.trials
+    assert [a.state, b.state, c.state] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    assert a.value == 0.5 and a.intermediate_values == {1: 0.3, 2: 0.4, 3: 0.45, 4: 0.5}
+    # The value each pruned trial was stopped at is what TPE sees of it, at its epoch.
+    assert b.intermediate_values == {1: 0.1} and c.intermediate_values == {1: 0.2, 2: 0.25}
+    assert study.best_trial.number == a.number
 
 
-def test_stock_optuna_search_would_count_it_complete():
-    """Why PruneAwareOptunaSearch exists: Ray's own searcher tells COMPLETE here."""
-    job = load_job(DEMO)
-    stock = OptunaSearch(space=OptunaSpace(job.space), metric="val/mIoU", mode="max",
-                         sampler=optuna.samplers.RandomSampler(seed=0))
-    _tell(stock, "b", 1, 0.1)
-    assert stock._ot_study.trials[0].state == TrialState.COMPLETE
+def test_searched_epochs_decide_completion(tmp_path):
+    """A trial that ran all of its own (searched) train.epochs is complete, not pruned."""
+    job = load_job(DEMO, ["train.epochs=4", f"sweep.optuna_storage=sqlite:///{tmp_path}/o.db"])
+    space = {**job.to_dict()["space"], "train.epochs": {"type": "choice", "values": [2]}}
+    searcher, _ = build_searcher(validate({**job.to_dict(), "space": space}), "s")
+    _like_tune(searcher, "a", [0.3, 0.4], stopped=False)
+    assert optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials[0].state == \
+        TrialState.COMPLETE
+
+
+def test_resumed_searcher_closes_orphans_and_counts_no_epoch_twice(tmp_path):
+    job = load_job(DEMO, ["train.epochs=4", f"sweep.optuna_storage=sqlite:///{tmp_path}/o.db"])
+    searcher, _ = build_searcher(job, "s")
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"val/mIoU": 0.3, "epoch": 1})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.suggest("b")  # asked of Optuna, but the driver dies before the searcher is saved
+    restored, _ = build_searcher(job, "s")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("a", {"val/mIoU": 0.9, "epoch": 1})  # the replayed epoch after a resume
+    restored.on_trial_complete("a", {"val/mIoU": 0.5, "epoch": 2})
+    a, b = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials
+    assert a.state == TrialState.PRUNED and a.intermediate_values == {1: 0.3, 2: 0.5}
+    assert b.state == TrialState.FAIL

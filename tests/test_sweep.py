@@ -14,11 +14,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from search.best import fetch_best
-from search.configs import load_job
-from search.sweep import run_sweep
+from deeplab_sweep.search.best import fetch_best
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.sweep import run_sweep
+from deeplab_sweep.trainable.inference import evaluate_checkpoint
 from tests.conftest import CONF, REPO
-from trainable.inference import evaluate_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -94,14 +94,14 @@ def test_sweep_sqlite_runs_statuses_pruning_and_best_round_trip(ray_cluster, syn
 
 
 def test_best_cli_json_and_unknown_experiment(workdir, capsys):
-    from search.cli import main
+    from deeplab_sweep.cli import main
 
     assert main(["best", "--experiment", "nope", "--tracking-uri", f"sqlite:///{workdir}/x.db"]) == 2
     assert "no such MLflow experiment" in capsys.readouterr().err
 
 
 def test_sweep_against_real_mlflow_server(ray_cluster, synth_voc_root, workdir, tmp_path, mlflow_server):
-    from search.cli import main
+    from deeplab_sweep.cli import main
 
     mlflow_server = mlflow_server.url
     rc = main(["sweep", str(_write_sweep(tmp_path, 2)), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
@@ -121,7 +121,7 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
     """Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
     interrupted ones continue from their last checkpoint, in the same MLflow runs."""
     cfg = _write_sweep(tmp_path, 4)
-    cmd = [sys.executable, "-m", "search.cli", "sweep", str(cfg), "--conf-dir", str(CONF),
+    cmd = [sys.executable, "-m", "deeplab_sweep.cli", "sweep", str(cfg), "--conf-dir", str(CONF),
            f"data.root={synth_voc_root}", "sweep.name=r1", "sweep.asha.enabled=false", "train.epochs=4",
            "cluster.num_cpus=2", "cluster.object_store_memory=100000000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}

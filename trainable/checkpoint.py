@@ -7,12 +7,14 @@ from pathlib import Path
 
 import torch
 
+from deeplab_sweep.errors import UserInputError
+
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserInputError, ValueError):
+    """A checkpoint file that is missing, unreadable or does not fit: names the file."""
 
 
 def save_checkpoint(directory: str | Path, *, model_state: dict, config: dict, epoch: int, metrics: dict,

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from datasets import build_dataset
-from datasets.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
-from datasets.transforms import list_collate, train_transform, val_transform
-from trainable.checkpoint import save_checkpoint
-from trainable.config import BUILTIN_MODEL, RunConfig, redacted
-from trainable.metrics import ConfusionMatrix
-from trainable.models import build_from_config, param_groups
+from deeplab_sweep.datasets.labels import IGNORE_INDEX
+from deeplab_sweep.datasets.transforms import list_collate, train_transform, val_transform
+from deeplab_sweep.trainable.checkpoint import save_checkpoint
+from deeplab_sweep.trainable.metrics import ConfusionMatrix
+from deeplab_sweep.trainable.models import build_from_config, param_groups
+from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig, redacted
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -92,10 +91,6 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def class_names(dataset: str) -> tuple[str, ...]:
-    return CITYSCAPES_CLASSES if dataset == "cityscapes" else VOC_CLASSES
-
-
 def seed_everything(seed: int, epoch: int, rank: int) -> int:
     s = (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
     torch.manual_seed(s)
@@ -104,8 +99,8 @@ def seed_everything(seed: int, epoch: int, rank: int) -> int:
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
     d = cfg.data
-    train_ds = build_dataset(d.name, d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max),
-                             limit=d.max_train_images)
+    train_ds = d.spec.build(d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max),
+                            limit=d.max_train_images)
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
     per_worker = len(train_ds) // world_size
@@ -121,7 +116,7 @@ def val_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1, pin: bool = F
                data_root: str | None = None) -> DataLoader:
     """This rank's share of the validation set, as training evaluates it (and eval reproduces)."""
     d = cfg.data
-    ds = build_dataset(d.name, data_root or d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
+    ds = d.spec.build(data_root or d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
     return DataLoader(ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(ds), rank, world_size),
                       num_workers=d.loader_workers, pin_memory=pin, collate_fn=list_collate)
 
@@ -212,10 +207,10 @@ def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
         yield torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
 
 
-def val_metrics(cm: ConfusionMatrix, dataset: str) -> dict:
+def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
     m = cm.compute()
     out = {"val/mIoU": m["mIoU"], "val/overall_acc": m["overall_acc"], "val/mean_acc": m["mean_acc"]}
-    for name, iou in zip(class_names(dataset), m["per_class_iou"]):
+    for name, iou in zip(class_names, m["per_class_iou"], strict=True):
         out[f"val/iou/{name}"] = iou
     return out
 
@@ -225,11 +220,12 @@ VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel
 
 def _write_visuals(out: Path, epoch: int, model: nn.Module, dataset, cm: ConfusionMatrix, cfg: RunConfig,
                    device) -> None:
-    from trainable.visuals import predict_samples, write_visuals
+    from deeplab_sweep.trainable.visuals import predict_samples, write_visuals
 
     with _autocast(cfg, device):
         samples = predict_samples(model, dataset, cfg.train.visuals, device)
-    write_visuals(out, epoch, samples, cm.mat, class_names(cfg.data.name), cfg.data.palette, cm.compute()["mIoU"])
+    spec = cfg.data.spec
+    write_visuals(out, epoch, samples, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -281,7 +277,7 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         if epoch % t.eval_every and epoch != t.epochs:
             continue
         cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg)
-        metrics.update(val_metrics(cm, cfg.data.name))
+        metrics.update(val_metrics(cm, cfg.data.spec.class_names))
         with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
             ckpt_dir = None
             if worker.rank == 0:
@@ -298,8 +294,8 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
 
 def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
     """Weights to fine-tune from, checked against this run's model: ours or a reference file."""
-    from trainable.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
-    from trainable.import_ref import check_shapes, reference_to_ours
+    from deeplab_sweep.trainable.checkpoint import CheckpointError, checkpoint_file, load_checkpoint
+    from deeplab_sweep.trainable.import_ref import check_shapes, reference_to_ours
 
     raw = torch.load(checkpoint_file(path), map_location="cpu", weights_only=True)
     if isinstance(raw, dict) and "config" in raw:

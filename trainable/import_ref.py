@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from trainable.checkpoint import CheckpointError, save_checkpoint
-from trainable.config import DATASET_CLASSES, DataConfig, ModelConfig, RunConfig
-from trainable.models import build_model
+from deeplab_sweep.datasets.catalog import dataset_for_classes, get_dataset
+from deeplab_sweep.trainable.checkpoint import CheckpointError, save_checkpoint
+from deeplab_sweep.trainable.models import build_model
+from deeplab_sweep.trainable.run_config import DataConfig, ModelConfig, RunConfig
 
 _CLASSIFIER = "classifier.classifier.3.weight"
 
@@ -85,11 +86,12 @@ def import_reference(path: str | Path, out: str | Path, output_stride: int | Non
     backbone = infer_backbone(state)
     num_classes = state[_CLASSIFIER].shape[0]
     if dataset is None:
-        dataset = {21: "voc", 19: "cityscapes"}.get(num_classes)
+        dataset = dataset_for_classes(num_classes)
         if dataset is None:
             raise CheckpointError(f"{path}: {num_classes} classes matches no known dataset; pass --dataset")
-    if DATASET_CLASSES[dataset] != num_classes:
-        raise CheckpointError(f"{path}: has {num_classes} classes, dataset {dataset!r} has {DATASET_CLASSES[dataset]}")
+    if get_dataset(dataset).num_classes != num_classes:
+        raise CheckpointError(f"{path}: has {num_classes} classes, dataset {dataset!r} has "
+                              f"{get_dataset(dataset).num_classes}")
     # Dilation is not a weight: the output stride comes from the caller or the file's name.
     os_ = output_stride or output_stride_from_name(path) or 16
     model = build_model(backbone, num_classes, os_, separable=separable)

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.base import read_image
-from datasets.transforms import val_transform
-from trainable.checkpoint import CheckpointError, load_checkpoint
-from trainable.config import RunConfig
-from trainable.engine import evaluate, val_loader, val_metrics
-from trainable.models import build_from_config
-from trainable.visuals import colorize
+from deeplab_sweep.datasets.base import read_image
+from deeplab_sweep.datasets.transforms import val_transform
+from deeplab_sweep.trainable.checkpoint import CheckpointError, load_checkpoint
+from deeplab_sweep.trainable.engine import evaluate, val_loader, val_metrics
+from deeplab_sweep.trainable.models import build_from_config
+from deeplab_sweep.trainable.run_config import RunConfig
+from deeplab_sweep.trainable.visuals import colorize
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
@@ -39,7 +39,8 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
     whole-image or centre-crop setting, same images)."""
     model, cfg, ckpt = load_model(path, device)
     loader = val_loader(cfg, data_root=data_root)
-    metrics = val_metrics(evaluate(model, loader, cfg.data.num_classes, torch.device(device), cfg), cfg.data.name)
+    cm = evaluate(model, loader, cfg.data.num_classes, torch.device(device), cfg)
+    metrics = val_metrics(cm, cfg.data.spec.class_names)
     return {"epoch": ckpt["epoch"], "images": len(loader.dataset), **metrics}
 
 
@@ -53,7 +54,7 @@ def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str =
         image = read_image(p)
         x, _ = transform(image, torch.zeros(image.shape[-2:], dtype=torch.long))
         pred = model(x.unsqueeze(0).to(device)).argmax(1)[0].cpu()
-        colour = Image.fromarray(colorize(pred, cfg.data.palette).permute(1, 2, 0).numpy())
+        colour = Image.fromarray(colorize(pred, cfg.data.spec.palette).permute(1, 2, 0).numpy())
         overlay = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()), colour, alpha)
         for suffix, im in (("mask", colour), ("overlay", overlay)):
             dest = out / f"{p.stem}_{suffix}.png"

@@ -4,10 +4,11 @@ Module and parameter names follow the widely used PyTorch reference implementati
 (`backbone.*`, `classifier.aspp.*`, `classifier.project.*`, `classifier.classifier.*`), so its
 published checkpoints map onto this model one to one.
 
-Two small decorator registries: models (`@register_model`, what `model.factory` names; a user's
-own model is any importable `pkg.module:callable` with the same signature) and DeepLabv3+
-backbones (`@register_backbone`, what `model.backbone` names). Both listings double as the
-test matrix. This module knows nothing of Ray or MLflow.
+Two registries: models (`@register_model`, what `model.factory` names; a user's own model is
+any importable `pkg.module:callable` with the same signature) and DeepLabv3+ backbones
+(`@register_backbone`, what `model.backbone` names, with their ImageNet weights registered
+beside them). Both listings double as the test matrix. This module knows nothing of Ray or
+MLflow.
 """
 from __future__ import annotations
 
@@ -22,36 +23,37 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models._utils import IntermediateLayerGetter
 
-_BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.trainable.registry import Registry
+
 # A model factory: (num_classes, the run's ModelConfig) -> module mapping N x 3 x H x W images
 # to N x num_classes x H x W logits.
 ModelFactory = Callable[..., nn.Module]
-_MODELS: dict[str, ModelFactory] = {}
+MODELS = Registry("model")
+# A backbone factory: (output_stride, norm, imagenet_state or None) -> Backbone; registered
+# with `weights=` (a torchvision WeightsEnum) when ImageNet weights exist for it.
+BACKBONES = Registry("backbone")
 Norm = Callable[[int], nn.Module]  # channels -> normalisation layer
+register_model = MODELS.register
+register_backbone = BACKBONES.register
 
 
-class ModelFactoryError(ValueError):
+class ModelFactoryError(ConfigError):
     pass
 
 
-def register_model(name: str):
-    def deco(fn: ModelFactory) -> ModelFactory:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
-
-
 def registered_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
+
+
+def registered_backbones() -> list[str]:
+    return BACKBONES.names()
 
 
 def resolve_factory(spec: str) -> ModelFactory:
     """A registered model name, or `pkg.module:callable` imported now."""
-    if spec in _MODELS:
-        return _MODELS[spec]
+    if spec in MODELS:
+        return MODELS.get(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelFactoryError(f"model.factory = {spec!r}: not a registered model "
@@ -85,25 +87,21 @@ class Backbone(nn.Module):
     out_channels: int
 
 
-def register_backbone(name: str):
-    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} registered twice")
-        _BACKBONES[name] = fn
-        return fn
-
-    return deco
-
-
-def registered_backbones() -> list[str]:
-    return sorted(_BACKBONES)
-
-
-class PretrainedWeightsMissing(FileNotFoundError):
+class PretrainedWeightsMissing(ConfigError):
     pass
 
 
-def imagenet_state(weights: "tvm.WeightsEnum", weights_file: str | None = None) -> dict:
+def backbone_weights_of(backbone: str) -> tvm.WeightsEnum:
+    """The ImageNet weights registered with a backbone."""
+    weights = BACKBONES.meta(backbone, "weights")
+    if weights is None:
+        raise PretrainedWeightsMissing(
+            f"model.pretrained_backbone: backbone {backbone!r} has no ImageNet weights registered "
+            f"(register it with @register_backbone({backbone!r}, weights=...)), or set model.pretrained_backbone=false")
+    return weights
+
+
+def imagenet_state(weights: tvm.WeightsEnum, weights_file: str | None = None) -> dict:
     """ImageNet weights through torchvision's weights API: an explicit file, else the torch hub
     cache, else a download into that cache. Where none works (no network here), one line
     names the file to place and where."""
@@ -121,50 +119,35 @@ def imagenet_state(weights: "tvm.WeightsEnum", weights_file: str | None = None) 
     else:
         detail = ""
     raise PretrainedWeightsMissing(
-        f"pretrained backbone weights not found: place {name} (from {weights.url}) at {path}{detail}, "
+        f"model.pretrained_backbone: pretrained backbone weights not found: place {name} (from {weights.url}) at {path}{detail}, "
         "or set model.backbone_weights=FILE, or model.pretrained_backbone=false")
-
-
-def _load_imagenet(net: nn.Module, weights: "tvm.WeightsEnum", weights_file: str | None) -> None:
-    net.load_state_dict(imagenet_state(weights, weights_file))
-
-
-BACKBONE_WEIGHTS = {
-    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
-    "mobilenet_v2": tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
-}
 
 
 class _ResNet(Backbone):
     low_level_channels, out_channels = 256, 2048
 
-    def __init__(self, depth: int, output_stride: int, pretrained: bool, weights_file: str | None,
-                 norm: Norm = nn.BatchNorm2d):
+    def __init__(self, depth: int, output_stride: int, norm: Norm, state: dict | None):
         super().__init__()
         ctor = {50: tvm.resnet50, 101: tvm.resnet101}[depth]
-        weights = BACKBONE_WEIGHTS[f"resnet{depth}"]
         # OS 16 dilates layer4; OS 8 dilates layer3 and layer4 (stride kept, receptive field grows).
         dilate = [False, output_stride == 8, True]
         net = ctor(weights=None, replace_stride_with_dilation=dilate, norm_layer=norm)
-        if pretrained:
-            _load_imagenet(net, weights, weights_file)
+        if state is not None:
+            net.load_state_dict(state)
         self.body = IntermediateLayerGetter(net, return_layers={"layer4": "out", "layer1": "low_level"})
 
     def forward(self, x):
         return self.body(x)
 
 
-@register_backbone("resnet50")
-def resnet50(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
-              norm: Norm = nn.BatchNorm2d) -> Backbone:
-    return _ResNet(50, output_stride, pretrained, weights_file, norm)
+@register_backbone("resnet50", weights=tvm.ResNet50_Weights.IMAGENET1K_V1)
+def resnet50(output_stride: int = 16, norm: Norm = nn.BatchNorm2d, state: dict | None = None) -> Backbone:
+    return _ResNet(50, output_stride, norm, state)
 
 
-@register_backbone("resnet101")
-def resnet101(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
-              norm: Norm = nn.BatchNorm2d) -> Backbone:
-    return _ResNet(101, output_stride, pretrained, weights_file, norm)
+@register_backbone("resnet101", weights=tvm.ResNet101_Weights.IMAGENET1K_V1)
+def resnet101(output_stride: int = 16, norm: Norm = nn.BatchNorm2d, state: dict | None = None) -> Backbone:
+    return _ResNet(101, output_stride, norm, state)
 
 
 class _MobileNetV2Features(nn.Module):
@@ -177,12 +160,11 @@ class _MobileNetV2Features(nn.Module):
 class _MobileNetV2(Backbone):
     low_level_channels, out_channels = 24, 320
 
-    def __init__(self, output_stride: int, pretrained: bool, weights_file: str | None,
-                 norm: Norm = nn.BatchNorm2d):
+    def __init__(self, output_stride: int, norm: Norm, state: dict | None):
         super().__init__()
         net = tvm.mobilenet_v2(weights=None, norm_layer=norm)
-        if pretrained:
-            _load_imagenet(net, BACKBONE_WEIGHTS["mobilenet_v2"], weights_file)
+        if state is not None:
+            net.load_state_dict(state)
         _dilate_mobilenet(net.features, output_stride)
         self.body = IntermediateLayerGetter(
             _MobileNetV2Features(net.features),
@@ -212,10 +194,9 @@ def _dilate_mobilenet(features: nn.Sequential, output_stride: int) -> None:
                 dw.dilation, dw.padding = (dilation, dilation), (dilation, dilation)
 
 
-@register_backbone("mobilenet_v2")
-def mobilenet_v2(output_stride: int = 16, pretrained: bool = False, weights_file: str | None = None,
-                 norm: Norm = nn.BatchNorm2d) -> Backbone:
-    return _MobileNetV2(output_stride, pretrained, weights_file, norm)
+@register_backbone("mobilenet_v2", weights=tvm.MobileNet_V2_Weights.IMAGENET1K_V1)
+def mobilenet_v2(output_stride: int = 16, norm: Norm = nn.BatchNorm2d, state: dict | None = None) -> Backbone:
+    return _MobileNetV2(output_stride, norm, state)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, norm: Norm, dilation: int = 1) -> list[nn.Module]:
@@ -306,16 +287,15 @@ class DeepLabV3Plus(nn.Module):
 
 
 def build_model(backbone: str, num_classes: int, output_stride: int = 16, pretrained_backbone: bool = False,
-                separable: bool = False, backbone_weights: str | None = None, norm: str = "bn") -> DeepLabV3Plus:
-    if backbone not in _BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(registered_backbones())}")
+                separable: bool = False, weights_file: str | None = None, norm: str = "bn") -> DeepLabV3Plus:
+    factory = BACKBONES.get(backbone)
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
     head_norm = norm_layer(norm)
     # ImageNet weights carry BatchNorm statistics: a pretrained backbone keeps BN whatever the head uses.
     backbone_norm = norm_layer("bn") if pretrained_backbone else head_norm
-    net = _BACKBONES[backbone](output_stride=output_stride, pretrained=pretrained_backbone,
-                               weights_file=backbone_weights, norm=backbone_norm)
+    state = imagenet_state(backbone_weights_of(backbone), weights_file) if pretrained_backbone else None
+    net = factory(output_stride=output_stride, norm=backbone_norm, state=state)
     return DeepLabV3Plus(net, num_classes, output_stride, separable, head_norm)
 
 

@@ -16,9 +16,9 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from trainable.checkpoint import load_checkpoint
-from trainable.config import RunConfig
-from trainable.engine import VISUALS_DIR, Worker, fit
+from deeplab_sweep.trainable.checkpoint import load_checkpoint
+from deeplab_sweep.trainable.engine import VISUALS_DIR, Worker, fit
+from deeplab_sweep.trainable.run_config import RunConfig
 
 
 class StorageError(RuntimeError):
@@ -72,11 +72,6 @@ def _persist_visuals(folder: Path) -> None:
     pyarrow.fs.copy_files(str(folder), dest, destination_filesystem=storage.storage_filesystem)
 
 
-def run_visuals(train_storage: str | Path, run_name: str) -> Path:
-    """Where `_persist_visuals` put a run's PNGs, for a local or mounted storage path."""
-    return Path(train_storage) / run_name / VISUALS_DIR
-
-
 def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | None) -> Exception:
     import errno
     import shutil
@@ -105,8 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def eval_loop_per_worker(config: dict) -> None:
     """Evaluate a checkpoint data-parallel: each rank takes its shard, matrices are summed."""
-    from trainable.engine import evaluate, val_loader
-    from trainable.inference import load_model
+    from deeplab_sweep.trainable.engine import evaluate, val_loader
+    from deeplab_sweep.trainable.inference import load_model
 
     worker = RayWorker()
     model, cfg, _ = load_model(config["checkpoint"], worker.device)
@@ -131,17 +126,18 @@ def evaluate_distributed(checkpoint: str, num_workers: int, data_root: str | Non
             return json.loads((Path(d) / "confusion.json").read_text())
 
 
-def build_trainer(cfg: RunConfig, name: str, storage_path: str, callbacks: list | None = None,
-                  metric: str = "val/mIoU") -> TorchTrainer:
+def build_trainer(cfg: RunConfig, name: str, storage_path: str, metric: str, mode: str,
+                  callbacks: list | None = None) -> TorchTrainer:
     t = cfg.train
     scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})})
     run = RayRunConfig(
         name=name,
         storage_path=storage_path,
-        # The best checkpoints by mIoU are kept (Ray always keeps the latest too, for resume).
+        # The best checkpoints by the metric the run is judged on are kept (Ray always keeps
+        # the latest too, for resume).
         checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
-                                           checkpoint_score_order="max"),
+                                           checkpoint_score_order=mode),
         failure_config=FailureConfig(max_failures=t.max_failures),
         callbacks=callbacks or [],
     )

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import write_png
 
-from datasets.labels import IGNORE_INDEX, palette
-from datasets.transforms import MEAN, STD
+from deeplab_sweep.datasets.catalog import Palette
+from deeplab_sweep.datasets.labels import IGNORE_INDEX
+from deeplab_sweep.datasets.transforms import MEAN, STD
 
 TILE_HEIGHT = 160  # each row is scaled to this height: a few images stay a small PNG
 
@@ -25,10 +26,10 @@ def confusion_name(epoch: int) -> str:
     return f"confusion_epoch_{epoch:04d}.png"
 
 
-def colorize(mask: torch.Tensor, palette_name: str) -> torch.Tensor:
-    """[H, W] class ids -> [3, H, W] uint8; void (255) and unknown ids black."""
+def colorize(mask: torch.Tensor, palette: Palette) -> torch.Tensor:
+    """[H, W] class ids -> [3, H, W] uint8 in the dataset's palette; void (255) and unknown ids black."""
     lut = torch.zeros(256, 3, dtype=torch.uint8)
-    colors = torch.tensor(palette(palette_name), dtype=torch.uint8)
+    colors = torch.tensor(palette, dtype=torch.uint8)
     lut[: len(colors)] = colors
     lut[IGNORE_INDEX] = 0
     return lut[mask.long().clamp(0, 255)].permute(2, 0, 1)
@@ -41,20 +42,20 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return (image.float().cpu() * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _row(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, palette_name: str) -> torch.Tensor:
+def _row(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, palette: Palette) -> torch.Tensor:
     h, w = mask.shape[-2:]
     size = [TILE_HEIGHT, max(1, round(w * TILE_HEIGHT / h))]
-    tiles = [denormalize(image), colorize(mask.cpu(), palette_name), colorize(pred.cpu(), palette_name)]
+    tiles = [denormalize(image), colorize(mask.cpu(), palette), colorize(pred.cpu(), palette)]
     mode = ["bilinear", "nearest", "nearest"]
     out = [F.interpolate(t[None].float(), size=size, mode=m, **({"antialias": True} if m == "bilinear" else {}))[0]
-           for t, m in zip(tiles, mode)]
+           for t, m in zip(tiles, mode, strict=True)]
     gap = torch.full((3, TILE_HEIGHT, 4), 255.0)
     return torch.cat([out[0], gap, out[1], gap, out[2]], dim=2)
 
 
-def image_grid(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette_name: str) -> torch.Tensor:
+def image_grid(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette: Palette) -> torch.Tensor:
     """(image, truth, prediction) triples -> one uint8 [3, H, W] grid, one row per image."""
-    rows = [_row(i, m, p, palette_name) for i, m, p in samples]
+    rows = [_row(i, m, p, palette) for i, m, p in samples]
     width = max(r.shape[-1] for r in rows)
     gap = torch.full((3, 4, width), 255.0)
     padded = []
@@ -99,13 +100,13 @@ def confusion_figure(mat: torch.Tensor, class_names: tuple[str, ...], path: Path
 
 
 def write_visuals(out_dir: str | Path, epoch: int, samples: list[tuple], confusion: torch.Tensor,
-                  class_names: tuple[str, ...], palette_name: str, miou: float) -> list[Path]:
+                  class_names: tuple[str, ...], palette: Palette, miou: float) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     if samples:
         paths.append(out / grid_name(epoch))
-        write_png(image_grid(samples, palette_name), str(paths[-1]))
+        write_png(image_grid(samples, palette), str(paths[-1]))
     paths.append(out / confusion_name(epoch))
     confusion_figure(confusion, class_names, paths[-1], f"epoch {epoch}: val mIoU {miou:.3f}")
     return paths

@@ -12,123 +12,46 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
-from trainable.config import (
-    DataConfig,
-    MlflowConfig,
-    ModelConfig,
-    RunConfig,
-    StorageConfig,
-    TrainConfig,
-)
-
-
-class ConfigError(ValueError):
-    """A config problem, worded for the user (one line)."""
-
-
-class RunFailed(RuntimeError):
-    """A run that failed after it started (the training's own error, not the input), worded
-    for the user in one line: exit code 1."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SearchParam(_Strict):
-    """One dimension of the search space, keyed by its dotted config path."""
-
-    type: Literal["loguniform", "uniform", "choice", "randint", "grid"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-    # Conditional choice: the values depend on another (already sampled) key's value,
-    # e.g. data.batch_size per model.backbone.
-    depends_on: str | None = None
-    cases: dict[str, list[Any]] | None = None
-
-    @model_validator(mode="after")
-    def _shape(self) -> "SearchParam":
-        if self.type in ("loguniform", "uniform", "randint"):
-            if self.low is None or self.high is None or not self.low < self.high:
-                raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError(f"loguniform needs low > 0 (got {self.low})")
-        elif self.depends_on is not None:
-            if not self.cases:
-                raise ValueError("depends_on needs `cases: {value: [choices]}`")
-        elif not self.values:
-            raise ValueError(f"{self.type} needs a non-empty `values` list")
-        return self
-
-    def candidates(self) -> list[Any]:
-        """Values that represent what this parameter can take: every listed choice (all cases
-        of a conditional one), the bounds of a range, both ends of a randint."""
-        if self.type == "randint":
-            return [int(self.low), int(self.high) - 1]
-        return self.values or [v for vs in (self.cases or {}).values() for v in vs] or [self.low, self.high]
-
-
-class AshaConfig(_Strict):
-    enabled: bool = True
-    grace_period: int = Field(1, strict=True, ge=1)
-    reduction_factor: int = Field(2, strict=True, ge=2)
-
-
-class SweepConfig(_Strict):
-    search: Literal["tpe", "random", "grid"] = "tpe"
-    # Trials to run; with `grid`, how many times the whole grid is repeated.
-    num_samples: int = Field(8, strict=True, ge=1)
-    metric: str = "val/mIoU"
-    mode: Literal["max", "min"] = "max"
-    seed: int = Field(0, strict=True, ge=0)
-    asha: AshaConfig = AshaConfig()
-    # None: as many trials at once as the cluster's resources fit.
-    max_concurrent: int | None = Field(None, strict=True, ge=1)
-    name: str | None = None
-
-
-class ClusterConfig(_Strict):
-    # None: start a local Ray; "auto" or "host:port": join that cluster (RAY_ADDRESS too).
-    address: str | None = None
-    num_cpus: int | None = Field(None, strict=True, ge=1)
-    num_gpus: int | None = Field(None, strict=True, ge=0)
-    object_store_memory: int | None = Field(None, strict=True, ge=78_643_200)
-
-
-class JobConfig(_Strict):
-    data: DataConfig
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-    storage: StorageConfig = StorageConfig()
-    sweep: SweepConfig = SweepConfig()
-    space: dict[str, SearchParam] = {}
-    cluster: ClusterConfig = ClusterConfig()
-
-    @property
-    def run(self) -> RunConfig:
-        return RunConfig(data=self.data, model=self.model, train=self.train, mlflow=self.mlflow, storage=self.storage)
-
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=False)
-
+from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.overrides import set_dotted
+from deeplab_sweep.trainable.run_config import RunConfig
 
 GROUPS = ("data", "model", "train", "sweep", "cluster", "mlflow", "space", "storage")
 
 
+def packaged_conf() -> Path:
+    """The conf/ folder installed with the package (the checkout's own in an editable install)."""
+    import deeplab_sweep.conf as conf  # a namespace package: conf/ holds YAML only
+
+    return next(Path(p) for p in conf.__path__ if Path(p).is_dir())
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file as given when it exists, else the same name in the installed conf/: so
+    `deeplab sweep conf/sweep/demo.yaml` (or `sweep/demo`) works from any folder."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given if given.suffix == ".yaml" else given.with_name(given.name + ".yaml")
+    parts = name.parts[1:] if name.parts[:1] == ("conf",) else name.parts
+    packaged = packaged_conf().joinpath(*parts) if parts and not name.is_absolute() else None
+    return packaged if packaged is not None and packaged.is_file() else given
+
+
 def default_conf_root(config_path: Path) -> Path:
-    """conf/ is the nearest folder above the config file that holds the group folders."""
+    """conf/ is the nearest folder above the config file that holds the group folders, else
+    the installed conf/."""
     start = config_path.resolve().parent
     for folder in (start, *start.parents):
         if (folder / "data").is_dir() and (folder / "model").is_dir():
             return folder
-    return start
+    return packaged_conf()
 
 
 def _read_yaml(path: Path) -> dict:
@@ -184,17 +107,6 @@ def _compose(path: Path, conf_root: Path, swaps: dict[str, str], seen: tuple[Pat
     return deep_merge(merged, raw)
 
 
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = d
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
 _SCI_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
@@ -229,11 +141,11 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[st
 
 
 def compose(path: str | Path, overrides: list[str] = (), conf_root: Path | None = None) -> dict:
-    path = Path(path)
+    path = find_config(path)
     swaps, sets = parse_overrides(list(overrides))
     merged = _compose(path, conf_root or default_conf_root(path), swaps)
     for key, value in sets:
-        _set_dotted(merged, key, value)
+        set_dotted(merged, key, value)
     return merged
 
 
@@ -295,34 +207,11 @@ def check_space(job: JobConfig) -> None:
             raise ConfigError(f"space.{key}.depends_on: {param.depends_on!r} is not searched")
         for value in param.candidates():
             trial = copy.deepcopy(base)
-            _set_dotted(trial, key, value)
+            set_dotted(trial, key, value)
             try:
                 JobConfig.model_validate(trial)
             except ValidationError as err:
                 raise ConfigError(f"space.{key}: value {value!r} is invalid: {format_validation_error(err)}") from None
-
-
-# Conditional search parameters are suggested under "key|parent_value" so that each Optuna
-# distribution keeps one fixed set of choices; trials fold the name back to "key".
-COND_SEP = "|"
-
-
-def trial_overrides(config: dict) -> dict[str, Any]:
-    """Sampled values keyed by dotted config path (conditional names folded back)."""
-    return {k.split(COND_SEP, 1)[0]: v for k, v in config.items() if "." in k}
-
-
-def ran_all_epochs(config: dict, last_result: dict | None, default_epochs: int) -> bool:
-    """False for a trial that ended early without an error: stopped by ASHA (pruned)."""
-    epochs = trial_overrides(config or {}).get("train.epochs", default_epochs)
-    return (last_result or {}).get("epoch", 0) >= epochs
-
-
-def apply_overrides(base: dict, overrides: dict[str, Any]) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        _set_dotted(out, key, value)
-    return out
 
 
 def dump_yaml(job: JobConfig | RunConfig) -> str:
@@ -332,18 +221,3 @@ def dump_yaml(job: JobConfig | RunConfig) -> str:
 def load_yaml_config(text: str) -> JobConfig:
     """Inverse of `dump_yaml` for a job."""
     return validate(yaml.safe_load(text))
-
-
-def check_data_root(job: JobConfig | RunConfig) -> None:
-    root = Path(job.data.root)
-    if not root.exists() and not job.data.synthesize:
-        raise ConfigError(f"data.root = {job.data.root!r}: dataset root does not exist "
-                          f"(get it with `deeplab data download {job.data.name.split('_')[0]} --root DIR`, "
-                          "or set data.synthesize=true for generated data)")
-
-
-__all__ = [
-    "AshaConfig", "ClusterConfig", "ConfigError", "RunFailed", "DataConfig", "JobConfig", "MlflowConfig", "ModelConfig",
-    "RunConfig", "SearchParam", "StorageConfig", "SweepConfig", "TrainConfig", "check_data_root", "check_space",
-    "COND_SEP", "apply_overrides", "compose", "dump_yaml", "ran_all_epochs", "trial_overrides", "load_job", "load_yaml_config", "validate",
-]

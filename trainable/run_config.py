@@ -1,4 +1,5 @@
-"""Typed, validated configuration of one training run.
+"""Typed, validated configuration of one training run (the schema; composing it from YAML
+files is `deeplab_sweep.search.compose`).
 
 Everything that reaches the model, the data pipeline or the train loop passes through these
 models exactly once, at the edge (CLI or sweep trial). Unknown keys are errors, so a typo never
@@ -13,15 +14,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-DATASET_CLASSES = {"voc": 21, "voc_aug": 21, "cityscapes": 19}
+# The embedded defaults: everything of a run on one machine lands under ./runs.
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
+DEFAULT_ARTIFACTS = "runs/mlartifacts"
+DEFAULT_STORAGE = "runs/ray"
+DEFAULT_EXPERIMENT = "deeplab"
+DEFAULT_METRIC = "val/mIoU"
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Unknown keys are errors; values are frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DataConfig(_Strict):
-    name: Literal["voc", "voc_aug", "cityscapes"] = "voc"
+class DataConfig(Strict):
+    # A dataset of the table in deeplab_sweep.datasets.catalog.
+    name: str = "voc"
     root: str
     # When true and `root` holds no dataset yet, a small synthetic one in the real layout is
     # generated there first (demos and CI); real data is never overwritten.
@@ -39,25 +48,37 @@ class DataConfig(_Strict):
     max_train_images: int | None = Field(None, strict=True, ge=1)
     max_val_images: int | None = Field(None, strict=True, ge=1)
 
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from deeplab_sweep.datasets.catalog import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+        return v
+
     @model_validator(mode="after")
-    def _scale_order(self) -> "DataConfig":
+    def _scale_order(self) -> DataConfig:
         if self.scale_min > self.scale_max:
             raise ValueError(f"scale_min ({self.scale_min}) must be <= scale_max ({self.scale_max})")
         return self
 
     @property
-    def num_classes(self) -> int:
-        return DATASET_CLASSES[self.name]
+    def spec(self):
+        """The dataset's entry in the catalog: loader, classes, palette."""
+        from deeplab_sweep.datasets.catalog import get_dataset
+
+        return get_dataset(self.name)
 
     @property
-    def palette(self) -> str:
-        return "cityscapes" if self.name == "cityscapes" else "voc"
+    def num_classes(self) -> int:
+        return self.spec.num_classes
 
 
 BUILTIN_MODEL = "deeplabv3plus"
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     # A model registered in trainable.models (`registered_models()`), or your own as
     # 'pkg.module:callable': called as callable(num_classes, this ModelConfig), it returns an
     # nn.Module mapping N x 3 x H x W images to N x num_classes x H x W logits.
@@ -78,7 +99,7 @@ class ModelConfig(_Strict):
     @field_validator("factory")
     @classmethod
     def _factory_form(cls, v: str) -> str:
-        from trainable.models import registered_models
+        from deeplab_sweep.trainable.models import registered_models
 
         module, sep, attr = v.partition(":")
         if v not in registered_models() and not (sep and module and attr):
@@ -89,7 +110,7 @@ class ModelConfig(_Strict):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str, info: ValidationInfo) -> str:
-        from trainable.models import registered_backbones
+        from deeplab_sweep.trainable.models import registered_backbones
 
         names = registered_backbones()
         # `factory` is declared first, so it is validated by now; your own model ignores backbone.
@@ -98,7 +119,7 @@ class ModelConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(30, strict=True, ge=1)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -128,20 +149,20 @@ class TrainConfig(_Strict):
     init_checkpoint: str | None = None
 
 
-class MlflowConfig(_Strict):
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
+class MlflowConfig(Strict):
+    tracking_uri: str = DEFAULT_TRACKING_URI
     # None: runs/mlartifacts for a local store, the server's own default for an http(s) server.
     artifact_location: str | None = None
-    experiment: str = "deeplab"
+    experiment: str = DEFAULT_EXPERIMENT
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Strict):
     # Where Ray Train/Tune keep results and checkpoints: a local dir, NFS mount or s3:// URI.
-    path: str = "runs/ray"
+    path: str = DEFAULT_STORAGE
     name: str | None = None
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """One training run: what `deeplab train` runs and what each sweep trial runs."""
 
     data: DataConfig
@@ -154,7 +175,8 @@ class RunConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# user:secret@ (the secret may hold '/', as AWS secret keys do) or token@ right after "://".
+_USERINFO = re.compile(r"(?<=://)(?:[^@\s/:]*:[^@\s]*|[^@\s/:]+)@")
 
 
 def redacted(value):

@@ -1,0 +1,43 @@
+"""`deeplab sweep`: Ray Tune + Optuna TPE + ASHA over Ray Train trials, logged to MLflow."""
+from __future__ import annotations
+
+from deeplab_sweep.cli.common import add_job_args, command, load_job
+
+NAME = "sweep"
+
+
+def add(sub) -> None:
+    sw = command(sub, NAME, "hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, logged to MLflow", """\
+        Run a sweep. Each trial trains with Ray Train (N workers) and is one MLflow child run
+        under the sweep's parent run; the best checkpoint is reported at the end.""", """
+        deeplab sweep conf/sweep/demo.yaml
+        deeplab sweep conf/sweep/demo.yaml sweep.num_samples=12 sweep.name=lr-study
+        deeplab sweep conf/sweep/demo.yaml sweep.name=lr-study --resume     # after Ctrl-C
+        deeplab sweep conf/sweep/voc.yaml data.root=/data/voc --address auto
+        deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000""")
+    add_job_args(sw)
+    sw.add_argument("--resume", action="store_true", help="continue the sweep named by sweep.name")
+    sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: mlflow.tracking_uri)")
+
+
+def run(args) -> int:
+    if args.tracking_uri:
+        # A server keeps artifacts where it is configured to, not in a local folder of ours.
+        args.overrides += [f"mlflow.tracking_uri={args.tracking_uri}", "mlflow.artifact_location="]
+    job = load_job(args)
+    if job is None:
+        return 0
+    from deeplab_sweep.search.sweep import run_sweep, summary_table
+
+    summary = run_sweep(job, args.address, resume=args.resume, verbose=args.verbose)
+    metric = job.sweep.metric
+    print(summary_table(summary, metric))
+    best = summary["best"]
+    if not best:
+        print("\nno trial produced a metric")
+        return 0
+    print(f"\nbest trial {best['trial_id']}: {metric} = {best[metric]:.4f}")
+    print(f"  checkpoint: {best['checkpoint']}")
+    print(f"  MLflow run: {best['run_id']} (experiment {summary['experiment']!r}, {summary['tracking_uri']})")
+    print(f"  fetch it:   deeplab best --experiment {summary['experiment']} --out best/")
+    return 0

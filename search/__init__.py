@@ -1,1 +1,0 @@
-"""Sweeps: Ray Tune + Optuna + ASHA, MLflow run tree, retrieval, the deeplab CLI."""

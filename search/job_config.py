@@ -1,0 +1,100 @@
+"""The schema of a job: one run's sections (`deeplab_sweep.trainable.run_config`) plus the
+sweep, its search space and the cluster. Composed from YAML by `search.compose`."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from deeplab_sweep.trainable.run_config import (
+    DEFAULT_METRIC,
+    DataConfig,
+    MlflowConfig,
+    ModelConfig,
+    RunConfig,
+    StorageConfig,
+    Strict,
+    TrainConfig,
+)
+
+
+class SearchParam(Strict):
+    """One dimension of the search space, keyed by its dotted config path."""
+
+    type: Literal["loguniform", "uniform", "choice", "randint", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    # Conditional choice: the values depend on another (already sampled) key's value,
+    # e.g. data.batch_size per model.backbone.
+    depends_on: str | None = None
+    cases: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchParam:
+        if self.type in ("loguniform", "uniform", "randint"):
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"{self.type} needs low < high (got low={self.low}, high={self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        elif self.depends_on is not None:
+            if not self.cases:
+                raise ValueError("depends_on needs `cases: {value: [choices]}`")
+        elif not self.values:
+            raise ValueError(f"{self.type} needs a non-empty `values` list")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that represent what this parameter can take: every listed choice (all cases
+        of a conditional one), the bounds of a range, both ends of a randint."""
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return self.values or [v for vs in (self.cases or {}).values() for v in vs] or [self.low, self.high]
+
+
+class AshaConfig(Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, strict=True, ge=1)
+    reduction_factor: int = Field(2, strict=True, ge=2)
+
+
+class SweepConfig(Strict):
+    search: Literal["tpe", "random", "grid"] = "tpe"
+    # Trials to run; with `grid`, how many times the whole grid is repeated.
+    num_samples: int = Field(8, strict=True, ge=1)
+    metric: str = DEFAULT_METRIC
+    mode: Literal["max", "min"] = "max"
+    seed: int = Field(0, strict=True, ge=0)
+    asha: AshaConfig = AshaConfig()
+    # None: as many trials at once as the cluster's resources fit.
+    max_concurrent: int | None = Field(None, strict=True, ge=1)
+    name: str | None = None
+    # Optuna's RDB storage, one study per sweep (optuna-dashboard opens it). None: optuna.db
+    # beside a local MLflow store, else runs/optuna.db.
+    optuna_storage: str | None = None
+
+
+class ClusterConfig(Strict):
+    # None: start a local Ray; "auto" or "host:port": join that cluster (RAY_ADDRESS too).
+    address: str | None = None
+    num_cpus: int | None = Field(None, strict=True, ge=1)
+    num_gpus: int | None = Field(None, strict=True, ge=0)
+    object_store_memory: int | None = Field(None, strict=True, ge=78_643_200)
+
+
+class JobConfig(Strict):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    storage: StorageConfig = StorageConfig()
+    sweep: SweepConfig = SweepConfig()
+    space: dict[str, SearchParam] = {}
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def run(self) -> RunConfig:
+        return RunConfig(data=self.data, model=self.model, train=self.train, mlflow=self.mlflow, storage=self.storage)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=False)

@@ -1,0 +1,104 @@
+"""The one writer of a training run's MLflow run (a sweep trial, or `deeplab train`).
+
+It writes from what a run reports (Ray's results: one dict per evaluated epoch, with the
+checkpoint Ray kept for it) and from what the workers persisted in storage (the eval PNGs):
+each epoch once, by step; the PNGs not yet in the run; and, when the run ends, its best
+checkpoint (chosen among the checkpoints still in storage), best metric and end status.
+Every method only writes what MLflow is missing, so the live callbacks, a resumed sweep and
+`deeplab sync` all reconcile through it, as often as they like.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from mlflow.tracking import MlflowClient
+
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.trainable.engine import VISUALS_DIR
+
+
+def better(value, best, mode: str) -> bool:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def best_report(reports: Iterable[dict], metric: str, mode: str, storage: Storage) -> dict | None:
+    """The report with the best `metric` whose checkpoint is still in storage (Ray keeps the
+    best few and the latest), as {metric, checkpoint_path, epoch}."""
+    best = None
+    for r in reports:
+        ckpt, value = r.get("checkpoint_path"), r.get(metric)
+        if ckpt and better(value, best[metric] if best else None, mode) and storage.is_dir(ckpt):
+            best = {metric: value, "checkpoint_path": ckpt, "epoch": int(r.get("epoch") or 0)}
+    return best
+
+
+class RunWriter:
+    def __init__(self, c: MlflowClient, run_id: str, metric: str, mode: str, storage: Storage, visuals_dir: str):
+        self.c, self.run_id, self.metric, self.mode = c, run_id, metric, mode
+        self.storage, self.visuals_dir = storage, visuals_dir
+        self._steps: set[int] | None = None  # epochs already in MLflow, read once
+        self._visuals: set[str] | None = None  # PNGs already in MLflow, listed once
+
+    def log_epochs(self, reports: Iterable[dict]) -> int:
+        if self._steps is None:
+            self._steps = {m.step for m in self.c.get_metric_history(self.run_id, self.metric)}
+        logged = 0
+        for r in reports:
+            step = int(r.get("epoch") or 0)
+            if step and step not in self._steps:
+                tracking.log_metrics(self.c, self.run_id, r, step=step)
+                self._steps.add(step)
+                logged += 1
+        return logged
+
+    def log_visuals(self) -> int:
+        if self._visuals is None:
+            self._visuals = {a.path for a in self.c.list_artifacts(self.run_id, VISUALS_DIR)}
+        new = [f.base_name for f in self.storage.list(self.visuals_dir)
+               if f.base_name.endswith(".png") and f"{VISUALS_DIR}/{f.base_name}" not in self._visuals]
+        if new:
+            with self.storage.local_copy(self.visuals_dir) as folder:
+                for name in new:
+                    self.c.log_artifact(self.run_id, str(folder / name), artifact_path=VISUALS_DIR)
+                    self._visuals.add(f"{VISUALS_DIR}/{name}")
+        return len(new)
+
+    def finish(self, status: str, reason: str | None, reports: Iterable[dict], cfg: dict, again: bool) -> bool:
+        """Best checkpoint + config, best metric and end status. A run that has an end status
+        already is left as it is, unless `again` (its trial just ended once more, after a
+        resume); it is only closed if a resume reopened it. Returns whether it wrote the end."""
+        run = self.c.get_run(self.run_id)
+        ended = run.data.tags.get(tracking.STATUS_TAG)
+        if ended and not again:
+            if run.info.status == "RUNNING":
+                self.c.set_terminated(self.run_id, "FAILED" if ended.startswith(tracking.FAILED) else "FINISHED")
+            return False
+        best = best_report(reports, self.metric, self.mode, self.storage)
+        if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != self.storage.uri(
+                best["checkpoint_path"]):
+            with self.storage.local_copy(best["checkpoint_path"]) as folder:
+                tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
+            self.c.log_metric(self.run_id, f"best/{self.metric}", float(best[self.metric]), step=best["epoch"])
+            self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, self.storage.uri(best["checkpoint_path"]))
+        tracking.finish_run(self.c, self.run_id, status, reason)
+        return True
+
+
+def trial_run(c: MlflowClient, experiment_id: str, sweep: str, trial_id: str, parent_run_id: str, cfg: dict,
+              reopen: bool) -> tuple[str, bool]:
+    """The trial's child run, found by its trial id (reopened if `reopen`: a resumed trial goes
+    on in it) or created now; and whether it was created."""
+    found = c.search_runs([experiment_id], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
+                                                          f"{tracking.sweep_filter(sweep, tracking.KIND_TRIAL)}")
+    if found:
+        run_id = found[0].info.run_id
+        if reopen and found[0].info.status != "RUNNING":
+            c.update_run(run_id, "RUNNING")
+        return run_id, False
+    tags = {tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep, tracking.KIND_TAG: tracking.KIND_TRIAL}
+    return tracking.start_run(c, experiment_id, f"{sweep}/{trial_id}", cfg, tags=tags,
+                              parent_run_id=parent_run_id), True

@@ -1,1 +1,0 @@
-"""DeepLabv3+ model, metrics, checkpoints and the Ray Train loop."""
