@@ -1,4 +1,4 @@
-"""Issue 6, scale-out: a two-node Ray cluster on loopback (a head and a worker started with
+"""A two-node Ray cluster on loopback (a head and a worker started with
 `ray start`, each with its own ports, CPUs and object store), a sweep submitted to it with
 `--address`, trials on both nodes writing to one shared storage path, and exactly the
 processes this test started stopped at the end (never `ray stop`: it would also stop any

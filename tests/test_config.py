@@ -1,4 +1,4 @@
-"""Issue 2: configs composed from parts, overrides, validation errors, round trip, CLI."""
+"""Configs composed from parts, overrides, validation errors, round trip, CLI."""
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 3: loaders read the real layouts exactly; transforms; errors name the file."""
+"""Loaders read the real layouts exactly; transforms; errors name the file."""
 from __future__ import annotations
 
 import io

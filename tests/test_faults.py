@@ -1,4 +1,4 @@
-"""Faults during training (issue 6): a Ray Train worker killed mid-run is restarted from the
+"""Faults during training: a Ray Train worker killed mid-run is restarted from the
 last checkpoint, and MLflow ends with every epoch exactly once; the MLflow server down for
 part of a sweep costs no training and nothing logged (`deeplab sync` writes it afterwards)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4: metrics equal an independent computation on random inputs."""
+"""Metrics equal an independent computation on random inputs."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Issue 4: DeepLabv3+ shapes and the reference's exact parameter counts, per registered backbone."""
+"""DeepLabv3+ shapes and the reference's exact parameter counts, per registered backbone."""
 from __future__ import annotations
 
 import pytest

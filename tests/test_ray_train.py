@@ -1,4 +1,4 @@
-"""Issue 4 on a real local Ray cluster: DDP over 2 CPU workers (gloo), `deeplab train` logged to
+"""On a real local Ray cluster: DDP over 2 CPU workers (gloo), `deeplab train` logged to
 a real sqlite MLflow store, and `deeplab eval` reproducing the logged metric."""
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_two_workers_aggregate_metrics_like_one(ray_cluster, synth_voc_root, tmp
 
 
 def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, workdir, capsys, monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")  # never logged (issue 6)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")  # never logged
     rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "train.epochs=2",
                "train.num_workers=2", "data.batch_size=4", "data.max_train_images=16", "storage.name=ddp-run"])
     assert rc == 0
@@ -52,7 +52,7 @@ def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, work
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert arts == {"checkpoint", "config.yaml", "visuals"}
-    # Issue 9: each eval's image grid and confusion matrix, named by epoch, from rank 0 only.
+    # each eval's image grid and confusion matrix, named by epoch, from rank 0 only.
     visuals = sorted(a.path for a in c.list_artifacts(run.info.run_id, "visuals"))
     assert visuals == [f"visuals/{kind}_epoch_{e:04d}.png" for kind in ("confusion", "val_images") for e in (1, 2)]
     assert run.info.artifact_uri.startswith(f"file://{workdir}/runs/mlartifacts")

@@ -1,4 +1,4 @@
-"""Issue 6, security: credentials in URIs are never stored with a run or a checkpoint, and the
+"""Credentials in URIs are never stored with a run or a checkpoint, and the
 tracking server the tool starts (`deeplab ui`) listens on 127.0.0.1 only. (Checkpoints load
 with weights_only=True: tests/test_import.py; archive extraction cannot escape its folder:
 tests/test_datasets.py. Ray's token auth is left as Ray sets it: nothing here turns it off.)"""

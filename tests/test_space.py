@@ -1,4 +1,5 @@
-"""Issue 5: the search space from YAML, and pruned trials told to Optuna as PRUNED."""
+"""The search space from YAML, and what Optuna is told of each trial (stopped ones as PRUNED, at
+the value they were stopped at)."""
 from __future__ import annotations
 
 import optuna
@@ -39,8 +40,8 @@ def test_demo_space_loads_and_samples_within_bounds():
     ({"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}, "loguniform needs low > 0"),
 ])
 def test_bad_space_is_rejected_before_ray(entry, message):
+    job = load_job(CONF / "train" / "demo.yaml")
     with pytest.raises(ConfigError, match=message):
-        job = load_job(CONF / "train" / "demo.yaml")
         check_space(validate({**job.to_dict(), "space": entry}))
 
 

@@ -1,7 +1,8 @@
-"""Issue 5: real sweeps on a local Ray cluster, logged to a real sqlite MLflow store and to a
+"""Real sweeps on a local Ray cluster, logged to a real sqlite MLflow store and to a
 real `mlflow server` process; best-checkpoint retrieval; resume after Ctrl-C."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,10 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from deeplab_sweep.search.best import fetch_best
 from deeplab_sweep.search.compose import load_job
@@ -47,50 +51,92 @@ def _runs(c: MlflowClient, experiment: str = "deeplab"):
     return parent, children
 
 
-def test_sweep_sqlite_runs_statuses_pruning_and_best_round_trip(ray_cluster, synth_voc_root, workdir, tmp_path):
-    job = load_job(_write_sweep(tmp_path, 5), [f"data.root={synth_voc_root}", "sweep.name=s1"], conf_root=CONF)
-    summary = run_sweep(job)
+@pytest.fixture(scope="module")
+def tpe_asha_sweep(ray_cluster, synth_voc_root, tmp_path_factory):
+    """One TPE + ASHA sweep on the session's cluster, read by the tests below: 5 trials, one
+    at a time (so ASHA's decisions do not depend on which trial reports first), on a space
+    wide enough that some trials are stopped early and some run all 3 epochs."""
+    workdir = tmp_path_factory.mktemp("tpe_asha")
+    cfg = _write_sweep(workdir, 5)
+    with contextlib.chdir(workdir):
+        job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=s1", "sweep.max_concurrent=1"],
+                       conf_root=CONF)
+        summary = run_sweep(job)
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     parents, children = _runs(c)
-    assert len(parents) == 1 and len(children) == 5
-    parent = parents[0]
-    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
-    assert all(r.info.status != "RUNNING" for r in parents + children), "no run left RUNNING"
-    assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"summary.json", "search_space.json",
-                                                                      "sweep_config.yaml"}
+    return SimpleNamespace(workdir=workdir, summary=summary, c=c, parents=parents, children=children,
+                           status={r.data.tags["deeplab.trial_id"]: r.data.tags["deeplab.status"] for r in children})
+
+
+def test_sweep_is_a_parent_run_with_one_child_per_trial(tpe_asha_sweep):
+    s = tpe_asha_sweep
+    assert len(s.parents) == 1 and len(s.children) == 5
+    parent = s.parents[0]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in s.children)
+    assert all(r.info.status != "RUNNING" for r in s.parents + s.children), "no run left RUNNING"
+    assert {a.path for a in s.c.list_artifacts(parent.info.run_id)} >= {
+        "summary.json", "search_space.json", "sweep_config.yaml", "param_importances.json",
+        "parallel_coordinates.png"}
     assert parent.data.tags["git_commit"] and len(parent.data.tags["dataset_fingerprint"]) == 16
 
-    statuses = {r.data.tags["deeplab.trial_id"]: r.data.tags["deeplab.status"] for r in children}
-    assert set(statuses.values()) <= {"completed", "pruned"} and "completed" in statuses.values()
-    for r in children:
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
-        trial = next(t for t in summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
+
+def test_some_trials_are_pruned_and_the_rest_complete(tpe_asha_sweep):
+    s = tpe_asha_sweep
+    assert sorted(set(s.status.values())) == ["completed", "pruned"], s.status
+
+
+def test_each_trial_run_holds_every_epoch_it_trained_and_its_checkpoint(tpe_asha_sweep):
+    s = tpe_asha_sweep
+    for r in s.children:
+        steps = [m.step for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")]
+        trial = next(t for t in s.summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
         assert steps == list(range(1, trial["epochs"] + 1))
-        assert (statuses[trial["trial_id"]] == "completed") == (trial["epochs"] == 3)
-        # all resolved params, the sampled ones with the trial's values
+        assert (s.status[trial["trial_id"]] == "completed") == (trial["epochs"] == 3)
+        assert "checkpoint" in {a.path for a in s.c.list_artifacts(r.info.run_id)}
+        assert r.data.metrics["best/val/mIoU"] == max(m.value for m in s.c.get_metric_history(r.info.run_id,
+                                                                                              "val/mIoU"))
+
+
+def test_each_trial_run_holds_all_resolved_params(tpe_asha_sweep):
+    s = tpe_asha_sweep
+    for r in s.children:
+        trial = next(t for t in s.summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
         assert float(r.data.params["train.lr"]) == pytest.approx(trial["params"]["train.lr"])
         assert r.data.params["model.output_stride"] == str(trial["params"]["model.output_stride"])
         assert r.data.params["data.max_train_images"] == "8" and len(r.data.params) >= 40
-        assert "checkpoint" in {a.path for a in c.list_artifacts(r.info.run_id)}
 
-    if list(statuses.values()).count("completed") >= 2:  # enough for importances and the plot
-        assert {"param_importances.json", "parallel_coordinates.png"} <= {
-            a.path for a in c.list_artifacts(parent.info.run_id)}
 
-    # What Optuna was told matches what ASHA did.
-    n_pruned = list(statuses.values()).count("pruned")
-    assert summary["optuna_states"].get("PRUNED", 0) == n_pruned
-    assert summary["optuna_states"].get("COMPLETE", 0) == 5 - n_pruned
+def test_optuna_heard_each_trial_as_mlflow_logged_it(tpe_asha_sweep):
+    """Read back from Optuna's own storage: a pruned trial's last intermediate value is the
+    metric of its last epoch in MLflow, at that epoch (Ray never passes the stopping result
+    to the searcher's on_trial_result); a completed trial's value is its last epoch's."""
+    s = tpe_asha_sweep
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{s.workdir}/runs/optuna.db")
+    by_lr = {t.params["train.lr"]: t for t in study.trials}
+    assert len(by_lr) == len(s.children) == 5
+    for r in s.children:
+        history = s.c.get_metric_history(r.info.run_id, "val/mIoU")
+        last = max(history, key=lambda m: m.step)
+        trial = next(t for lr, t in by_lr.items() if lr == pytest.approx(float(r.data.params["train.lr"])))
+        assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+        if s.status[r.data.tags["deeplab.trial_id"]] == "pruned":
+            assert trial.state == TrialState.PRUNED
+            assert trial.intermediate_values[last.step] == pytest.approx(last.value)
+        else:
+            assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(last.value)
+    assert s.summary["optuna_states"] == {
+        "COMPLETE": list(s.status.values()).count("completed"), "PRUNED": list(s.status.values()).count("pruned")}
 
-    # Retrieval: best through MLflow, downloaded, loaded; eval reproduces the logged metric.
-    info = fetch_best(f"sqlite:///{workdir}/runs/mlflow.db", "deeplab", workdir / "best", sweep="s1",
+
+def test_best_is_found_through_mlflow_loaded_and_reproduced(tpe_asha_sweep):
+    s = tpe_asha_sweep
+    info = fetch_best(f"sqlite:///{s.workdir}/runs/mlflow.db", "deeplab", s.workdir / "best", sweep="s1",
                       register="tiny", alias="champion")
-    assert info["run_id"] == parent.data.tags["best_run_id"] == summary["best"]["run_id"]
-    assert info["value"] == pytest.approx(summary["best"]["val/mIoU"])
+    assert info["run_id"] == s.parents[0].data.tags["best_run_id"] == s.summary["best"]["run_id"]
+    assert info["value"] == pytest.approx(s.summary["best"]["val/mIoU"])
     assert torch.load(info["local_path"], weights_only=True)["epoch"] == info["checkpoint_epoch"]
     assert evaluate_checkpoint(info["local_path"])["val/mIoU"] == info["value"]
-    mv = c.get_model_version_by_alias("tiny", "champion")
-    assert mv.run_id == info["run_id"]
+    assert s.c.get_model_version_by_alias("tiny", "champion").run_id == info["run_id"]
 
 
 def test_best_cli_json_and_unknown_experiment(workdir, capsys):

@@ -1,4 +1,4 @@
-"""Issue 9: reference parity. Your own model through `model.factory` (checked before Ray),
+"""Your own model through `model.factory` (checked before Ray),
 `model.norm` bn | syncbn | gn, visual validation PNGs in MLflow, and validation on centre crops
 or whole images."""
 from __future__ import annotations
@@ -67,8 +67,11 @@ def test_bad_factory_is_named_by_the_cli_before_ray(factory, message, synth_voc_
 
 
 def test_check_model_accepts_every_builtin_variant():
+    from tests.test_models import PARAMS  # the reference implementation's counts
+
+    # GroupNorm has a weight and bias per channel, as BatchNorm: the same parameter count.
     for backbone in registered_backbones():
-        check_model(ModelConfig(backbone=backbone, norm="gn"), 21)
+        assert check_model(ModelConfig(backbone=backbone, norm="gn"), 21) == PARAMS[backbone]
 
 
 @pytest.mark.parametrize("backbone", registered_backbones())

@@ -1,4 +1,4 @@
-"""Issue 8 (part): reference-implementation checkpoints imported strictly, and fine-tuning
+"""Reference-implementation checkpoints imported strictly, and fine-tuning
 from a checkpoint with clear errors for the wrong classes or backbone."""
 from __future__ import annotations
 
