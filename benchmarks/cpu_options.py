@@ -5,6 +5,7 @@ engine's own `train_one_epoch` with the same model, batch and random data.
 
 Prints images/s per option (after warm-up steps; torch.compile's compile time is printed apart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def measure(args, threads: int, channels_last: bool, compiled: bool) -> tuple[float, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_job(CONF / "train" / "demo.yaml", [
-        "data.root=/unused", f"model.backbone={args.backbone}", f"train.channels_last={str(channels_last).lower()}"]).run
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        ["data.root=/unused", f"model.backbone={args.backbone}", f"train.channels_last={str(channels_last).lower()}"],
+    ).run
     model = build_from_config(cfg.model, cfg.data.num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -35,8 +38,13 @@ def measure(args, threads: int, channels_last: bool, compiled: bool) -> tuple[fl
     if compiled:
         model = torch.compile(model)
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(args.batch, 3, args.crop, args.crop, generator=g),
-             torch.randint(0, 21, (args.batch, args.crop, args.crop), generator=g)) for _ in range(args.iters)]
+    data = [
+        (
+            torch.randn(args.batch, 3, args.crop, args.crop, generator=g),
+            torch.randint(0, 21, (args.batch, args.crop, args.crop), generator=g),
+        )
+        for _ in range(args.iters)
+    ]
     device = torch.device("cpu")
     t = time.perf_counter()
     train_one_epoch(model, data[:2], opt, sched, scaler, cfg, device, 1)  # warm-up (and compile)
@@ -53,8 +61,10 @@ def main():
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--no-compile", action="store_true")
     args = p.parse_args()
-    print(f"{args.backbone} crop {args.crop} batch {args.batch}, {args.iters} timed steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads available")
+    print(
+        f"{args.backbone} crop {args.crop} batch {args.batch}, {args.iters} timed steps, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads available"
+    )
     base = None
     options = [(1, False, False), (2, False, False), (2, True, False)]
     if not args.no_compile:

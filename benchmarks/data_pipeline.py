@@ -6,6 +6,7 @@ images/s, against a PIL pipeline written the way the seed project's transforms a
 Prints one line per (pipeline, crop, loader workers). Real VOC images are ~500x375: the
 generated ones here have that size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from deeplab_sweep.datasets.voc import VOCSegmentation
 from deeplab_sweep.datasets.synth import synth_voc
 from deeplab_sweep.datasets.transforms import MEAN, STD, train_transform
+from deeplab_sweep.datasets.voc import VOCSegmentation
 
 
 class SeedPILPipeline(Dataset):
@@ -86,8 +87,10 @@ def main():
             for workers in args.workers:
                 ours = measure(VOCSegmentation(root, "train", transform=train_transform(crop)), workers)
                 seed = measure(SeedPILPipeline(samples, crop), workers)
-                print(f"crop {crop:>3}  loader workers {workers}:  ours {ours:7.1f} img/s   "
-                      f"seed-style PIL {seed:7.1f} img/s   ratio {ours / seed:4.2f}x")
+                print(
+                    f"crop {crop:>3}  loader workers {workers}:  ours {ours:7.1f} img/s   "
+                    f"seed-style PIL {seed:7.1f} img/s   ratio {ours / seed:4.2f}x"
+                )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (main process)")
 
 

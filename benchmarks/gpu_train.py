@@ -8,6 +8,7 @@ Batches are random, pinned in host memory and copied in each step (as the DataLo
 be), so the figures are the model + optimiser step, not the data pipeline (data_pipeline.py).
 Ray Train is not part of this run: its per-step overhead is measured on CPU (train_overhead.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,10 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = p.parse_args()
     device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}, "
-          f"crop {args.crop}, batch {args.batch}, OS {args.os}, {args.iters} timed steps after {args.warmup}")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}, "
+        f"crop {args.crop}, batch {args.batch}, OS {args.os}, {args.iters} timed steps after {args.warmup}"
+    )
     data = make_batches(4, args.batch, args.crop, 21)
     print(f"{'backbone':10} {'variant':18} {'loop':6} {'img/s':>8} {'peak GiB':>9}")
     for backbone in args.backbones:
@@ -113,16 +116,26 @@ def main():
         for name in args.variants:
             amp, cl, bench, norm = VARIANTS[name]
             torch.backends.cudnn.benchmark = bench
-            cfg = load_job(CONF / "train" / "demo.yaml", [
-                "data.root=/unused", f"model.backbone={backbone}", f"model.output_stride={args.os}",
-                f"model.norm={norm}", f"train.amp={amp}", f"train.channels_last={str(cl).lower()}",
-                "train.lr=0.01"]).run
+            cfg = load_job(
+                CONF / "train" / "demo.yaml",
+                [
+                    "data.root=/unused",
+                    f"model.backbone={backbone}",
+                    f"model.output_stride={args.os}",
+                    f"model.norm={norm}",
+                    f"train.amp={amp}",
+                    f"train.channels_last={str(cl).lower()}",
+                    "train.lr=0.01",
+                ],
+            ).run
             loops = ("bare", "engine") if norm == "bn" and amp != "fp16" else ("engine",)
             for loop in loops:
                 ips, peak = measure(cfg, device, data, args.warmup, args.iters, bare=loop == "bare")
                 base = base or ips
-                print(f"{backbone:10} {name:18} {loop:6} {ips:8.1f} {peak:9.1f}   ({ips / base:.2f}x fp32 bare)",
-                      flush=True)
+                print(
+                    f"{backbone:10} {name:18} {loop:6} {ips:8.1f} {peak:9.1f}   ({ips / base:.2f}x fp32 bare)",
+                    flush=True,
+                )
     print(f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

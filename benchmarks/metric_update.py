@@ -3,6 +3,7 @@ bincount, on the tensors' device) against the reference's numpy bincount per ima
 
     python benchmarks/metric_update.py [--repeat 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ def numpy_reference(hist: np.ndarray, gts: np.ndarray, preds: np.ndarray, n: int
     for lt, lp in zip(gts, preds, strict=True):
         lt, lp = lt.flatten(), lp.flatten()
         mask = (lt >= 0) & (lt < n)
-        hist += np.bincount(n * lt[mask].astype(int) + lp[mask], minlength=n ** 2).reshape(n, n)
+        hist += np.bincount(n * lt[mask].astype(int) + lp[mask], minlength=n**2).reshape(n, n)
 
 
 def timeit(fn, repeat: int) -> float:

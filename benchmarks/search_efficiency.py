@@ -8,6 +8,7 @@ Both sweeps are real `run_sweep` calls (local Ray, sqlite MLflow in a temp folde
 space; compute is counted from Ray's per-epoch results in time order, so epochs of trials
 running side by side count as they happen.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import time
 from pathlib import Path
 
 from deeplab_sweep.search.compose import load_job
-from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.search.sync import read_trials
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -39,10 +40,20 @@ space:
 
 def sweep(tmp: Path, name: str, search: str, asha: bool, trials: int, epochs: int, seed: int) -> list[dict]:
     cfg = tmp / f"{name}.yaml"
-    cfg.write_text(SPACE % {"epochs": epochs, "search": search, "trials": trials, "seed": seed, "name": name,
-                            "asha": str(asha).lower()})
-    job = load_job(cfg, [f"data.root={tmp / 'voc'}", "data.synthesize=true", f"storage.path={tmp / 'ray'}",
-                         f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db"], conf_root=CONF)
+    cfg.write_text(
+        SPACE
+        % {"epochs": epochs, "search": search, "trials": trials, "seed": seed, "name": name, "asha": str(asha).lower()}
+    )
+    job = load_job(
+        cfg,
+        [
+            f"data.root={tmp / 'voc'}",
+            "data.synthesize=true",
+            f"storage.path={tmp / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        ],
+        conf_root=CONF,
+    )
     t = time.perf_counter()
     run_sweep(job)
     rows = [r for rec in read_trials(Storage(str(tmp / "ray" / name))) for r in rec.rows if not r.get("replayed")]
@@ -70,8 +81,10 @@ def main():
     budget = len(rand)
     best = max(r["val/mIoU"] for r in rand)
     print(f"random search, {args.trials} trials x {args.epochs} epochs: {budget} epochs, best val/mIoU {best:.4f}")
-    print(f"TPE + ASHA, {args.trials} trials: {len(tpe)} epochs in all ({len(tpe) / budget:.0%}), "
-          f"best val/mIoU {max(r['val/mIoU'] for r in tpe):.4f}")
+    print(
+        f"TPE + ASHA, {args.trials} trials: {len(tpe)} epochs in all ({len(tpe) / budget:.0%}), "
+        f"best val/mIoU {max(r['val/mIoU'] for r in tpe):.4f}"
+    )
     out = {"random_epochs": budget, "random_best": best, "tpe_asha_epochs": len(tpe)}
     for frac in (1.0, 0.98, 0.95):
         n = epochs_to_reach(tpe, frac * best)

@@ -4,6 +4,7 @@ end of its first epoch's training, minus that training).
 
     python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,21 @@ def main():
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        job = load_job(CONF / "sweep" / "demo.yaml", [
-            f"data.root={tmp}/voc", f"storage.path={tmp}/ray", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
-            f"mlflow.artifact_location={tmp}/art", f"sweep.num_samples={args.trials}", f"train.epochs={args.epochs}",
-            "sweep.asha.enabled=false", "sweep.name=overhead", "data.max_train_images=16", "data.max_val_images=4"])
+        job = load_job(
+            CONF / "sweep" / "demo.yaml",
+            [
+                f"data.root={tmp}/voc",
+                f"storage.path={tmp}/ray",
+                f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                f"mlflow.artifact_location={tmp}/art",
+                f"sweep.num_samples={args.trials}",
+                f"train.epochs={args.epochs}",
+                "sweep.asha.enabled=false",
+                "sweep.name=overhead",
+                "data.max_train_images=16",
+                "data.max_val_images=4",
+            ],
+        )
         start = time.perf_counter()
         run_sweep(job)
         wall = time.perf_counter() - start
@@ -46,8 +58,10 @@ def main():
     print(f"{n} trials x {args.epochs} epochs (16 images/epoch, mobilenet_v2 demo config), 2 trials at a time")
     print(f"sweep wall time           {wall:7.1f} s (includes Ray start/stop, MLflow set-up, importances)")
     print(f"sum of trial lifetimes    {total_trial:7.1f} s; of which training {train:.1f} s")
-    print(f"per-trial start-up + first eval/checkpoint: mean {sum(r[2] for r in rows) / n:.1f} s "
-          f"(min {min(r[2] for r in rows):.1f}, max {max(r[2] for r in rows):.1f})")
+    print(
+        f"per-trial start-up + first eval/checkpoint: mean {sum(r[2] for r in rows) / n:.1f} s "
+        f"(min {min(r[2] for r in rows):.1f}, max {max(r[2] for r in rows):.1f})"
+    )
     print(f"per-trial overhead beyond training: {(total_trial - train) / n:.1f} s")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (driver)")
 

@@ -8,6 +8,7 @@
 Overhead = (time per image under Ray) / (time per image bare) - 1. Per-epoch data/eval time is
 excluded: each figure is train images/s of the training epochs after a warm-up epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def engine_ray(cfg, workers: int) -> float:
     from deeplab_sweep.search.cluster import runtime_env
     from deeplab_sweep.trainable.ray_train import build_trainer
 
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers, "cpus_per_worker": 1.0})})
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"num_workers": workers, "cpus_per_worker": 1.0})}
+    )
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False, runtime_env=runtime_env(), include_dashboard=True)
     with tempfile.TemporaryDirectory() as storage:
@@ -85,12 +88,24 @@ def main():
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = synth_voc(Path(tmp) / "voc", n_train=args.images, n_val=2, n_aug_extra=0, size=(200, 150))
-        cfg = load_job(CONF / "train" / "demo.yaml", [
-            f"data.root={root}", f"model.backbone={args.backbone}", f"data.crop_size={args.crop}",
-            f"data.batch_size={args.batch}", f"train.epochs={args.epochs}", f"train.torch_threads={args.threads}",
-            f"train.keep_checkpoints={args.epochs}", "data.scale_min=1.0", "data.scale_max=1.0"]).run
-        print(f"{args.backbone} crop {args.crop} batch {args.batch}, {args.images} images/epoch, "
-              f"{args.epochs} epochs (first = warm-up), torch threads {args.threads}, torch {torch.__version__}")
+        cfg = load_job(
+            CONF / "train" / "demo.yaml",
+            [
+                f"data.root={root}",
+                f"model.backbone={args.backbone}",
+                f"data.crop_size={args.crop}",
+                f"data.batch_size={args.batch}",
+                f"train.epochs={args.epochs}",
+                f"train.torch_threads={args.threads}",
+                f"train.keep_checkpoints={args.epochs}",
+                "data.scale_min=1.0",
+                "data.scale_max=1.0",
+            ],
+        ).run
+        print(
+            f"{args.backbone} crop {args.crop} batch {args.batch}, {args.images} images/epoch, "
+            f"{args.epochs} epochs (first = warm-up), torch threads {args.threads}, torch {torch.__version__}"
+        )
         bare = bare_loop(cfg, args.epochs)
         local = engine_local(cfg)
         ray1 = engine_ray(cfg, 1)

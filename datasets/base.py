@@ -1,4 +1,5 @@
 """Reading image/mask pairs with fast decoders, and errors that name the file."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,8 +14,9 @@ from deeplab_sweep.errors import DatasetError
 
 # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they remain the fastest
 # decoders in the pinned pair (libjpeg-turbo, libpng), so the warning is silenced here only.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 __all__ = ["DatasetError", "SegmentationDataset", "read_image", "read_mask", "read_id_list"]
@@ -57,8 +59,14 @@ class SegmentationDataset(Dataset):
     file's name. `lut` maps stored values to class ids (Cityscapes labelIds -> trainIds).
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, Path]], max_label: int,
-                 lut: torch.Tensor | None = None, transform: Callable | None = None, limit: int | None = None):
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, Path]],
+        max_label: int,
+        lut: torch.Tensor | None = None,
+        transform: Callable | None = None,
+        limit: int | None = None,
+    ):
         self.samples = list(samples)[:limit] if limit else list(samples)
         self.transform = transform
         self.lut = lut
@@ -72,8 +80,10 @@ class SegmentationDataset(Dataset):
         img_path, mask_path = self.samples[index]
         image, raw = read_image(img_path), read_mask(mask_path)
         if image.shape[-2:] != raw.shape:
-            raise DatasetError(f"{mask_path}: mask size {tuple(raw.shape)} differs from image "
-                               f"{img_path.name} size {tuple(image.shape[-2:])}")
+            raise DatasetError(
+                f"{mask_path}: mask size {tuple(raw.shape)} differs from image "
+                f"{img_path.name} size {tuple(image.shape[-2:])}"
+            )
         # uint8 wraps 255 (void) to 0: one add and one max check every pixel of the mask.
         if int((raw + 1).max()) > self.max_label + 1:
             values = [v for v in raw.unique().tolist() if v > self.max_label and v != 255]
@@ -92,4 +102,3 @@ def read_id_list(path: Path) -> list[str]:
         return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         raise DatasetError(f"{path}: split list is missing") from None
-

@@ -6,6 +6,7 @@ below plus its loader module.
 Imports neither Ray nor MLflow nor the model: usable from any data pipeline. Nor torch, until a
 loader is called: the CLI reads this table to parse its arguments.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -62,16 +63,42 @@ class DatasetSpec:
 
 _VOC_PALETTE = tuple(labels.voc_palette())
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec("voc", _voc, {"train": "train", "val": "val"}, ("train", "val", "trainval"),
-                labels.VOC_CLASSES, _VOC_PALETTE, synth.synth_voc, download.download_voc),
-    # VOC with the SBD-augmented train list (10,582 images): differs from voc in its train split.
-    DatasetSpec("voc_aug", _voc, {"train": "train_aug", "val": "val"}, ("train_aug", "val"),
-                labels.VOC_CLASSES, _VOC_PALETTE, synth.synth_voc, download.download_voc),
-    DatasetSpec("cityscapes", _cityscapes, {"train": "train", "val": "val"}, ("train", "val"),
-                labels.CITYSCAPES_CLASSES, tuple(labels.cityscapes_palette()), synth.synth_cityscapes,
-                download.prepare_cityscapes),
-)}
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "voc",
+            _voc,
+            {"train": "train", "val": "val"},
+            ("train", "val", "trainval"),
+            labels.VOC_CLASSES,
+            _VOC_PALETTE,
+            synth.synth_voc,
+            download.download_voc,
+        ),
+        # VOC with the SBD-augmented train list (10,582 images): differs from voc in its train split.
+        DatasetSpec(
+            "voc_aug",
+            _voc,
+            {"train": "train_aug", "val": "val"},
+            ("train_aug", "val"),
+            labels.VOC_CLASSES,
+            _VOC_PALETTE,
+            synth.synth_voc,
+            download.download_voc,
+        ),
+        DatasetSpec(
+            "cityscapes",
+            _cityscapes,
+            {"train": "train", "val": "val"},
+            ("train", "val"),
+            labels.CITYSCAPES_CLASSES,
+            tuple(labels.cityscapes_palette()),
+            synth.synth_cityscapes,
+            download.prepare_cityscapes,
+        ),
+    )
+}
 
 
 def get_dataset(name: str) -> DatasetSpec:

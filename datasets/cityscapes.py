@@ -4,6 +4,7 @@ Layout: leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
         gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
 (_color.png, _instanceIds.png and _polygons.json beside them are not read.)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,5 +37,10 @@ def cityscapes_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
 class Cityscapes(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transform=None, limit: int | None = None):
         self.root, self.split = Path(root), split
-        super().__init__(cityscapes_samples(root, split), CITYSCAPES_MAX_LABEL_ID, lut=cityscapes_lut(),
-                         transform=transform, limit=limit)
+        super().__init__(
+            cityscapes_samples(root, split),
+            CITYSCAPES_MAX_LABEL_ID,
+            lut=cityscapes_lut(),
+            transform=transform,
+            limit=limit,
+        )

@@ -3,6 +3,7 @@
 These machines may have no route to the dataset hosts; every network step fails fast with a
 message saying which file to place where, so a user can copy it in by hand.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ def fetch(url: str, dest: Path, md5: str | None = None, timeout: float = TIMEOUT
                     f.write(block)
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DatasetError(f"cannot download {url} ({reason}); download it elsewhere and place it at {dest}, "
-                           "then run the same command again") from None
+        raise DatasetError(
+            f"cannot download {url} ({reason}); download it elsewhere and place it at {dest}, "
+            "then run the same command again"
+        ) from None
     if md5 is not None and (got := md5sum(part)) != md5:
         raise DatasetError(f"{part}: md5 {got} does not match {md5}; delete it and download again")
     part.rename(dest)
@@ -75,7 +78,9 @@ def safe_extract(archive: Path, out: Path) -> None:
         raise DatasetError(f"{archive}: not a readable tar or zip archive ({e})") from None
     with tf:
         for m in tf.getmembers():
-            if not _inside(out, m.name) or ((m.issym() or m.islnk()) and not _inside(out, os.path.join(os.path.dirname(m.name), m.linkname))):
+            if not _inside(out, m.name) or (
+                (m.issym() or m.islnk()) and not _inside(out, os.path.join(os.path.dirname(m.name), m.linkname))
+            ):
                 raise DatasetError(f"{archive}: member {m.name!r} would extract outside {out}; refused")
         # The 'data' filter also drops device files and unsafe permissions.
         tf.extractall(out, filter="data")
@@ -96,7 +101,8 @@ def prepare_cityscapes(root: str | Path) -> Path:
     if missing:
         raise DatasetError(
             f"Cityscapes requires a login at cityscapes-dataset.com: download {' and '.join(missing)} "
-            f"there and place them in {root}/, then run the same command again")
+            f"there and place them in {root}/, then run the same command again"
+        )
     for z in CITYSCAPES_ZIPS:
         safe_extract(root / z, root)
     return root

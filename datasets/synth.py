@@ -3,6 +3,7 @@
 Classes are learnable: each class has its own colour and shape, drawn over a noisy background,
 so a small model can fit them and a sweep has a signal to find.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def _voc_sample(rng: np.random.Generator, classes: list[int], w: int, h: int, vo
     if void_border:
         # VOC marks object boundaries as void (255), a few pixels wide.
         o = np.array(outline)
-        edge = (np.array(Image.fromarray(o).filter(ImageFilter.MaxFilter(5))) > 0) & \
-               (np.array(Image.fromarray(o).filter(ImageFilter.MinFilter(5))) == 0)
+        edge = (np.array(Image.fromarray(o).filter(ImageFilter.MaxFilter(5))) > 0) & (
+            np.array(Image.fromarray(o).filter(ImageFilter.MinFilter(5))) == 0
+        )
         m = np.where(edge, 255, m).astype(np.uint8)
     return image.filter(ImageFilter.GaussianBlur(0.6)), m
 
@@ -63,8 +65,15 @@ def _save_palette_png(mask: np.ndarray, path: Path) -> None:
     im.save(path)
 
 
-def synth_voc(out: str | Path, n_train: int = 24, n_val: int = 8, n_aug_extra: int = 16, size=(160, 120),
-              num_object_classes: int = 5, seed: int = 0) -> Path:
+def synth_voc(
+    out: str | Path,
+    n_train: int = 24,
+    n_val: int = 8,
+    n_aug_extra: int = 16,
+    size=(160, 120),
+    num_object_classes: int = 5,
+    seed: int = 0,
+) -> Path:
     """VOCdevkit/VOC2012 with train/val/trainval lists, palette masks with void borders, and a
     SegmentationClassAug folder + train_aug.txt (train + extra ids, with some val ids that the
     loader must drop, as the real list is used)."""
@@ -74,9 +83,11 @@ def synth_voc(out: str | Path, n_train: int = 24, n_val: int = 8, n_aug_extra: i
         (base / d).mkdir(parents=True, exist_ok=True)
     classes = list(range(1, num_object_classes + 1))
     w, h = size
-    ids = {"train": [f"2007_{i:06d}" for i in range(n_train)],
-           "val": [f"2008_{i:06d}" for i in range(n_val)],
-           "aug": [f"2011_{i:06d}" for i in range(n_aug_extra)]}
+    ids = {
+        "train": [f"2007_{i:06d}" for i in range(n_train)],
+        "val": [f"2008_{i:06d}" for i in range(n_val)],
+        "aug": [f"2011_{i:06d}" for i in range(n_aug_extra)],
+    }
     for split, names in ids.items():
         for name in names:
             # VOC image sizes vary (about 500x375); vary ours too so batching is exercised.
@@ -97,7 +108,17 @@ def synth_voc(out: str | Path, n_train: int = 24, n_val: int = 8, n_aug_extra: i
 
 
 # Drawn Cityscapes scene: (labelId, kind) layers, back to front.
-_CS_ROAD, _CS_SIDEWALK, _CS_BUILDING, _CS_SKY, _CS_VEG, _CS_CAR, _CS_PERSON, _CS_EGO, _CS_STATIC = 7, 8, 11, 23, 21, 26, 24, 1, 4
+_CS_ROAD, _CS_SIDEWALK, _CS_BUILDING, _CS_SKY, _CS_VEG, _CS_CAR, _CS_PERSON, _CS_EGO, _CS_STATIC = (
+    7,
+    8,
+    11,
+    23,
+    21,
+    26,
+    24,
+    1,
+    4,
+)
 _CS_COLOURS = {lid: colour for _, lid, _, colour in CITYSCAPES_LABELS if lid >= 0}
 
 
@@ -111,7 +132,10 @@ def _cityscapes_sample(rng: np.random.Generator, w: int, h: int):
     d = ImageDraw.Draw(lab)
     for _ in range(int(rng.integers(2, 5))):
         x0 = int(rng.integers(0, w - w // 6))
-        d.rectangle((x0, int(horizon * rng.uniform(0.2, 0.7)), x0 + int(rng.integers(w // 8, w // 4)), horizon), fill=_CS_BUILDING)
+        d.rectangle(
+            (x0, int(horizon * rng.uniform(0.2, 0.7)), x0 + int(rng.integers(w // 8, w // 4)), horizon),
+            fill=_CS_BUILDING,
+        )
     x0 = int(rng.integers(0, w - w // 8))
     d.ellipse((x0, horizon - h // 6, x0 + w // 8, horizon + h // 20), fill=_CS_VEG)
     for _ in range(int(rng.integers(1, 3))):
@@ -148,5 +172,7 @@ def synth_cityscapes(out: str | Path, n_train: int = 12, n_val: int = 4, size=(2
             # The files the loader must ignore, present as in the real download.
             Image.fromarray(colour).save(gt_dir / f"{stem}_gtFine_color.png")
             Image.fromarray(ids.astype(np.uint16) * 1000).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
-            (gt_dir / f"{stem}_gtFine_polygons.json").write_text(json.dumps({"imgHeight": h, "imgWidth": w, "objects": []}))
+            (gt_dir / f"{stem}_gtFine_polygons.json").write_text(
+                json.dumps({"imgHeight": h, "imgWidth": w, "objects": []})
+            )
     return Path(out)

@@ -1,5 +1,6 @@
 """Joint image/mask transforms on torchvision.transforms.v2 (tv_tensors keep the mask exact:
 nearest-neighbour resizing, padding with 255 so padding never counts as background)."""
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,11 @@ class RandomScaleCrop(v2.Transform):
         width = max(1, min(round(cw / s), w - left))
         pt = int(torch.randint(0, self.crop - ch + 1, ()))
         pl = int(torch.randint(0, self.crop - cw + 1, ()))
-        return {"box": (top, left, height, width), "size": [ch, cw],
-                "pad": [pl, pt, self.crop - cw - pl, self.crop - ch - pt]}
+        return {
+            "box": (top, left, height, width),
+            "size": [ch, cw],
+            "pad": [pl, pt, self.crop - cw - pl, self.crop - ch - pt],
+        }
 
     def transform(self, inpt, params):
         out = self._call_kernel(F.resized_crop, inpt, *params["box"], size=params["size"], antialias=True)
@@ -77,11 +81,15 @@ class JointTransform:
 
 
 def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0) -> JointTransform:
-    return JointTransform(v2.Compose([
-        RandomScaleCrop(crop_size, scale_min, scale_max),
-        v2.RandomHorizontalFlip(),
-        _Finish(),
-    ]))
+    return JointTransform(
+        v2.Compose(
+            [
+                RandomScaleCrop(crop_size, scale_min, scale_max),
+                v2.RandomHorizontalFlip(),
+                _Finish(),
+            ]
+        )
+    )
 
 
 def val_transform(crop_size: int | None = None) -> JointTransform:

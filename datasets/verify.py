@@ -1,4 +1,5 @@
 """Check a dataset root: layout, image/mask pairs, sizes and label values, file by file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

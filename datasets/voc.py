@@ -7,6 +7,7 @@ Layout (root is the folder that holds VOCdevkit/):
   VOCdevkit/VOC2012/SegmentationClassAug/{id}.png       trainaug masks (grey PNG, indices)
   VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt  10,582 ids (val ids are removed)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,9 @@ def voc_samples(root: str | Path, split: str) -> list[tuple[Path, Path]]:
         ids = [i for i in ids if i not in val]
         masks = base / "SegmentationClassAug"
         if not masks.is_dir():
-            raise DatasetError(f"{masks}: SegmentationClassAug folder not found (extract SegmentationClassAug.zip there)")
+            raise DatasetError(
+                f"{masks}: SegmentationClassAug folder not found (extract SegmentationClassAug.zip there)"
+            )
     else:
         ids = read_id_list(lists / f"{split}.txt")
         masks = base / "SegmentationClass"

@@ -5,6 +5,7 @@ into exit codes. This module imports nothing, so the lowest layer (datasets) may
   file, key or value, before any cluster work.
 - `RunFailed` (exit 1): a run that started and then failed on its own (its innermost error).
 """
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """`deeplab best`: the best run of an experiment found through MLflow, its checkpoint
 downloaded, loaded and described; optionally registered in the model registry."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,27 +15,43 @@ from deeplab_sweep.trainable.inference import load_model
 from deeplab_sweep.trainable.run_config import DEFAULT_METRIC
 
 
-def find_best_run(c: MlflowClient, experiment: str, metric: str = DEFAULT_METRIC, mode: str = "max",
-                  sweep: str | None = None):
+def find_best_run(
+    c: MlflowClient, experiment: str, metric: str = DEFAULT_METRIC, mode: str = "max", sweep: str | None = None
+):
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in c.search_experiments()]
-        raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment; known: {', '.join(names) or 'none'}")
+        raise ConfigError(
+            f"--experiment {experiment!r}: no such MLflow experiment; known: {', '.join(names) or 'none'}"
+        )
     filters = [f"tags.`{tracking.KIND_TAG}` != '{tracking.KIND_SWEEP}'", "attributes.status != 'FAILED'"]
     if sweep:
         filters.append(f"tags.`{tracking.SWEEP_TAG}` = '{sweep}'")
     order = "DESC" if mode == "max" else "ASC"
-    runs = c.search_runs([exp.experiment_id], filter_string=" and ".join(filters),
-                         order_by=[f"metrics.`best/{metric}` {order}"], max_results=50)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=" and ".join(filters),
+        order_by=[f"metrics.`best/{metric}` {order}"],
+        max_results=50,
+    )
     runs = [r for r in runs if f"best/{metric}" in r.data.metrics]
     if not runs:
-        raise ConfigError(f"--metric {metric!r}: no run in experiment {experiment!r} logged best/{metric} "
-                          "with a checkpoint")
+        raise ConfigError(
+            f"--metric {metric!r}: no run in experiment {experiment!r} logged best/{metric} with a checkpoint"
+        )
     return runs[0]
 
 
-def fetch_best(tracking_uri: str, experiment: str, out: Path, metric: str = DEFAULT_METRIC, mode: str = "max",
-               sweep: str | None = None, register: str | None = None, alias: str = "best") -> dict:
+def fetch_best(
+    tracking_uri: str,
+    experiment: str,
+    out: Path,
+    metric: str = DEFAULT_METRIC,
+    mode: str = "max",
+    sweep: str | None = None,
+    register: str | None = None,
+    alias: str = "best",
+) -> dict:
     check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
@@ -46,15 +63,27 @@ def fetch_best(tracking_uri: str, experiment: str, out: Path, metric: str = DEFA
         raise ConfigError(f"--tracking-uri {tracking_uri!r}: {str(e).splitlines()[0][:300]}") from None
     model, cfg, ckpt = load_model(local)  # proves the checkpoint loads, not only that it downloaded
     info = {
-        "run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment,
-        "metric": metric, "value": run.data.metrics[f"best/{metric}"],
-        "checkpoint_epoch": ckpt["epoch"], "checkpoint_metric": ckpt["metrics"].get(metric),
-        "local_path": str(local / "checkpoint.pt"), "artifact_uri": f"{run.info.artifact_uri}/checkpoint",
-        "params": {k: v for k, v in sorted(run.data.params.items())
-                   if k.split(".")[0] in ("model", "train", "data") and not k.startswith("data.root")},
-        "model": {"backbone": cfg.model.backbone, "output_stride": cfg.model.output_stride,
-                  "num_classes": cfg.data.num_classes, "dataset": cfg.data.name,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "experiment": experiment,
+        "metric": metric,
+        "value": run.data.metrics[f"best/{metric}"],
+        "checkpoint_epoch": ckpt["epoch"],
+        "checkpoint_metric": ckpt["metrics"].get(metric),
+        "local_path": str(local / "checkpoint.pt"),
+        "artifact_uri": f"{run.info.artifact_uri}/checkpoint",
+        "params": {
+            k: v
+            for k, v in sorted(run.data.params.items())
+            if k.split(".")[0] in ("model", "train", "data") and not k.startswith("data.root")
+        },
+        "model": {
+            "backbone": cfg.model.backbone,
+            "output_stride": cfg.model.output_stride,
+            "num_classes": cfg.data.num_classes,
+            "dataset": cfg.data.name,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
     }
     if register:
         info["registered"] = _register(c, run.info.run_id, register, alias)

@@ -1,4 +1,5 @@
 """Starting or joining Ray, quietly, and shutting down only what we started."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
             pass
     except (OSError, ValueError) as e:
-        raise ServiceUnreachable(f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
-                          "start one with `ray start --head` or leave the address unset for a local Ray") from None
+        raise ServiceUnreachable(
+            f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
+            "start one with `ray start --head` or leave the address unset for a local Ray"
+        ) from None
     return address
 
 
@@ -45,10 +48,13 @@ def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: boo
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
-                      object_store_memory=cluster.object_store_memory,
-                      # The dashboard process frees a stopped trial's placement group; keep it.
-                      include_dashboard=True)
+        kwargs.update(
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            object_store_memory=cluster.object_store_memory,
+            # The dashboard process frees a stopped trial's placement group; keep it.
+            include_dashboard=True,
+        )
     started = not ray.is_initialized()
     if started:
         try:

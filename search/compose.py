@@ -7,6 +7,7 @@ A file may list `defaults:`, other files relative to the conf root (`data/voc_au
 group, e.g. `model=mobilenet_v2_os16`. The result is validated once; any problem becomes a
 `ConfigError` with a one-line message naming the key, before Ray or MLflow is touched.
 """
+
 from __future__ import annotations
 
 import copy
@@ -101,8 +102,10 @@ def _compose(path: Path, conf_root: Path, swaps: dict[str, str], seen: tuple[Pat
         dep = conf_root / f"{entry}.yaml"
         if not dep.exists():
             options = sorted(p.stem for p in (conf_root / group).glob("*.yaml")) if (conf_root / group).is_dir() else []
-            raise ConfigError(f"{path}: default {entry!r} not found under {conf_root}"
-                              + (f"; {group} options: {', '.join(options)}" if options else ""))
+            raise ConfigError(
+                f"{path}: default {entry!r} not found under {conf_root}"
+                + (f"; {group} options: {', '.join(options)}" if options else "")
+            )
         merged = deep_merge(merged, _compose(dep, conf_root, swaps, seen + (path,)))
     return deep_merge(merged, raw)
 
@@ -201,7 +204,12 @@ def check_space(job: JobConfig) -> None:
         section, _, field = key.partition(".")
         model = JobConfig.model_fields.get(section)
         field = field.split(".", 1)[0]  # model.options.<name>: a key of your own model's options
-        if not field or model is None or section in ("sweep", "space", "cluster") or field not in model.annotation.model_fields:
+        if (
+            not field
+            or model is None
+            or section in ("sweep", "space", "cluster")
+            or field not in model.annotation.model_fields
+        ):
             raise ConfigError(f"space.{key}: not a config key (use section.key, e.g. train.lr)")
         if param.depends_on is not None and param.depends_on not in job.space:
             raise ConfigError(f"space.{key}.depends_on: {param.depends_on!r} is not searched")

@@ -1,5 +1,6 @@
 """The schema of a job: one run's sections (`deeplab_sweep.trainable.run_config`) plus the
 sweep, its search space and the cluster. Composed from YAML by `search.compose`."""
+
 from __future__ import annotations
 
 from typing import Any, Literal

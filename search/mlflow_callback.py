@@ -9,6 +9,7 @@ its end. MLflow being down never stops training: the writes wait in that queue a
 again every `retry_s`; what is still queued when the sweep ends is in Ray's results, which
 `deeplab sync` (and the sweep itself, at its end) writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,19 @@ TRAIN_DIR = "train"  # under the sweep folder: the trials' Ray Train runs, named
 
 
 class MlflowTrialCallback(Callback):
-    def __init__(self, mlflow_cfg, experiment_id: str, parent_run_id: str, sweep_name: str, base_config: dict,
-                 metric: str, mode: str, max_epochs: int, sweep_uri: str, retry_s: float = 15.0):
+    def __init__(
+        self,
+        mlflow_cfg,
+        experiment_id: str,
+        parent_run_id: str,
+        sweep_name: str,
+        base_config: dict,
+        metric: str,
+        mode: str,
+        max_epochs: int,
+        sweep_uri: str,
+        retry_s: float = 15.0,
+    ):
         self.cfg, self.experiment_id, self.parent_run_id = mlflow_cfg, experiment_id, parent_run_id
         self.sweep_name, self.base, self.metric, self.mode = sweep_name, base_config, metric, mode
         self.max_epochs, self.sweep_uri, self.retry_s = max_epochs, sweep_uri, retry_s
@@ -48,8 +60,18 @@ class MlflowTrialCallback(Callback):
 
     # Tune pickles its callbacks with the experiment state: the thread and queue stay behind.
     def __getstate__(self) -> dict:
-        keep = ("cfg", "experiment_id", "parent_run_id", "sweep_name", "base", "metric", "mode", "max_epochs",
-                "sweep_uri", "retry_s")
+        keep = (
+            "cfg",
+            "experiment_id",
+            "parent_run_id",
+            "sweep_name",
+            "base",
+            "metric",
+            "mode",
+            "max_epochs",
+            "sweep_uri",
+            "retry_s",
+        )
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, state: dict) -> None:
@@ -70,8 +92,9 @@ class MlflowTrialCallback(Callback):
         self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, None, trial.local_path))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._enqueue(trial.trial_id, ("finish", dict(trial.config), tracking.FAILED, _error_reason(trial),
-                                       trial.local_path))
+        self._enqueue(
+            trial.trial_id, ("finish", dict(trial.config), tracking.FAILED, _error_reason(trial), trial.local_path)
+        )
 
     def on_experiment_end(self, trials, **info):
         self.close()
@@ -123,8 +146,11 @@ class MlflowTrialCallback(Callback):
         first = self.outage is None
         self.outage = tracking.one_line(e)
         if first:
-            print(f"MLflow is not answering; training goes on and the results are queued "
-                  f"(retried every {self.retry_s:.0f} s): {self.outage}", file=sys.stderr)
+            print(
+                f"MLflow is not answering; training goes on and the results are queued "
+                f"(retried every {self.retry_s:.0f} s): {self.outage}",
+                file=sys.stderr,
+            )
 
     def _apply(self, trial_id: str, op: tuple) -> None:
         kind, config = op[0], op[1]
@@ -148,11 +174,19 @@ class MlflowTrialCallback(Callback):
     def _writer(self, trial_id: str, config: dict) -> RunWriter:
         if trial_id not in self._writers:
             c = tracking.client(self.cfg)
-            run_id, _ = trial_run(c, self.experiment_id, self.sweep_name, trial_id, self.parent_run_id,
-                                  self._trial_config(config), reopen=True)
+            run_id, _ = trial_run(
+                c,
+                self.experiment_id,
+                self.sweep_name,
+                trial_id,
+                self.parent_run_id,
+                self._trial_config(config),
+                reopen=True,
+            )
             storage = Storage(self.sweep_uri)
-            self._writers[trial_id] = RunWriter(c, run_id, self.metric, self.mode, storage,
-                                                storage.join(TRAIN_DIR, trial_id, VISUALS_DIR))
+            self._writers[trial_id] = RunWriter(
+                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id, VISUALS_DIR)
+            )
         return self._writers[trial_id]
 
 

@@ -1,5 +1,6 @@
 """Dotted-key overrides of a config dict: `section.key=value` from the command line, and the
 values a sweep trial samples (keyed by config path)."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """Everything checked or made ready before Ray starts: paths made absolute (Ray workers run
 elsewhere), the dataset root checked or generated, the MLflow location resolved."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,11 @@ def ensure_data(job: JobConfig) -> None:
     """The dataset root exists, or is generated now when `data.synthesize` asks for it."""
     root = Path(job.data.root)
     if not root.exists() and not job.data.synthesize:
-        raise ConfigError(f"data.root = {job.data.root!r}: dataset root does not exist "
-                          f"(get it with `deeplab data download {job.data.name} --root DIR`, "
-                          "or set data.synthesize=true for generated data)")
+        raise ConfigError(
+            f"data.root = {job.data.root!r}: dataset root does not exist "
+            f"(get it with `deeplab data download {job.data.name} --root DIR`, "
+            "or set data.synthesize=true for generated data)"
+        )
     if job.data.synthesize and not any(root.glob("*")):
         job.data.spec.synth(root)
 
@@ -30,13 +33,15 @@ def prepare_job(job: JobConfig) -> JobConfig:
             raise ConfigError(f"train.init_checkpoint = {init!r}: file not found")
         init = resolve_path(str(checkpoint_file(init)))
     mlflow = tracking.resolved(job.mlflow)
-    job = job.model_copy(update={
-        "train": job.train.model_copy(update={"init_checkpoint": init}),
-        "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
-        "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
-        "mlflow": mlflow,
-        "sweep": job.sweep.model_copy(update={"optuna_storage": optuna_storage(job.sweep.optuna_storage, mlflow)}),
-    })
+    job = job.model_copy(
+        update={
+            "train": job.train.model_copy(update={"init_checkpoint": init}),
+            "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
+            "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
+            "mlflow": mlflow,
+            "sweep": job.sweep.model_copy(update={"optuna_storage": optuna_storage(job.sweep.optuna_storage, mlflow)}),
+        }
+    )
     ensure_data(job)
     if job.model.pretrained_backbone and job.train.init_checkpoint is None:
         # Fetched (or found) once here, so that N workers neither race to download it nor
@@ -111,9 +116,14 @@ def check_storage(job: JobConfig, parameters: int) -> None:
     free = shutil.disk_usage(path).free
     mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
     if free < needed:
-        raise ConfigError(f"storage.path = {job.storage.path!r}: {mb(free)} free, but one checkpoint of this model "
-                          f"takes ~{mb(needed)}")
+        raise ConfigError(
+            f"storage.path = {job.storage.path!r}: {mb(free)} free, but one checkpoint of this model "
+            f"takes ~{mb(needed)}"
+        )
     per_run = needed * (job.train.keep_checkpoints + 1)
     if free < per_run:
-        print(f"warning: storage.path = {job.storage.path!r} has {mb(free)} free; a run keeps up to "
-              f"{job.train.keep_checkpoints + 1} checkpoints of ~{mb(needed)}", file=sys.stderr)
+        print(
+            f"warning: storage.path = {job.storage.path!r} has {mb(free)} free; a run keeps up to "
+            f"{job.train.keep_checkpoints + 1} checkpoints of ~{mb(needed)}",
+            file=sys.stderr,
+        )

@@ -1,4 +1,5 @@
 """A compact live progress table for sweeps (Tune's own reporter prints a box per event)."""
+
 from __future__ import annotations
 
 import sys
@@ -24,8 +25,12 @@ class ProgressTable(Callback):
         value = r.get(self.metric)
         epochs = trial_epochs(trial.config, self.max_epochs)
         params = " ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(trial_overrides(trial.config).items()))
-        print(f"{time.strftime('%H:%M:%S'):<8} {trial.trial_id:<10} {status:<10} {r.get('epoch', 0):>3}/{epochs:<3} "
-              f"{f'{value:.4f}' if isinstance(value, float) else '-':>10}  {params}", file=sys.stdout, flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S'):<8} {trial.trial_id:<10} {status:<10} {r.get('epoch', 0):>3}/{epochs:<3} "
+            f"{f'{value:.4f}' if isinstance(value, float) else '-':>10}  {params}",
+            file=sys.stdout,
+            flush=True,
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._row(trial, "started")

@@ -1,5 +1,6 @@
 """The one place that reaches into a private Ray internal, where no public API does the job.
 tests/test_ray_internals.py fails loudly when a Ray upgrade moves it."""
+
 from __future__ import annotations
 
 

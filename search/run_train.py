@@ -1,4 +1,5 @@
 """`deeplab train`: one run of N Ray Train workers, logged to MLflow as one run by `RunWriter`."""
+
 from __future__ import annotations
 
 import sys
@@ -26,7 +27,12 @@ class MlflowReportCallback(UserCallback):
     (what is still waiting when the run ends is only in Ray's checkpoints)."""
 
     def __init__(self, tracking_uri: str, run_id: str, storage_uri: str, visuals_dir: str):
-        self.tracking_uri, self.run_id, self.storage_uri, self.visuals_dir = tracking_uri, run_id, storage_uri, visuals_dir
+        self.tracking_uri, self.run_id, self.storage_uri, self.visuals_dir = (
+            tracking_uri,
+            run_id,
+            storage_uri,
+            visuals_dir,
+        )
         self._writer: RunWriter | None = None
         self._pending: list[dict] = []
         self._down = False
@@ -35,14 +41,22 @@ class MlflowReportCallback(UserCallback):
         self._pending.append(dict(metrics[0]))
         try:
             if self._writer is None:
-                self._writer = RunWriter(MlflowClient(self.tracking_uri), self.run_id, DEFAULT_METRIC, "max",
-                                         Storage(self.storage_uri), self.visuals_dir)
+                self._writer = RunWriter(
+                    MlflowClient(self.tracking_uri),
+                    self.run_id,
+                    DEFAULT_METRIC,
+                    "max",
+                    Storage(self.storage_uri),
+                    self.visuals_dir,
+                )
             self._writer.log_epochs(self._pending)
             self._writer.log_visuals()
         except Exception as e:  # noqa: BLE001 - any client/transport error: keep them waiting
             if not self._down:
-                print(f"MLflow is not answering; training goes on and the metrics are queued: {tracking.one_line(e)}",
-                      file=sys.stderr)
+                print(
+                    f"MLflow is not answering; training goes on and the metrics are queued: {tracking.one_line(e)}",
+                    file=sys.stderr,
+                )
             self._down = True
             return
         self._pending.clear()
@@ -61,18 +75,28 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
         # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
         run_id = tracking.start_run(c, exp_id, name, run_cfg.to_dict(), tags={tracking.KIND_TAG: tracking.KIND_TRAIN})
         visuals = storage.join(name, VISUALS_DIR)
-        trainer = build_trainer(run_cfg, name, job.storage.path, metric=DEFAULT_METRIC, mode="max",
-                                callbacks=[MlflowReportCallback(ml.tracking_uri, run_id, job.storage.path, visuals)])
+        trainer = build_trainer(
+            run_cfg,
+            name,
+            job.storage.path,
+            metric=DEFAULT_METRIC,
+            mode="max",
+            callbacks=[MlflowReportCallback(ml.tracking_uri, run_id, job.storage.path, visuals)],
+        )
         try:
             result = trainer.fit()
-        except TrainingFailedError as e:  # the workers' own error, in one line: the run is marked, nothing logged is lost
+        except (
+            TrainingFailedError
+        ) as e:  # the workers' own error, in one line: the run is marked, nothing logged is lost
             reason = error_reason(str(e))
             tracking.finish_run(c, run_id, tracking.FAILED, reason)
-            raise RunFailed(f"training failed: {reason} (MLflow run {run_id}, Ray storage "
-                            f"{storage.uri(storage.join(name))})") from None
+            raise RunFailed(
+                f"training failed: {reason} (MLflow run {run_id}, Ray storage {storage.uri(storage.join(name))})"
+            ) from None
         except BaseException as e:  # interrupted: the run is marked, nothing logged is lost
-            tracking.finish_run(c, run_id, tracking.FAILED,
-                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            tracking.finish_run(
+                c, run_id, tracking.FAILED, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             raise
     # Ray's checkpoint manager holds the kept checkpoints with their metrics: the best is among them.
     kept = [{**metrics, "checkpoint_path": ckpt.path} for ckpt, metrics in result.best_checkpoints]
@@ -81,6 +105,8 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
     summary = {"run_id": run_id, "storage": storage.uri(storage.join(name)), "metrics": dict(result.metrics or {})}
     best = best_report(kept, DEFAULT_METRIC, "max", storage)
     if best is not None:
-        summary.update(best_checkpoint=storage.uri(best["checkpoint_path"]),
-                       best_metrics=next(m for m in kept if m["checkpoint_path"] == best["checkpoint_path"]))
+        summary.update(
+            best_checkpoint=storage.uri(best["checkpoint_path"]),
+            best_metrics=next(m for m in kept if m["checkpoint_path"] == best["checkpoint_path"]),
+        )
     return summary

@@ -7,6 +7,7 @@ checkpoint (chosen among the checkpoints still in storage), best metric and end 
 Every method only writes what MLflow is missing, so the live callbacks, a resumed sweep and
 `deeplab sync` all reconcile through it, as often as they like.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,11 @@ class RunWriter:
     def log_visuals(self) -> int:
         if self._visuals is None:
             self._visuals = {a.path for a in self.c.list_artifacts(self.run_id, VISUALS_DIR)}
-        new = [f.base_name for f in self.storage.list(self.visuals_dir)
-               if f.base_name.endswith(".png") and f"{VISUALS_DIR}/{f.base_name}" not in self._visuals]
+        new = [
+            f.base_name
+            for f in self.storage.list(self.visuals_dir)
+            if f.base_name.endswith(".png") and f"{VISUALS_DIR}/{f.base_name}" not in self._visuals
+        ]
         if new:
             with self.storage.local_copy(self.visuals_dir) as folder:
                 for name in new:
@@ -79,7 +83,8 @@ class RunWriter:
             return False
         best = best_report(reports, self.metric, self.mode, self.storage)
         if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != self.storage.uri(
-                best["checkpoint_path"]):
+            best["checkpoint_path"]
+        ):
             with self.storage.local_copy(best["checkpoint_path"]) as folder:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
             self.c.log_metric(self.run_id, f"best/{self.metric}", float(best[self.metric]), step=best["epoch"])
@@ -88,17 +93,22 @@ class RunWriter:
         return True
 
 
-def trial_run(c: MlflowClient, experiment_id: str, sweep: str, trial_id: str, parent_run_id: str, cfg: dict,
-              reopen: bool) -> tuple[str, bool]:
+def trial_run(
+    c: MlflowClient, experiment_id: str, sweep: str, trial_id: str, parent_run_id: str, cfg: dict, reopen: bool
+) -> tuple[str, bool]:
     """The trial's child run, found by its trial id (reopened if `reopen`: a resumed trial goes
     on in it) or created now; and whether it was created."""
-    found = c.search_runs([experiment_id], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
-                                                          f"{tracking.sweep_filter(sweep, tracking.KIND_TRIAL)}")
+    found = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
+        f"{tracking.sweep_filter(sweep, tracking.KIND_TRIAL)}",
+    )
     if found:
         run_id = found[0].info.run_id
         if reopen and found[0].info.status != "RUNNING":
             c.update_run(run_id, "RUNNING")
         return run_id, False
     tags = {tracking.TRIAL_TAG: trial_id, tracking.SWEEP_TAG: sweep, tracking.KIND_TAG: tracking.KIND_TRIAL}
-    return tracking.start_run(c, experiment_id, f"{sweep}/{trial_id}", cfg, tags=tags,
-                              parent_run_id=parent_run_id), True
+    return tracking.start_run(
+        c, experiment_id, f"{sweep}/{trial_id}", cfg, tags=tags, parent_run_id=parent_run_id
+    ), True

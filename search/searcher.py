@@ -13,6 +13,7 @@ reported at all. Here:
 - the study lives in Optuna's RDB storage (one study per sweep, named after it), so it
   survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ def _number(value) -> bool:
 
 
 class OptunaSearcher(Searcher):
-    def __init__(self, space, metric: str, mode: str, sampler: optuna.samplers.BaseSampler, storage_url: str,
-                 study_name: str, max_epochs: int):
+    def __init__(
+        self,
+        space,
+        metric: str,
+        mode: str,
+        sampler: optuna.samplers.BaseSampler,
+        storage_url: str,
+        study_name: str,
+        max_epochs: int,
+    ):
         super().__init__(metric=metric, mode=mode)
         self.space, self.sampler, self.storage_url, self.study_name = space, sampler, storage_url, study_name
         self.max_epochs = max_epochs
@@ -58,8 +67,13 @@ class OptunaSearcher(Searcher):
     def study(self) -> optuna.Study:
         if self._study is None:
             direction = "maximize" if self.mode == "max" else "minimize"
-            self._study = optuna.create_study(storage=self.storage, study_name=self.study_name,
-                                              sampler=self.sampler, direction=direction, load_if_exists=True)
+            self._study = optuna.create_study(
+                storage=self.storage,
+                study_name=self.study_name,
+                sampler=self.sampler,
+                direction=direction,
+                load_if_exists=True,
+            )
         return self._study
 
     # -- Tune's calls ---------------------------------------------------------------------------------
@@ -104,8 +118,19 @@ class OptunaSearcher(Searcher):
 
     # -- Tune saves the searcher with the experiment, and restores it on resume -------------------
 
-    _STATE = ("space", "sampler", "storage_url", "study_name", "max_epochs", "numbers", "configs", "reported",
-              "told", "_metric", "_mode")
+    _STATE = (
+        "space",
+        "sampler",
+        "storage_url",
+        "study_name",
+        "max_epochs",
+        "numbers",
+        "configs",
+        "reported",
+        "told",
+        "_metric",
+        "_mode",
+    )
 
     def __getstate__(self) -> dict:
         return {k: self.__dict__[k] for k in self._STATE}
@@ -127,8 +152,11 @@ class OptunaSearcher(Searcher):
         """Trials asked of Optuna whose Ray trial the saved state does not know (the driver
         died between the two): nobody will ever tell them; they end as FAIL."""
         known = set(self.numbers.values())
-        orphans = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number not in known]
+        orphans = [
+            t.number
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number not in known
+        ]
         for number in orphans:
             self.study.tell(number, state=TrialState.FAIL)
         return len(orphans)

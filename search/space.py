@@ -1,4 +1,5 @@
 """The search space from YAML (`space:` of a sweep config) for each search algorithm."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -48,8 +49,10 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
     out = {}
     for key, p in space.items():
         if p.type not in ("choice", "grid") or p.depends_on is not None:
-            raise ConfigError(f"space.{key}: grid search needs `type: choice` (or grid) with fixed values; "
-                              f"got {p.type}{' with depends_on' if p.depends_on else ''}")
+            raise ConfigError(
+                f"space.{key}: grid search needs `type: choice` (or grid) with fixed values; "
+                f"got {p.type}{' with depends_on' if p.depends_on else ''}"
+            )
         out[key] = tune.grid_search(p.values)
     return out
 
@@ -63,8 +66,12 @@ def build_searcher(job: JobConfig, study_name: str):
         raise ConfigError("space: the sweep has no search space (add `space:` entries, e.g. train.lr)")
     if s.search == "grid":
         return None, grid_param_space(job.space)
-    sampler = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.num_samples))
-               if s.search == "tpe" else optuna.samplers.RandomSampler(seed=s.seed))
-    searcher = OptunaSearcher(OptunaSpace(job.space), s.metric, s.mode, sampler, s.optuna_storage, study_name,
-                              job.train.epochs)
+    sampler = (
+        optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.num_samples))
+        if s.search == "tpe"
+        else optuna.samplers.RandomSampler(seed=s.seed)
+    )
+    searcher = OptunaSearcher(
+        OptunaSpace(job.space), s.metric, s.mode, sampler, s.optuna_storage, study_name, job.train.epochs
+    )
     return searcher, {}

@@ -4,6 +4,7 @@ read through pyarrow's filesystems, as Ray itself reads and writes it.
 Paths inside are pyarrow filesystem paths: absolute paths locally, `bucket/key` on S3 (what
 Ray reports as a checkpoint's path). `uri()` turns one back into what a user can paste.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 Each trial is a Tune function trainable (a tiny CPU share) that runs a `TorchTrainer` with
 the trial's resolved config; `TuneReportCallback` relays rank 0's metrics and checkpoint paths.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,11 @@ from deeplab_sweep.search.trial import sweep_trial
 from deeplab_sweep.trainable.run_config import redacted
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 def max_concurrent(job: JobConfig) -> int:
@@ -51,15 +55,21 @@ def max_concurrent(job: JobConfig) -> int:
     if t.use_gpu:
         fits = min(fits, math.floor(res.get("GPU", 0) / t.num_workers))
     if fits < 1:
-        raise ConfigError(f"train.num_workers = {t.num_workers} x cpus_per_worker = {t.cpus_per_worker}"
-                          f"{' + 1 GPU each' if t.use_gpu else ''} does not fit the cluster ({res})")
+        raise ConfigError(
+            f"train.num_workers = {t.num_workers} x cpus_per_worker = {t.cpus_per_worker}"
+            f"{' + 1 GPU each' if t.use_gpu else ''} does not fit the cluster ({res})"
+        )
     return fits
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -83,9 +93,18 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
         if found:
             c.update_run(found[0].info.run_id, "RUNNING")
             return found[0].info.run_id
-    run_id = tracking.start_run(c, exp_id, name, job.to_dict(), tags={
-        tracking.SWEEP_TAG: name, tracking.KIND_TAG: tracking.KIND_SWEEP, "git_commit": _git_commit(),
-        "dataset_fingerprint": _dataset_fingerprint(job)})
+    run_id = tracking.start_run(
+        c,
+        exp_id,
+        name,
+        job.to_dict(),
+        tags={
+            tracking.SWEEP_TAG: name,
+            tracking.KIND_TAG: tracking.KIND_SWEEP,
+            "git_commit": _git_commit(),
+            "dataset_fingerprint": _dataset_fingerprint(job),
+        },
+    )
     c.log_text(run_id, json.dumps({k: v.model_dump() for k, v in job.space.items()}, indent=2), "search_space.json")
     c.log_text(run_id, yaml.safe_dump(redacted(job.to_dict()), sort_keys=False), "sweep_config.yaml")
     return run_id
@@ -99,12 +118,16 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     if resume and not storage.is_file(storage.join("tuner.pkl")):
         raise ConfigError(f"sweep.name = {name!r}: nothing to resume at {storage.uri(storage.root)}")
     if not resume and storage.is_dir(storage.root):
-        raise ConfigError(f"sweep.name = {name!r}: {storage.uri(storage.root)} exists; add --resume to continue it, "
-                          "or pick another name")
+        raise ConfigError(
+            f"sweep.name = {name!r}: {storage.uri(storage.root)} exists; add --resume to continue it, "
+            "or pick another name"
+        )
     searcher, param_space = build_searcher(job, name)  # errors in the space surface before Ray starts
     if searcher is not None and not resume and searcher.study_exists():
-        raise ConfigError(f"sweep.name = {name!r}: {job.sweep.optuna_storage} already holds an Optuna study of "
-                          "that name; pick another name, or add --resume to continue that sweep")
+        raise ConfigError(
+            f"sweep.name = {name!r}: {job.sweep.optuna_storage} already holds an Optuna study of "
+            "that name; pick another name, or add --resume to continue that sweep"
+        )
     cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     _quiet_mlflow_retries()
     c = tracking.client(job.mlflow)
@@ -132,30 +155,61 @@ def _quiet_mlflow_retries() -> None:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
-def _tuner(job: JobConfig, name: str, storage: Storage, searcher, param_space: dict, exp_id: str, parent: str,
-           resume: bool, verbose: bool) -> tune.Tuner:
+def _tuner(
+    job: JobConfig,
+    name: str,
+    storage: Storage,
+    searcher,
+    param_space: dict,
+    exp_id: str,
+    parent: str,
+    resume: bool,
+    verbose: bool,
+) -> tune.Tuner:
     base = job.run.to_dict()
     train_dir = storage.uri(storage.join(TRAIN_DIR))
     s = job.sweep
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, base=base, sweep_dir=train_dir, metric=s.metric, mode=s.mode),
-        {"CPU": TRIAL_DRIVER_CPU})
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
     if resume:
         # Tune restores its callbacks and searcher from the sweep folder, as they were pickled.
-        return tune.Tuner.restore(storage.uri(storage.root), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
-    callback = MlflowTrialCallback(job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs,
-                                   sweep_uri=storage.uri(storage.root))
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=job.train.epochs, grace_period=s.asha.grace_period,
-                               reduction_factor=s.asha.reduction_factor)
-                 if s.asha.enabled else FIFOScheduler())
+        return tune.Tuner.restore(
+            storage.uri(storage.root), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    callback = MlflowTrialCallback(
+        job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs, sweep_uri=storage.uri(storage.root)
+    )
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=job.train.epochs,
+            grace_period=s.asha.grace_period,
+            reduction_factor=s.asha.reduction_factor,
+        )
+        if s.asha.enabled
+        else FIFOScheduler()
+    )
     return tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_samples, max_concurrent_trials=max_concurrent(job)),
-        run_config=tune.RunConfig(name=name, storage_path=job.storage.path,
-                                  callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
-                                  verbose=1 if verbose else 0, failure_config=tune.FailureConfig(max_failures=0)))
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode=s.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
+            max_concurrent_trials=max_concurrent(job),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=job.storage.path,
+            callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
+            verbose=1 if verbose else 0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
 
 
 def _finish(results, c, exp_id: str, job: JobConfig, storage: Storage, parent: str, searcher) -> dict:
@@ -178,10 +232,13 @@ def _finish(results, c, exp_id: str, job: JobConfig, storage: Storage, parent: s
     else:
         summary["mlflow_error"] = mlflow_error
         where = storage.uri(storage.root)
-        print(f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
-              f"trial's results are in {where}. Once the server answers, run:\n"
-              f"  deeplab sync {where} --tracking-uri {job.mlflow.tracking_uri} "
-              f"--experiment {job.mlflow.experiment}", file=sys.stderr)
+        print(
+            f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
+            f"trial's results are in {where}. Once the server answers, run:\n"
+            f"  deeplab sync {where} --tracking-uri {job.mlflow.tracking_uri} "
+            f"--experiment {job.mlflow.experiment}",
+            file=sys.stderr,
+        )
     return summary
 
 
@@ -192,8 +249,14 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
     answer), the same comes from Ray's results in the sweep folder (`records`)."""
     metric = job.sweep.metric
     name = storage.root.rsplit("/", 1)[-1]
-    runs = {} if c is None else {r.data.tags.get(tracking.TRIAL_TAG): r for r in c.search_runs(
-        [exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_TRIAL))}
+    runs = (
+        {}
+        if c is None
+        else {
+            r.data.tags.get(tracking.TRIAL_TAG): r
+            for r in c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_TRIAL))
+        }
+    )
     records = {rec.trial_id: rec for rec in records}
     rows = []
     for r in results:
@@ -204,17 +267,30 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
         if run is None and trial_id in records:
             best = best_report(records[trial_id].rows, metric, job.sweep.mode, storage)
             value, checkpoint = (best[metric], best["checkpoint_path"]) if best else (None, None)
-        rows.append({"trial_id": trial_id, "params": trial_overrides(r.config or {}),
-                     "epochs": (r.metrics or {}).get("epoch"), metric: value,
-                     "error": str(r.error).splitlines()[0][:200] if r.error else None,
-                     "run_id": run.info.run_id if run else None, "checkpoint": checkpoint})
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "params": trial_overrides(r.config or {}),
+                "epochs": (r.metrics or {}).get("epoch"),
+                metric: value,
+                "error": str(r.error).splitlines()[0][:200] if r.error else None,
+                "run_id": run.info.run_id if run else None,
+                "checkpoint": checkpoint,
+            }
+        )
     # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
     scored = [row for row in rows if row[metric] is not None and not row["error"]]
     pick = max if job.sweep.mode == "max" else min
     best_row = pick(scored, key=lambda r: r[metric]) if scored else None
-    return {"sweep": name, "parent_run_id": parent, "trials": rows, "best": best_row,
-            "experiment": job.mlflow.experiment, "tracking_uri": job.mlflow.tracking_uri,
-            "sweep_path": storage.uri(storage.root)}
+    return {
+        "sweep": name,
+        "parent_run_id": parent,
+        "trials": rows,
+        "best": best_row,
+        "experiment": job.mlflow.experiment,
+        "tracking_uri": job.mlflow.tracking_uri,
+        "sweep_path": storage.uri(storage.root),
+    }
 
 
 def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
@@ -241,7 +317,8 @@ def _log_importances(c, parent: str, study) -> None:
 
     try:
         importances = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+        )
         c.log_dict(parent, importances, "param_importances.json")
         for k, v in importances.items():
             c.log_metric(parent, f"importance/{k.replace('|', '_')}", float(v))
@@ -263,7 +340,9 @@ def summary_table(summary: dict, metric: str) -> str:
     lines = [f"{'trial':<14} {'epochs':>6} {metric:>10}  params"]
     for r in summary["trials"]:
         v = r[metric]
-        lines.append(f"{r['trial_id'] or '?':<14} {r['epochs'] or 0:>6} {f'{v:.4f}' if v is not None else '-':>10}  "
-                     + " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
-                     + (f"  FAILED: {r['error']}" if r["error"] else ""))
+        lines.append(
+            f"{r['trial_id'] or '?':<14} {r['epochs'] or 0:>6} {f'{v:.4f}' if v is not None else '-':>10}  "
+            + " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+            + (f"  FAILED: {r['error']}" if r["error"] else "")
+        )
     return "\n".join(lines)

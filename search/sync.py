@@ -4,6 +4,7 @@ whatever happened to the tracking server; each trial's run is reconciled with th
 `RunWriter`: missing epochs, the eval PNGs, a missing child run, the end status, the best
 checkpoint. Idempotent. The sweep also calls it itself when it ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ class TrialRecord:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or self.status in ("TERMINATED", "ERROR") or bool(
-            self.rows and self.rows[-1].get("done"))
+        return (
+            self.error is not None
+            or self.status in ("TERMINATED", "ERROR")
+            or bool(self.rows and self.rows[-1].get("done"))
+        )
 
 
 # Tune names a trial's folder <trainable>_<trial id>_<index>_<params>_<time>; trial ids are
@@ -45,8 +49,11 @@ _TRIAL_ID_IN_NAME = re.compile(r"_([0-9a-f]{5}_\d{5})_")
 def _tune_trials(storage: Storage) -> dict[str, tuple[str, str | None]]:
     """Trial folder name -> (trial id, Tune's status), from Tune's latest experiment state (a
     trial's own `done` flag in result.json is not written for every trial that finished)."""
-    states = [f for f in storage.list(storage.root)
-              if f.base_name.startswith("experiment_state-") and f.base_name.endswith(".json")]
+    states = [
+        f
+        for f in storage.list(storage.root)
+        if f.base_name.startswith("experiment_state-") and f.base_name.endswith(".json")
+    ]
     if not states:
         return {}
     latest = max(states, key=lambda f: f.mtime_ns or 0)
@@ -65,8 +72,11 @@ def read_trials(storage: Storage) -> list[TrialRecord]:
         params = f"{d.path}/params.json"
         if d.type.name != "Directory" or not storage.is_file(params):
             continue
-        rows = parse_results(storage.read_text(f"{d.path}/result.json")) if storage.is_file(
-            f"{d.path}/result.json") else []
+        rows = (
+            parse_results(storage.read_text(f"{d.path}/result.json"))
+            if storage.is_file(f"{d.path}/result.json")
+            else []
+        )
         match = _TRIAL_ID_IN_NAME.search(d.base_name)
         trial_id, status = known.get(d.base_name, (rows[0]["trial_id"] if rows else match and match.group(1), None))
         if trial_id is None:
@@ -101,8 +111,15 @@ def sync_sweep(sweep_uri: str, tracking_uri: str, experiment: str) -> dict:
     return sync_runs(c, exp.experiment_id, parent.info.run_id, job, storage)
 
 
-def sync_runs(c, exp_id: str, parent_run_id: str, job: JobConfig, storage: Storage, update_parent: bool = True,
-              records: list[TrialRecord] | None = None) -> dict:
+def sync_runs(
+    c,
+    exp_id: str,
+    parent_run_id: str,
+    job: JobConfig,
+    storage: Storage,
+    update_parent: bool = True,
+    records: list[TrialRecord] | None = None,
+) -> dict:
     """Reconcile each trial's MLflow run with its Ray results (`records`, read from `storage`
     unless given); returns counts of what was written."""
     metric, mode, base = job.sweep.metric, job.sweep.mode, job.run.to_dict()

@@ -5,6 +5,7 @@ checkpoint + config artifacts, run status.
 Only the driver or the Ray Train controller (one process per run) talks to MLflow, never a
 DDP rank, so a run never appears once per worker.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -52,7 +53,7 @@ def resolve_tracking_uri(uri: str) -> str:
     """sqlite:///relative.db -> sqlite:////abs/relative.db: Ray actors run in other folders."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix):]).resolve()
+        path = Path(uri[len(prefix) :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return uri
@@ -124,11 +125,17 @@ def metric_entities(metrics: dict, step: int, timestamp_ms: int) -> list[Metric]
 def log_metrics(c: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
     entities = metric_entities(metrics, step, int(time.time() * 1000))
     for i in range(0, len(entities), 900):  # MLflow caps a batch at 1000 metrics
-        c.log_batch(run_id, metrics=entities[i:i + 900])
+        c.log_batch(run_id, metrics=entities[i : i + 900])
 
 
-def start_run(c: MlflowClient, experiment_id: str, name: str, cfg_dict: dict, tags: dict | None = None,
-              parent_run_id: str | None = None) -> str:
+def start_run(
+    c: MlflowClient,
+    experiment_id: str,
+    name: str,
+    cfg_dict: dict,
+    tags: dict | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

@@ -1,5 +1,6 @@
 """The function trainable of one sweep trial. Kept apart from deeplab_sweep.search.sweep so that a trial's
 actor imports only what a trial needs (no MLflow, no Optuna): it starts faster."""
+
 from __future__ import annotations
 
 import time

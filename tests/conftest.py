@@ -1,5 +1,6 @@
 """Shared fixtures: generated datasets in the real layouts, and one real local Ray cluster
 (2 CPUs, capped object store, dashboard on) shut down at the end of the session."""
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,14 @@ def ray_cluster():
         # Ray puts the driver's working directory on the workers' sys.path: the repo root,
         # so that they import test helpers such as `tests.toy_model` (a test may have chdir-ed).
         with contextlib.chdir(REPO):
-            ray.init(num_cpus=2, object_store_memory=150 * 1024 * 1024, include_dashboard=True,
-                     log_to_driver=False, configure_logging=False, runtime_env=runtime_env())
+            ray.init(
+                num_cpus=2,
+                object_store_memory=150 * 1024 * 1024,
+                include_dashboard=True,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env=runtime_env(),
+            )
     yield
     ray.shutdown()
 
@@ -86,9 +93,26 @@ class MlflowServer:
         import urllib.request
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "art"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                self.store,
+                "--artifacts-destination",
+                str(self.folder / "art"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             try:

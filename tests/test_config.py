@@ -1,4 +1,5 @@
 """Configs composed from parts, overrides, validation errors, round trip, CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -31,19 +32,25 @@ def test_overrides_set_values_and_swap_groups():
     assert job.data.crop_size == 96 and job.train.amp == "bf16"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.lrr=0.1", "train.lrr: unknown key; allowed: epochs, lr,"),
-    ("train.lr=0", "train.lr = 0: Input should be greater than 0"),
-    ("train.lr=-1e-3", "train.lr = -0.001: Input should be greater than 0"),
-    ("model.output_stride=12", "model.output_stride = 12: Input should be 8 or 16"),
-    ("data.crop_size=16", "data.crop_size = 16: Input should be greater than or equal to 32"),
-    ("data.crop_size=64.5", "data.crop_size = 64.5: Input should be a valid integer"),
-    ("data.crop_size=big", "data.crop_size = 'big': Input should be a valid integer"),
-    ("model.backbone=vgg16", "model.backbone = 'vgg16': unknown backbone 'vgg16'; allowed: mobilenet_v2, resnet101, resnet50"),
-    ("train.num_workers=0", "train.num_workers = 0: Input should be greater than or equal to 1"),
-    ("bogus.key=1", "bogus: unknown key; allowed: data, model, train"),
-    ("model=nope", "default 'model/nope' not found"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key; allowed: epochs, lr,"),
+        ("train.lr=0", "train.lr = 0: Input should be greater than 0"),
+        ("train.lr=-1e-3", "train.lr = -0.001: Input should be greater than 0"),
+        ("model.output_stride=12", "model.output_stride = 12: Input should be 8 or 16"),
+        ("data.crop_size=16", "data.crop_size = 16: Input should be greater than or equal to 32"),
+        ("data.crop_size=64.5", "data.crop_size = 64.5: Input should be a valid integer"),
+        ("data.crop_size=big", "data.crop_size = 'big': Input should be a valid integer"),
+        (
+            "model.backbone=vgg16",
+            "model.backbone = 'vgg16': unknown backbone 'vgg16'; allowed: mobilenet_v2, resnet101, resnet50",
+        ),
+        ("train.num_workers=0", "train.num_workers = 0: Input should be greater than or equal to 1"),
+        ("bogus.key=1", "bogus: unknown key; allowed: data, model, train"),
+        ("model=nope", "default 'model/nope' not found"),
+    ],
+)
 def test_bad_values_name_key_and_allowed(override, expected):
     with pytest.raises(ConfigError) as e:
         load_job(DEMO, [override])
@@ -138,11 +145,14 @@ def test_unreachable_cluster_is_a_clear_error_without_dangling_runs(cmd, workdir
         assert all(not c.search_runs([e.experiment_id]) for e in c.search_experiments())
 
 
-@pytest.mark.parametrize("argv", [
-    ["sweep", str(CONF / "sweep" / "demo.yaml"), "--tracking-uri", "http://127.0.0.1:1"],
-    ["train", str(DEMO), "mlflow.tracking_uri=http://127.0.0.1:1"],
-    ["best", "--experiment", "deeplab", "--tracking-uri", "http://127.0.0.1:1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sweep", str(CONF / "sweep" / "demo.yaml"), "--tracking-uri", "http://127.0.0.1:1"],
+        ["train", str(DEMO), "mlflow.tracking_uri=http://127.0.0.1:1"],
+        ["best", "--experiment", "deeplab", "--tracking-uri", "http://127.0.0.1:1"],
+    ],
+)
 def test_unreachable_tracking_server_is_a_clear_error_before_ray(argv, workdir, capsys, synth_voc_root):
     import time
 

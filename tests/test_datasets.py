@@ -1,4 +1,5 @@
 """Loaders read the real layouts exactly; transforms; errors name the file."""
+
 from __future__ import annotations
 
 import io
@@ -16,12 +17,12 @@ from PIL import Image
 from deeplab_sweep.cli import main
 from deeplab_sweep.datasets.catalog import build_dataset
 from deeplab_sweep.datasets.cityscapes import Cityscapes
-from deeplab_sweep.datasets.voc import VOCSegmentation
-from deeplab_sweep.errors import DatasetError
 from deeplab_sweep.datasets.download import fetch, prepare_cityscapes, safe_extract
 from deeplab_sweep.datasets.labels import CITYSCAPES_LABELS, voc_palette
 from deeplab_sweep.datasets.transforms import MEAN_PIXEL, train_transform, val_transform
 from deeplab_sweep.datasets.verify import verify
+from deeplab_sweep.datasets.voc import VOCSegmentation
+from deeplab_sweep.errors import DatasetError
 
 VOC = "VOCdevkit/VOC2012"
 

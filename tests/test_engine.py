@@ -1,4 +1,5 @@
 """The training procedure itself, in-process (no Ray): learning, exact resume, NaN."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ def overfit_root(synth_voc_root, tmp_path) -> Path:
 
 
 def test_tiny_model_overfits_generated_voc(overfit_root):
-    cfg = _cfg(overfit_root, "train.epochs=40", "train.eval_every=40", "data.max_train_images=16",
-               "data.max_val_images=16", "data.scale_min=1.0", "data.scale_max=1.0", "data.crop_size=128")
+    cfg = _cfg(
+        overfit_root,
+        "train.epochs=40",
+        "train.eval_every=40",
+        "data.max_train_images=16",
+        "data.max_val_images=16",
+        "data.scale_min=1.0",
+        "data.scale_max=1.0",
+        "data.crop_size=128",
+    )
     reports = fit(cfg, LocalWorker())
     assert reports[-1]["epoch"] == 40
     assert reports[-1]["val/mIoU"] > 0.9, reports[-1]
@@ -93,10 +102,13 @@ def test_batch_larger_than_data_is_explained(synth_voc_root):
         fit(cfg, LocalWorker())
 
 
-@pytest.mark.parametrize("options", [
-    ["train.amp=bf16", "train.channels_last=true"],  # the GPU recipe's code path, run on CPU
-    ["train.grad_clip=1.0", "model.separable=true", "data.val_crop=64"],
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["train.amp=bf16", "train.channels_last=true"],  # the GPU recipe's code path, run on CPU
+        ["train.grad_clip=1.0", "model.separable=true", "data.val_crop=64"],
+    ],
+)
 def test_training_options_run_and_report(synth_voc_root, options):
     cfg = _cfg(synth_voc_root, "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2", *options)
     (report,) = fit(cfg, LocalWorker())

@@ -1,6 +1,7 @@
 """Faults during training: a Ray Train worker killed mid-run is restarted from the
 last checkpoint, and MLflow ends with every epoch exactly once; the MLflow server down for
 part of a sweep costs no training and nothing logged (`deeplab sync` writes it afterwards)."""
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,19 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
             time.sleep(0.1)
 
     threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "train.epochs=4",
-               "train.max_failures=2", "data.max_train_images=16", "data.max_val_images=2", "storage.name=killed",
-               "train.keep_checkpoints=10"])
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            "train.epochs=4",
+            "train.max_failures=2",
+            "data.max_train_images=16",
+            "data.max_val_images=2",
+            "storage.name=killed",
+            "train.keep_checkpoints=10",
+        ]
+    )
     assert killed, "the worker was never killed: the test proved nothing"
     assert rc == 0
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
@@ -97,9 +108,11 @@ def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
         "train: {epochs: 3, cpus_per_worker: 0.95, visuals: 1}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: outage}\n"
-        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n")
-    job = load_job(tmp_path / "s.yaml", [f"data.root={synth_voc_root}", f"mlflow.tracking_uri={server.url}"],
-                   conf_root=CONF)
+        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
+    )
+    job = load_job(
+        tmp_path / "s.yaml", [f"data.root={synth_voc_root}", f"mlflow.tracking_uri={server.url}"], conf_root=CONF
+    )
     threading.Thread(target=stop_server_after_first_epoch, daemon=True).start()
     try:
         summary = run_sweep(job)
@@ -164,8 +177,14 @@ def test_unwritable_storage_is_reported_before_ray(synth_voc_root, workdir, caps
 
     (workdir / "a-file").write_text("not a folder")
     ray_before = ray.is_initialized()
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}",
-               f"storage.path={workdir}/a-file/ray"])
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            f"storage.path={workdir}/a-file/ray",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"storage.path = '{workdir}/a-file/ray': not writable (Not a directory)" in err, err
     assert ray.is_initialized() == ray_before
@@ -178,23 +197,38 @@ def test_storage_too_small_for_one_checkpoint_is_reported_before_ray(synth_voc_r
     assert rc == 2 and f"storage.path = '{disk}': 2 MB free, but one checkpoint of this model takes ~40 MB" in err, err
 
 
-def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(ray_cluster, synth_voc_root, workdir, small_disk,
-                                                                   capsys):
+def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(
+    ray_cluster, synth_voc_root, workdir, small_disk, capsys
+):
     """Room for two checkpoints of ~40 MB: the third epoch's does not fit. The run fails with
     one line saying so, and epochs 1-2 stay in MLflow and in storage, loadable."""
     disk = small_disk(100)
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", f"storage.path={disk}",
-               "storage.name=full", "train.epochs=4", "train.keep_checkpoints=10", "train.visuals=0",
-               "data.max_train_images=8", "data.max_val_images=2"])
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            f"storage.path={disk}",
+            "storage.name=full",
+            "train.epochs=4",
+            "train.keep_checkpoints=10",
+            "train.visuals=0",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1, err[-2000:]
-    assert f"error: training failed: deeplab_sweep.trainable.ray_train.StorageError: storage.path = '{disk}': no space left on " \
-           "device while saving the epoch 3 checkpoint" in err, err[-2000:]
+    assert (
+        "error: training failed: deeplab_sweep.trainable.ray_train.StorageError: "
+        f"storage.path = '{disk}': no space left on device while saving the epoch 3 checkpoint" in err
+    ), err[-2000:]
     assert "Traceback" not in err
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     (run,) = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
     assert run.info.status == "FAILED" and "no space left on device" in run.data.tags["deeplab.status"]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2]
-    kept = sorted(torch.load(disk / "full" / d / "checkpoint.pt", weights_only=True)["epoch"]
-                  for d in _registered(disk / "full"))
+    kept = sorted(
+        torch.load(disk / "full" / d / "checkpoint.pt", weights_only=True)["epoch"] for d in _registered(disk / "full")
+    )
     assert kept == [1, 2]

@@ -1,6 +1,7 @@
 """The GPU-only code paths: AMP (bf16, fp16 + GradScaler), channels_last, SyncBatchNorm over
 NCCL, the metric on CUDA. Skipped where there is no GPU (CI); run on a lent GPU machine with
 `python -m pytest tests/test_gpu.py`."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _cfg(root, *overrides):
-    return load_job(CONF / "train" / "demo.yaml", [f"data.root={root}", "data.max_train_images=16",
-                                                   "data.max_val_images=4", "train.epochs=2", *overrides]).run
+    return load_job(
+        CONF / "train" / "demo.yaml",
+        [f"data.root={root}", "data.max_train_images=16", "data.max_val_images=4", "train.epochs=2", *overrides],
+    ).run
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -47,6 +50,7 @@ def test_syncbn_converts_and_trains_under_nccl(synth_voc_root, tmp_path):
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
+
         class DDPWorker(LocalWorker):
             world_size = 2  # claims two ranks so that fit converts BN; the group itself has one
 

@@ -1,5 +1,6 @@
 """Reference-implementation checkpoints imported strictly, and fine-tuning
 from a checkpoint with clear errors for the wrong classes or backbone."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,7 +26,7 @@ def reference_state(backbone: str, num_classes: int, separable: bool = False, se
         ref_key = key
         for p in sep_prefixes:
             if key.startswith(p):
-                ref_key = p + "body." + key[len(p):]
+                ref_key = p + "body." + key[len(p) :]
         # small values keep a random 50-layer network's activations finite
         value = 0.05 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t.clone()
         if key.endswith("running_var"):
@@ -35,8 +36,10 @@ def reference_state(backbone: str, num_classes: int, separable: bool = False, se
 
 
 def _save_reference(path, state):
-    torch.save({"model_state": state, "optimizer_state": {}, "scheduler_state": {}, "cur_itrs": 30000,
-                "best_score": 0.783}, path)
+    torch.save(
+        {"model_state": state, "optimizer_state": {}, "scheduler_state": {}, "cur_itrs": 30000, "best_score": 0.783},
+        path,
+    )
 
 
 @pytest.mark.parametrize("backbone, separable", [("mobilenet_v2", False), ("mobilenet_v2", True), ("resnet50", False)])
@@ -84,8 +87,17 @@ def test_import_refuses_pickled_code(tmp_path, capsys):
 
 
 def _cfg(root, *overrides):
-    return load_job(CONF / "train" / "demo.yaml", [f"data.root={root}", "train.epochs=1", "data.max_train_images=8",
-                                                   "data.max_val_images=2", "train.torch_threads=2", *overrides]).run
+    return load_job(
+        CONF / "train" / "demo.yaml",
+        [
+            f"data.root={root}",
+            "train.epochs=1",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+            "train.torch_threads=2",
+            *overrides,
+        ],
+    ).run
 
 
 def test_fine_tune_from_reference_checkpoint(synth_voc_root, tmp_path):
@@ -99,22 +111,33 @@ def test_fine_tune_from_reference_checkpoint(synth_voc_root, tmp_path):
     assert torch.allclose(tuned[w], ref["module." + w], atol=1e-4)
 
 
-@pytest.mark.parametrize("backbone, classes, message", [
-    ("mobilenet_v2", 19, "is mobilenet_v2 with 19 classes; this run is mobilenet_v2 with 21 classes"),
-    ("resnet50", 21, "is resnet50 with 21 classes; this run is mobilenet_v2 with 21 classes"),
-])
+@pytest.mark.parametrize(
+    "backbone, classes, message",
+    [
+        ("mobilenet_v2", 19, "is mobilenet_v2 with 19 classes; this run is mobilenet_v2 with 21 classes"),
+        ("resnet50", 21, "is resnet50 with 21 classes; this run is mobilenet_v2 with 21 classes"),
+    ],
+)
 def test_fine_tune_wrong_classes_or_backbone(synth_voc_root, tmp_path, backbone, classes, message):
     ref = reference_state(backbone, classes)
     _save_reference(tmp_path / "r.pth", ref)
     dataset = "cityscapes" if classes == 19 else "voc"
-    assert main(["import-checkpoint", str(tmp_path / "r.pth"), "--out", str(tmp_path / "ours"), "--dataset", dataset]) == 0
+    assert (
+        main(["import-checkpoint", str(tmp_path / "r.pth"), "--out", str(tmp_path / "ours"), "--dataset", dataset]) == 0
+    )
     with pytest.raises(CheckpointError, match=message):
         fit(_cfg(synth_voc_root, f"train.init_checkpoint={tmp_path / 'ours'}"), LocalWorker())
 
 
 def test_missing_init_checkpoint_is_a_config_error(synth_voc_root, workdir, capsys):
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}",
-               "train.init_checkpoint=/nope/ckpt.pt"])
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            "train.init_checkpoint=/nope/ckpt.pt",
+        ]
+    )
     assert rc == 2 and "train.init_checkpoint = '/nope/ckpt.pt': file not found" in capsys.readouterr().err
 
 
@@ -127,13 +150,18 @@ def test_sweep_fine_tunes_from_imported_checkpoint(ray_cluster, synth_voc_root, 
     _save_reference(tmp_path / "ref.pth", reference_state("mobilenet_v2", 21))
     assert main(["import-checkpoint", str(tmp_path / "ref.pth"), "--out", str(tmp_path / "imported")]) == 0
     cfg = tmp_path / "ft.yaml"
-    cfg.write_text("defaults: [train/demo]\n"
-                   "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-                   "train: {epochs: 1, cpus_per_worker: 0.95}\n"
-                   "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
-                   "space:\n  train.lr: {type: choice, values: [0.001, 0.01]}\n")
-    job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=ft",
-                         f"train.init_checkpoint={tmp_path / 'imported'}"], conf_root=CONF)
+    cfg.write_text(
+        "defaults: [train/demo]\n"
+        "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 1, cpus_per_worker: 0.95}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
+        "space:\n  train.lr: {type: choice, values: [0.001, 0.01]}\n"
+    )
+    job = load_job(
+        cfg,
+        [f"data.root={synth_voc_root}", "sweep.name=ft", f"train.init_checkpoint={tmp_path / 'imported'}"],
+        conf_root=CONF,
+    )
     summary = run_sweep(job)
     assert all(t["error"] is None and t["epochs"] == 1 for t in summary["trials"])
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")

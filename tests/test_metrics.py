@@ -1,4 +1,5 @@
 """Metrics equal an independent computation on random inputs."""
+
 from __future__ import annotations
 
 import math

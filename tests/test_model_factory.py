@@ -1,6 +1,7 @@
 """Your own model through `model.factory` (checked before Ray),
 `model.norm` bn | syncbn | gn, visual validation PNGs in MLflow, and validation on centre crops
 or whole images."""
+
 from __future__ import annotations
 
 import re
@@ -45,12 +46,15 @@ def test_builtin_is_registered_like_a_user_model():
     assert len(param_groups(model, 0.1, 0.1)) == 1  # no param_groups method: one group, full LR
 
 
-@pytest.mark.parametrize("factory, message", [
-    ("tests.toy_model:build_wrong_shape", r"gave \(2, 21, 33, 33\); expected logits of shape \(2, 21, 65, 65\)"),
-    ("tests.toy_model:build_broken", r"failed to build \(RuntimeError: my factory is broken\)"),
-    ("tests.no_such_module:build", r"cannot import 'tests.no_such_module'"),
-    ("tests.toy_model:missing", r"'tests.toy_model' has no callable 'missing'"),
-])
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("tests.toy_model:build_wrong_shape", r"gave \(2, 21, 33, 33\); expected logits of shape \(2, 21, 65, 65\)"),
+        ("tests.toy_model:build_broken", r"failed to build \(RuntimeError: my factory is broken\)"),
+        ("tests.no_such_module:build", r"cannot import 'tests.no_such_module'"),
+        ("tests.toy_model:missing", r"'tests.toy_model' has no callable 'missing'"),
+    ],
+)
 def test_bad_factory_is_named_by_the_cli_before_ray(factory, message, synth_voc_root, workdir, capsys):
     import ray
 
@@ -103,7 +107,8 @@ def test_syncbn_builds_batch_norm_and_is_searchable(tmp_path):
     assert _norms(build_model("mobilenet_v2", 21, 16, norm="syncbn")) == {nn.BatchNorm2d}
     (tmp_path / "s.yaml").write_text(
         "defaults: [train/demo]\nspace:\n  model.norm: {type: choice, values: [bn, syncbn, gn]}\n"
-        "  model.options.width: {type: choice, values: [4, 8]}\n")
+        "  model.options.width: {type: choice, values: [4, 8]}\n"
+    )
     from deeplab_sweep.search.compose import check_space
 
     check_space(load_job(tmp_path / "s.yaml", ["data.root=/x"], conf_root=CONF))
@@ -120,11 +125,15 @@ def test_sweep_values_are_checked_before_ray(tmp_path, synth_voc_root, workdir):
 
     (tmp_path / "s.yaml").write_text(
         f"defaults: [train/demo]\nmodel: {{factory: '{TOY}', norm: gn}}\n"
-        "space:\n  model.options.width: {type: choice, values: [8, 6]}\n")
+        "space:\n  model.options.width: {type: choice, values: [8, 6]}\n"
+    )
     ray_before = ray.is_initialized()
-    with pytest.raises(ConfigError, match=r"model.factory = 'tests.toy_model:build' failed to build "
-                                          r"\(ValueError: num_channels \(6\) must be divisible by num_groups \(4\)\) "
-                                          r"\(with space model.options.width=6\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.factory = 'tests.toy_model:build' failed to build "
+        r"\(ValueError: num_channels \(6\) must be divisible by num_groups \(4\)\) "
+        r"\(with space model.options.width=6\)",
+    ):
         run_sweep(load_job(tmp_path / "s.yaml", [f"data.root={synth_voc_root}"], conf_root=CONF))
     assert ray.is_initialized() == ray_before
 
@@ -133,8 +142,10 @@ def test_sweep_values_are_checked_before_ray(tmp_path, synth_voc_root, workdir):
 def test_validation_whole_images_or_centre_crops(val_crop, synth_voc_root):
     """Whole images: every labelled pixel of every val mask is counted once, at its own size.
     Centre crops: val_crop x val_crop per image."""
-    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", "data.max_val_images=5",
-                                                  f"data.val_crop={val_crop if val_crop else 'null'}"]).run
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        [f"data.root={synth_voc_root}", "data.max_val_images=5", f"data.val_crop={val_crop if val_crop else 'null'}"],
+    ).run
     loader = val_loader(cfg)
     ds = loader.dataset
     raw = [read_mask(mask_path) for _, mask_path in ds.samples]
@@ -173,12 +184,16 @@ space:
     assert all(t["epochs"] == 2 and not t["error"] for t in summary["trials"]), summary["trials"]
 
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
-    runs = [r for r in c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
-            if r.data.tags.get("deeplab.kind") == "trial"]
+    runs = [
+        r
+        for r in c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+        if r.data.tags.get("deeplab.kind") == "trial"
+    ]
     assert {r.data.params["model.factory"] for r in runs} == {TOY}
     for r in runs:
         assert sorted(a.path for a in c.list_artifacts(r.info.run_id, "visuals")) == [
-            f"visuals/{kind}_epoch_{e:04d}.png" for kind in ("confusion", "val_images") for e in (1, 2)]
+            f"visuals/{kind}_epoch_{e:04d}.png" for kind in ("confusion", "val_images") for e in (1, 2)
+        ]
         png = c.download_artifacts(r.info.run_id, "visuals/val_images_epoch_0002.png", str(tmp_path / r.info.run_id))
         grid = read_image(png)
         assert grid.shape[1] == 2 * 160 + 4  # two fixed images, one row each

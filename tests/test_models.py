@@ -1,4 +1,5 @@
 """DeepLabv3+ shapes and the reference's exact parameter counts, per registered backbone."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,13 @@ def test_aspp_rates_follow_output_stride():
 
 def test_reference_key_names():
     keys = build_model("mobilenet_v2", 21, 16).state_dict().keys()
-    for k in ("backbone.low_level_features.0.0.weight", "backbone.high_level_features.13.conv.0.0.weight",
-              "classifier.aspp.convs.4.1.weight", "classifier.project.0.weight", "classifier.classifier.3.bias"):
+    for k in (
+        "backbone.low_level_features.0.0.weight",
+        "backbone.high_level_features.13.conv.0.0.weight",
+        "classifier.aspp.convs.4.1.weight",
+        "classifier.project.0.weight",
+        "classifier.classifier.3.bias",
+    ):
         assert k in keys
     assert "backbone.layer4.2.conv3.weight" in build_model("resnet50", 21, 16).state_dict()
 
@@ -74,7 +80,12 @@ def test_missing_pretrained_weights_stop_the_cli_before_ray(tmp_path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     ray_before = ray.is_initialized()  # the session's test cluster may already be up
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "model.pretrained_backbone=true"])
+    rc = main(
+        ["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "model.pretrained_backbone=true"]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and "model.pretrained_backbone: pretrained backbone weights not found: place mobilenet_v2-b0353104.pth" in err
+    assert (
+        rc == 2
+        and "model.pretrained_backbone: pretrained backbone weights not found: place mobilenet_v2-b0353104.pth" in err
+    )
     assert ray.is_initialized() == ray_before, "the command must fail before starting Ray"

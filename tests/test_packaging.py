@@ -1,6 +1,7 @@
 """The package installs beside the rest of the ML stack: everything under one `deeplab_sweep`
 namespace, Hugging Face's `datasets` (installed in this venv by the test extra) untouched, and
 the `deeplab` CLI with its conf/ working from any folder."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,10 @@ def test_hf_datasets_is_not_shadowed(where, tmp_path):
     """`python -c` puts the working folder first on sys.path: in the repository folder our
     datasets/ is right there, and must still not stand in for Hugging Face's package."""
     cwd = REPO if where == "repository" else tmp_path
-    code = ("import datasets, deeplab_sweep.datasets.catalog as ours; "
-            "print(datasets.__file__); print(callable(datasets.load_dataset)); print(ours.__file__)")
+    code = (
+        "import datasets, deeplab_sweep.datasets.catalog as ours; "
+        "print(datasets.__file__); print(callable(datasets.load_dataset)); print(ours.__file__)"
+    )
     res = _run([sys.executable, "-c", code], cwd)
     assert res.returncode == 0, res.stderr[-2000:]
     hf_file, has_load_dataset, ours = res.stdout.split()
@@ -35,8 +38,10 @@ def test_hf_datasets_is_not_shadowed(where, tmp_path):
 
 
 def test_only_one_top_level_package(tmp_path):
-    code = ("import importlib.util as u; "
-            "print([n for n in ('search', 'trainable', 'deeplab_sweep') if u.find_spec(n) is not None])")
+    code = (
+        "import importlib.util as u; "
+        "print([n for n in ('search', 'trainable', 'deeplab_sweep') if u.find_spec(n) is not None])"
+    )
     res = _run([sys.executable, "-c", code], tmp_path)
     assert res.stdout.strip() == "['deeplab_sweep']", res.stdout + res.stderr
 
@@ -49,10 +54,22 @@ def test_cli_works_from_outside_the_repository(tmp_path):
     res = _run([DEEPLAB, "data", "verify", "voc", "--root", "voc"], tmp_path)
     assert res.returncode == 0 and "voc at voc: OK" in res.stdout, res.stdout + res.stderr
     # conf/sweep/demo.yaml is not in this folder: the installed conf/ answers for it.
-    res = _run([DEEPLAB, "sweep", "conf/sweep/demo.yaml", "data.root=voc", "sweep.num_samples=1", "sweep.name=one",
-                "train.epochs=2", "sweep.asha.enabled=false", "cluster.num_cpus=1",
-                "cluster.object_store_memory=100000000"],
-               tmp_path, timeout=600)
+    res = _run(
+        [
+            DEEPLAB,
+            "sweep",
+            "conf/sweep/demo.yaml",
+            "data.root=voc",
+            "sweep.num_samples=1",
+            "sweep.name=one",
+            "train.epochs=2",
+            "sweep.asha.enabled=false",
+            "cluster.num_cpus=1",
+            "cluster.object_store_memory=100000000",
+        ],
+        tmp_path,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "best trial" in res.stdout
     assert (tmp_path / "runs" / "mlflow.db").is_file() and (tmp_path / "runs" / "ray" / "one").is_dir()

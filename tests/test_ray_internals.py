@@ -1,5 +1,6 @@
 """The private Ray internal this project relies on (search/ray_internals.py) is still where it
 was: when a Ray upgrade moves it, this fails here, by name, not as a hung sweep."""
+
 from __future__ import annotations
 
 import inspect

@@ -1,5 +1,6 @@
 """On a real local Ray cluster: DDP over 2 CPU workers (gloo), `deeplab train` logged to
 a real sqlite MLflow store, and `deeplab eval` reproducing the logged metric."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_workers_aggregate_metrics_like_one(ray_cluster, synth_voc_root, tmp_path):
-    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", "train.epochs=1",
-                                                  "data.max_train_images=8", "data.val_batch_size=3"]).run
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        [f"data.root={synth_voc_root}", "train.epochs=1", "data.max_train_images=8", "data.val_batch_size=3"],
+    ).run
     fit(cfg, LocalWorker(checkpoint_root=tmp_path))
     ckpt = tmp_path / "epoch_0001"
     model, cfg, _ = load_model(ckpt)
@@ -35,8 +38,18 @@ def test_two_workers_aggregate_metrics_like_one(ray_cluster, synth_voc_root, tmp
 
 def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, workdir, capsys, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")  # never logged
-    rc = main(["train", str(CONF / "train" / "demo.yaml"), f"data.root={synth_voc_root}", "train.epochs=2",
-               "train.num_workers=2", "data.batch_size=4", "data.max_train_images=16", "storage.name=ddp-run"])
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            "train.epochs=2",
+            "train.num_workers=2",
+            "data.batch_size=4",
+            "data.max_train_images=16",
+            "storage.name=ddp-run",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
@@ -71,12 +84,25 @@ def test_train_command_ddp_logs_one_mlflow_run(ray_cluster, synth_voc_root, work
 def test_predict_writes_colour_masks(ray_cluster, synth_voc_root, tmp_path):
     from PIL import Image
 
-    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", "train.epochs=1",
-                                                  "data.max_train_images=8", "data.max_val_images=2"]).run
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        [f"data.root={synth_voc_root}", "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2"],
+    ).run
     fit(cfg, LocalWorker(checkpoint_root=tmp_path))
     images = sorted((synth_voc_root / "VOCdevkit/VOC2012/JPEGImages").glob("2008_*.jpg"))[:2]
-    assert main(["predict", "--checkpoint", str(tmp_path / "epoch_0001"), *map(str, images), "--out",
-                 str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "epoch_0001"),
+                *map(str, images),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     for img in images:
         mask = Image.open(tmp_path / "pred" / f"{img.stem}_mask.png")
         overlay = Image.open(tmp_path / "pred" / f"{img.stem}_overlay.png")

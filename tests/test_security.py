@@ -2,6 +2,7 @@
 tracking server the tool starts (`deeplab ui`) listens on 127.0.0.1 only. (Checkpoints load
 with weights_only=True: tests/test_import.py; archive extraction cannot escape its folder:
 tests/test_datasets.py. Ray's token auth is left as Ray sets it: nothing here turns it off.)"""
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,18 @@ SECRET = "s3cr3t-t0ken"
 
 
 def test_credentials_in_uris_are_not_stored(synth_voc_root, tmp_path):
-    cfg = load_job(CONF / "train" / "demo.yaml", [
-        f"data.root={synth_voc_root}", "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2",
-        f"mlflow.tracking_uri=https://alice:{SECRET}@mlflow.example.com", f"storage.path=s3://AKIA:{SECRET}@bucket/ray",
-        "train.visuals=0"]).run
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "train.epochs=1",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+            f"mlflow.tracking_uri=https://alice:{SECRET}@mlflow.example.com",
+            f"storage.path=s3://AKIA:{SECRET}@bucket/ray",
+            "train.visuals=0",
+        ],
+    ).run
     params = {p.key: p.value for p in config_params(cfg.to_dict())}
     assert params["mlflow.tracking_uri"] == "https://***@mlflow.example.com"
     assert params["storage.path"] == "s3://***@bucket/ray"
@@ -53,10 +62,24 @@ def _listening(port: int) -> set[str]:
 
 def test_ui_listens_on_loopback_only(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "deeplab_sweep.cli", "ui", "--port", str(port), "--store",
-                             f"sqlite:///{tmp_path}/ui.db", "--artifacts", str(tmp_path / "art")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(CONF.parent)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deeplab_sweep.cli",
+            "ui",
+            "--port",
+            str(port),
+            "--store",
+            f"sqlite:///{tmp_path}/ui.db",
+            "--artifacts",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(CONF.parent)},
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

@@ -1,5 +1,6 @@
 """The search space from YAML, and what Optuna is told of each trial (stopped ones as PRUNED, at
 the value they were stopped at)."""
+
 from __future__ import annotations
 
 import optuna
@@ -32,13 +33,16 @@ def test_demo_space_loads_and_samples_within_bounds():
         assert f"data.batch_size{COND_SEP}{params['model.backbone']}" in t.params
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"train.lrr": {"type": "loguniform", "low": 0.001, "high": 0.1}}, "space.train.lrr: not a config key"),
-    ({"model.output_stride": {"type": "choice", "values": [8, 12]}}, "value 12 is invalid: model.output_stride"),
-    ({"data.crop_size": {"type": "choice", "values": [16, 64]}}, "value 16 is invalid"),
-    ({"model.backbone": {"type": "choice", "values": ["vgg"]}}, "unknown backbone 'vgg'"),
-    ({"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}, "loguniform needs low > 0"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"train.lrr": {"type": "loguniform", "low": 0.001, "high": 0.1}}, "space.train.lrr: not a config key"),
+        ({"model.output_stride": {"type": "choice", "values": [8, 12]}}, "value 12 is invalid: model.output_stride"),
+        ({"data.crop_size": {"type": "choice", "values": [16, 64]}}, "value 16 is invalid"),
+        ({"model.backbone": {"type": "choice", "values": ["vgg"]}}, "unknown backbone 'vgg'"),
+        ({"train.lr": {"type": "loguniform", "low": 0, "high": 0.1}}, "loguniform needs low > 0"),
+    ],
+)
 def test_bad_space_is_rejected_before_ray(entry, message):
     job = load_job(CONF / "train" / "demo.yaml")
     with pytest.raises(ConfigError, match=message):
@@ -85,8 +89,9 @@ def test_searched_epochs_decide_completion(tmp_path):
     space = {**job.to_dict()["space"], "train.epochs": {"type": "choice", "values": [2]}}
     searcher, _ = build_searcher(validate({**job.to_dict(), "space": space}), "s")
     _like_tune(searcher, "a", [0.3, 0.4], stopped=False)
-    assert optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials[0].state == \
-        TrialState.COMPLETE
+    assert (
+        optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials[0].state == TrialState.COMPLETE
+    )
 
 
 def test_resumed_searcher_closes_orphans_and_counts_no_epoch_twice(tmp_path):

@@ -1,5 +1,6 @@
 """Real sweeps on a local Ray cluster, logged to a real sqlite MLflow store and to a
 real `mlflow server` process; best-checkpoint retrieval; resume after Ctrl-C."""
+
 from __future__ import annotations
 
 import contextlib
@@ -59,13 +60,18 @@ def tpe_asha_sweep(ray_cluster, synth_voc_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tpe_asha")
     cfg = _write_sweep(workdir, 5)
     with contextlib.chdir(workdir):
-        job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=s1", "sweep.max_concurrent=1"],
-                       conf_root=CONF)
+        job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=s1", "sweep.max_concurrent=1"], conf_root=CONF)
         summary = run_sweep(job)
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     parents, children = _runs(c)
-    return SimpleNamespace(workdir=workdir, summary=summary, c=c, parents=parents, children=children,
-                           status={r.data.tags["deeplab.trial_id"]: r.data.tags["deeplab.status"] for r in children})
+    return SimpleNamespace(
+        workdir=workdir,
+        summary=summary,
+        c=c,
+        parents=parents,
+        children=children,
+        status={r.data.tags["deeplab.trial_id"]: r.data.tags["deeplab.status"] for r in children},
+    )
 
 
 def test_sweep_is_a_parent_run_with_one_child_per_trial(tpe_asha_sweep):
@@ -75,8 +81,12 @@ def test_sweep_is_a_parent_run_with_one_child_per_trial(tpe_asha_sweep):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in s.children)
     assert all(r.info.status != "RUNNING" for r in s.parents + s.children), "no run left RUNNING"
     assert {a.path for a in s.c.list_artifacts(parent.info.run_id)} >= {
-        "summary.json", "search_space.json", "sweep_config.yaml", "param_importances.json",
-        "parallel_coordinates.png"}
+        "summary.json",
+        "search_space.json",
+        "sweep_config.yaml",
+        "param_importances.json",
+        "parallel_coordinates.png",
+    }
     assert parent.data.tags["git_commit"] and len(parent.data.tags["dataset_fingerprint"]) == 16
 
 
@@ -93,8 +103,9 @@ def test_each_trial_run_holds_every_epoch_it_trained_and_its_checkpoint(tpe_asha
         assert steps == list(range(1, trial["epochs"] + 1))
         assert (s.status[trial["trial_id"]] == "completed") == (trial["epochs"] == 3)
         assert "checkpoint" in {a.path for a in s.c.list_artifacts(r.info.run_id)}
-        assert r.data.metrics["best/val/mIoU"] == max(m.value for m in s.c.get_metric_history(r.info.run_id,
-                                                                                              "val/mIoU"))
+        assert r.data.metrics["best/val/mIoU"] == max(
+            m.value for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")
+        )
 
 
 def test_each_trial_run_holds_all_resolved_params(tpe_asha_sweep):
@@ -125,13 +136,21 @@ def test_optuna_heard_each_trial_as_mlflow_logged_it(tpe_asha_sweep):
         else:
             assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(last.value)
     assert s.summary["optuna_states"] == {
-        "COMPLETE": list(s.status.values()).count("completed"), "PRUNED": list(s.status.values()).count("pruned")}
+        "COMPLETE": list(s.status.values()).count("completed"),
+        "PRUNED": list(s.status.values()).count("pruned"),
+    }
 
 
 def test_best_is_found_through_mlflow_loaded_and_reproduced(tpe_asha_sweep):
     s = tpe_asha_sweep
-    info = fetch_best(f"sqlite:///{s.workdir}/runs/mlflow.db", "deeplab", s.workdir / "best", sweep="s1",
-                      register="tiny", alias="champion")
+    info = fetch_best(
+        f"sqlite:///{s.workdir}/runs/mlflow.db",
+        "deeplab",
+        s.workdir / "best",
+        sweep="s1",
+        register="tiny",
+        alias="champion",
+    )
     assert info["run_id"] == s.parents[0].data.tags["best_run_id"] == s.summary["best"]["run_id"]
     assert info["value"] == pytest.approx(s.summary["best"]["val/mIoU"])
     assert torch.load(info["local_path"], weights_only=True)["epoch"] == info["checkpoint_epoch"]
@@ -150,8 +169,19 @@ def test_sweep_against_real_mlflow_server(ray_cluster, synth_voc_root, workdir, 
     from deeplab_sweep.cli import main
 
     mlflow_server = mlflow_server.url
-    rc = main(["sweep", str(_write_sweep(tmp_path, 2)), "--conf-dir", str(CONF), f"data.root={synth_voc_root}",
-               "sweep.name=srv", "sweep.asha.enabled=false", "--tracking-uri", mlflow_server])
+    rc = main(
+        [
+            "sweep",
+            str(_write_sweep(tmp_path, 2)),
+            "--conf-dir",
+            str(CONF),
+            f"data.root={synth_voc_root}",
+            "sweep.name=srv",
+            "sweep.asha.enabled=false",
+            "--tracking-uri",
+            mlflow_server,
+        ]
+    )
     assert rc == 0
     c = MlflowClient(mlflow_server)
     parents, children = _runs(c)
@@ -167,9 +197,21 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
     """Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
     interrupted ones continue from their last checkpoint, in the same MLflow runs."""
     cfg = _write_sweep(tmp_path, 4)
-    cmd = [sys.executable, "-m", "deeplab_sweep.cli", "sweep", str(cfg), "--conf-dir", str(CONF),
-           f"data.root={synth_voc_root}", "sweep.name=r1", "sweep.asha.enabled=false", "train.epochs=4",
-           "cluster.num_cpus=2", "cluster.object_store_memory=100000000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deeplab_sweep.cli",
+        "sweep",
+        str(cfg),
+        "--conf-dir",
+        str(CONF),
+        f"data.root={synth_voc_root}",
+        "sweep.name=r1",
+        "sweep.asha.enabled=false",
+        "train.epochs=4",
+        "cluster.num_cpus=2",
+        "cluster.object_store_memory=100000000",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -206,8 +248,10 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
         t = r.data.tags["deeplab.trial_id"]
         if t in done_steps:
             assert len(steps) == done_steps[t]  # a finished trial was not rerun
-    summary = json.loads(c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
-                         and (tmp_path / "s" / "summary.json").read_text())
+    summary = json.loads(
+        c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
+        and (tmp_path / "s" / "summary.json").read_text()
+    )
     assert len(summary["trials"]) == 4
     # The summary after a resume covers the trials finished before it too.
     assert all(t["run_id"] and t["val/mIoU"] is not None for t in summary["trials"])
@@ -219,11 +263,13 @@ def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir,
     """Grid over a sane and an absurd learning rate: the absurd trial's loss goes non-finite;
     it is marked failed with the reason, the other trial completes and the sweep finishes."""
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text("defaults: [train/demo]\n"
-                   "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-                   "train: {epochs: 2, cpus_per_worker: 0.95}\n"
-                   "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
-                   "space:\n  train.lr: {type: choice, values: [0.01, 1.0e+12]}\n")
+    cfg.write_text(
+        "defaults: [train/demo]\n"
+        "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 2, cpus_per_worker: 0.95}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
+        "space:\n  train.lr: {type: choice, values: [0.01, 1.0e+12]}\n"
+    )
     job = load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=nan"], conf_root=CONF)
     summary = run_sweep(job)
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")

@@ -1,6 +1,7 @@
 """A user's own model, as the reference's "construct your own model" promises: any importable
 callable (num_classes, model config) -> module mapping N x 3 x H x W to N x C x H x W logits.
 Used by the tests as `model.factory: tests.toy_model:build`."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -12,8 +13,13 @@ class TinyFCN(nn.Module):
         super().__init__()
         layer = (lambda c: nn.GroupNorm(4, c)) if norm == "gn" else nn.BatchNorm2d
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), layer(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False), layer(width), nn.ReLU(inplace=True))
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+            layer(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2, bias=False),
+            layer(width),
+            nn.ReLU(inplace=True),
+        )
         self.head = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x):

@@ -1,6 +1,7 @@
 """Checkpoint files: model + optimiser + scheduler + scaler state, epoch, resolved config and
 metrics, in one `checkpoint.pt`. Loaded with `weights_only=True`: a checkpoint is untrusted
 input and must not be able to run code."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,14 +18,31 @@ class CheckpointError(UserInputError, ValueError):
     """A checkpoint file that is missing, unreadable or does not fit: names the file."""
 
 
-def save_checkpoint(directory: str | Path, *, model_state: dict, config: dict, epoch: int, metrics: dict,
-                    optimizer_state: dict | None = None, scheduler_state: dict | None = None,
-                    scaler_state: dict | None = None, rng_state: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model_state: dict,
+    config: dict,
+    epoch: int,
+    metrics: dict,
+    optimizer_state: dict | None = None,
+    scheduler_state: dict | None = None,
+    scaler_state: dict | None = None,
+    rng_state: dict | None = None,
+) -> Path:
     path = Path(directory) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, "model": model_state, "config": config, "epoch": epoch,
-               "metrics": metrics, "optimizer": optimizer_state, "scheduler": scheduler_state,
-               "scaler": scaler_state, "rng": rng_state}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model": model_state,
+        "config": config,
+        "epoch": epoch,
+        "metrics": metrics,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler_state,
+        "scaler": scaler_state,
+        "rng": rng_state,
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint.pt
@@ -45,6 +63,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except Exception as e:  # torch raises several types for corrupt or foreign files
         raise CheckpointError(f"{p}: not a loadable checkpoint ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{p}: not a deeplab checkpoint (no model/config entries; "
-                              "a reference-implementation checkpoint needs `deeplab import-checkpoint`)")
+        raise CheckpointError(
+            f"{p}: not a deeplab checkpoint (no model/config entries; "
+            "a reference-implementation checkpoint needs `deeplab import-checkpoint`)"
+        )
     return ckpt

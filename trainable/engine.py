@@ -6,6 +6,7 @@ Resume is exact: every epoch re-seeds the RNGs from (seed, epoch, rank), the sam
 epoch-seeded, and the checkpoint holds optimiser, poly-LR scheduler and AMP scaler state, so a
 run restored after epoch k trains epochs k+1.. exactly as an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,26 +100,44 @@ def seed_everything(seed: int, epoch: int, rank: int) -> int:
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
     d = cfg.data
-    train_ds = d.spec.build(d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max),
-                            limit=d.max_train_images)
-    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed,
-                                 drop_last=True)
+    train_ds = d.spec.build(
+        d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max), limit=d.max_train_images
+    )
+    sampler = DistributedSampler(
+        train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
     per_worker = len(train_ds) // world_size
     if per_worker < d.batch_size:
-        raise ValueError(f"data.batch_size = {d.batch_size} is larger than the {per_worker} training images "
-                         f"per worker ({len(train_ds)} images over {world_size} workers)")
-    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=sampler, num_workers=d.loader_workers,
-                       pin_memory=pin, drop_last=True, persistent_workers=False)
+        raise ValueError(
+            f"data.batch_size = {d.batch_size} is larger than the {per_worker} training images "
+            f"per worker ({len(train_ds)} images over {world_size} workers)"
+        )
+    train = DataLoader(
+        train_ds,
+        batch_size=d.batch_size,
+        sampler=sampler,
+        num_workers=d.loader_workers,
+        pin_memory=pin,
+        drop_last=True,
+        persistent_workers=False,
+    )
     return train, sampler, val_loader(cfg, rank, world_size, pin=pin)
 
 
-def val_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1, pin: bool = False,
-               data_root: str | None = None) -> DataLoader:
+def val_loader(
+    cfg: RunConfig, rank: int = 0, world_size: int = 1, pin: bool = False, data_root: str | None = None
+) -> DataLoader:
     """This rank's share of the validation set, as training evaluates it (and eval reproduces)."""
     d = cfg.data
     ds = d.spec.build(data_root or d.root, "val", val_transform(d.val_crop), limit=d.max_val_images)
-    return DataLoader(ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(ds), rank, world_size),
-                      num_workers=d.loader_workers, pin_memory=pin, collate_fn=list_collate)
+    return DataLoader(
+        ds,
+        batch_size=d.val_batch_size,
+        sampler=ShardSampler(len(ds), rank, world_size),
+        num_workers=d.loader_workers,
+        pin_memory=pin,
+        collate_fn=list_collate,
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -172,14 +191,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
     if previous is not None:
         _check_finite(*previous, epoch)
     elapsed = time.perf_counter() - start
-    return {"train/loss": float(total) / max(n_it, 1), "train/lr": optimizer.param_groups[-1]["lr"],
-            "train/images_per_s": n_img / elapsed if elapsed > 0 else 0.0, "train/epoch_time_s": elapsed}
+    return {
+        "train/loss": float(total) / max(n_it, 1),
+        "train/lr": optimizer.param_groups[-1]["lr"],
+        "train/images_per_s": n_img / elapsed if elapsed > 0 else 0.0,
+        "train/epoch_time_s": elapsed,
+    }
 
 
 def _check_finite(loss: torch.Tensor, it: int, step: int, epoch: int) -> None:
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch}, iteration {it} "
-                            f"(global step {step}); lower train.lr or enable train.grad_clip")
+        raise NonFiniteLoss(
+            f"loss became {loss.item()} at epoch {epoch}, iteration {it} "
+            f"(global step {step}); lower train.lr or enable train.grad_clip"
+        )
 
 
 @torch.no_grad()
@@ -218,8 +243,9 @@ def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
 VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
 
 
-def _write_visuals(out: Path, epoch: int, model: nn.Module, dataset, cm: ConfusionMatrix, cfg: RunConfig,
-                   device) -> None:
+def _write_visuals(
+    out: Path, epoch: int, model: nn.Module, dataset, cm: ConfusionMatrix, cfg: RunConfig, device
+) -> None:
     from deeplab_sweep.trainable.visuals import predict_samples, write_visuals
 
     with _autocast(cfg, device):
@@ -273,7 +299,10 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
     for epoch in range(start_epoch, t.epochs + 1):
         seed_everything(t.seed, epoch, worker.rank)
         sampler.set_epoch(epoch)
-        metrics = {"epoch": epoch, **train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch)}
+        metrics = {
+            "epoch": epoch,
+            **train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch),
+        }
         if epoch % t.eval_every and epoch != t.epochs:
             continue
         cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg)
@@ -281,9 +310,16 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
             ckpt_dir = None
             if worker.rank == 0:
-                save_checkpoint(tmp, model_state=_unwrap(model).state_dict(), config=redacted(cfg.to_dict()), epoch=epoch,
-                                metrics=_finite(metrics), optimizer_state=optimizer.state_dict(),
-                                scheduler_state=scheduler.state_dict(), scaler_state=scaler.state_dict())
+                save_checkpoint(
+                    tmp,
+                    model_state=_unwrap(model).state_dict(),
+                    config=redacted(cfg.to_dict()),
+                    epoch=epoch,
+                    metrics=_finite(metrics),
+                    optimizer_state=optimizer.state_dict(),
+                    scheduler_state=scheduler.state_dict(),
+                    scaler_state=scaler.state_dict(),
+                )
                 if t.visuals:
                     _write_visuals(Path(tmp) / VISUALS_DIR, epoch, _unwrap(model), val_loader.dataset, cm, cfg, device)
                 ckpt_dir = tmp
@@ -304,7 +340,8 @@ def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
         if _arch(src) != _arch(cfg):
             raise CheckpointError(
                 f"train.init_checkpoint = {path!r} is {_arch(src)[0]} with {src.data.num_classes} classes; "
-                f"this run is {_arch(cfg)[0]} with {cfg.data.num_classes} classes")
+                f"this run is {_arch(cfg)[0]} with {cfg.data.num_classes} classes"
+            )
         weights = ckpt["model"]
     else:
         weights, _ = reference_to_ours(raw.get("model_state", raw))

@@ -7,6 +7,7 @@ follow the reference's, so the mapping is exact: strip `module.`, and separable 
 (`...body.0`, `...body.1` in the reference) become our `...0`, `...1`. Every tensor must be used
 and every shape must match; anything else is an error that names the key.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,8 +48,10 @@ def infer_backbone(state: dict[str, torch.Tensor]) -> str:
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
     depth = {6: "resnet50", 23: "resnet101"}.get(len(blocks))
     if depth is None:
-        raise CheckpointError(f"cannot tell the backbone: {len(blocks)} layer3 blocks "
-                              "(resnet50 has 6, resnet101 23; mobilenet_v2 has backbone.low_level_features)")
+        raise CheckpointError(
+            f"cannot tell the backbone: {len(blocks)} layer3 blocks "
+            "(resnet50 has 6, resnet101 23; mobilenet_v2 has backbone.low_level_features)"
+        )
     return depth
 
 
@@ -59,8 +62,9 @@ def check_shapes(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         if key not in state:
             raise CheckpointError(f"{source}: missing {key} (model expects shape {tuple(ref.shape)})")
         if state[key].shape != ref.shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
-                                  f"the model expects {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(ref.shape)}"
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{source}: {len(extra)} tensors the model does not use, e.g. {extra[:3]}")
@@ -71,8 +75,9 @@ def output_stride_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def import_reference(path: str | Path, out: str | Path, output_stride: int | None = None,
-                     dataset: str | None = None, data_root: str = "") -> Path:
+def import_reference(
+    path: str | Path, out: str | Path, output_stride: int | None = None, dataset: str | None = None, data_root: str = ""
+) -> Path:
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -90,16 +95,27 @@ def import_reference(path: str | Path, out: str | Path, output_stride: int | Non
         if dataset is None:
             raise CheckpointError(f"{path}: {num_classes} classes matches no known dataset; pass --dataset")
     if get_dataset(dataset).num_classes != num_classes:
-        raise CheckpointError(f"{path}: has {num_classes} classes, dataset {dataset!r} has "
-                              f"{get_dataset(dataset).num_classes}")
+        raise CheckpointError(
+            f"{path}: has {num_classes} classes, dataset {dataset!r} has {get_dataset(dataset).num_classes}"
+        )
     # Dilation is not a weight: the output stride comes from the caller or the file's name.
     os_ = output_stride or output_stride_from_name(path) or 16
     model = build_model(backbone, num_classes, os_, separable=separable)
     check_shapes(model, state, str(path))
     model.load_state_dict(state, strict=True)
-    cfg = RunConfig(data=DataConfig(name=dataset, root=data_root),
-                    model=ModelConfig(backbone=backbone, output_stride=os_, separable=separable))
-    meta = {"imported_from": str(path), "reference_iterations": obj.get("cur_itrs"),
-            "reference_best_score": obj.get("best_score")}
-    return save_checkpoint(out, model_state=model.state_dict(), config=cfg.to_dict(), epoch=0,
-                           metrics={k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
+    cfg = RunConfig(
+        data=DataConfig(name=dataset, root=data_root),
+        model=ModelConfig(backbone=backbone, output_stride=os_, separable=separable),
+    )
+    meta = {
+        "imported_from": str(path),
+        "reference_iterations": obj.get("cur_itrs"),
+        "reference_best_score": obj.get("best_score"),
+    }
+    return save_checkpoint(
+        out,
+        model_state=model.state_dict(),
+        config=cfg.to_dict(),
+        epoch=0,
+        metrics={k: v for k, v in meta.items() if isinstance(v, (int, float, str))},
+    )

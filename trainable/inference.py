@@ -1,5 +1,6 @@
 """Using a checkpoint: rebuild its model from the config it stores, evaluate it exactly as the
 training loop did, and predict colour masks + overlays for image files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:400]
-        raise CheckpointError(f"{path}: weights do not fit its config ({cfg.model.backbone}, "
-                              f"{cfg.data.num_classes} classes): {detail}") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit its config ({cfg.model.backbone}, {cfg.data.num_classes} classes): {detail}"
+        ) from None
     return model.to(device).eval(), cfg, ckpt
 
 
@@ -45,7 +47,9 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
 
 
 @torch.no_grad()
-def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str = "cpu", alpha: float = 0.5) -> list[Path]:
+def predict_files(
+    path: str | Path, inputs: list[Path], out: Path, device: str = "cpu", alpha: float = 0.5
+) -> list[Path]:
     model, cfg, _ = load_model(path, device)
     transform = val_transform(None)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,4 +67,3 @@ def predict_files(path: str | Path, inputs: list[Path], out: Path, device: str =
         Image.fromarray(pred.numpy().astype(np.uint8)).save(out / f"{p.stem}_ids.png")
         written.append(out / f"{p.stem}_ids.png")
     return written
-

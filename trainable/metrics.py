@@ -4,6 +4,7 @@ The matrix is an int64 [C, C] tensor (rows = ground truth, cols = prediction) up
 `bincount` per batch; under DDP the per-rank matrices are summed with one all-reduce, so the
 metrics of N workers equal those of one worker seeing all the data.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ any importable `pkg.module:callable` with the same signature) and DeepLabv3+ bac
 beside them). Both listings double as the test matrix. This module knows nothing of Ray or
 MLflow.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,13 +57,16 @@ def resolve_factory(spec: str) -> ModelFactory:
         return MODELS.get(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelFactoryError(f"model.factory = {spec!r}: not a registered model "
-                                f"({', '.join(registered_models())}) nor 'pkg.module:callable'")
+        raise ModelFactoryError(
+            f"model.factory = {spec!r}: not a registered model "
+            f"({', '.join(registered_models())}) nor 'pkg.module:callable'"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # ImportError, or the module's own error while importing
-        raise ModelFactoryError(f"model.factory = {spec!r}: cannot import {module_name!r} "
-                                f"({type(e).__name__}: {e})") from None
+        raise ModelFactoryError(
+            f"model.factory = {spec!r}: cannot import {module_name!r} ({type(e).__name__}: {e})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ModelFactoryError(f"model.factory = {spec!r}: {module_name!r} has no callable {attr!r}")
@@ -97,7 +101,8 @@ def backbone_weights_of(backbone: str) -> tvm.WeightsEnum:
     if weights is None:
         raise PretrainedWeightsMissing(
             f"model.pretrained_backbone: backbone {backbone!r} has no ImageNet weights registered "
-            f"(register it with @register_backbone({backbone!r}, weights=...)), or set model.pretrained_backbone=false")
+            f"(register it with @register_backbone({backbone!r}, weights=...)), or set model.pretrained_backbone=false"
+        )
     return weights
 
 
@@ -119,8 +124,10 @@ def imagenet_state(weights: tvm.WeightsEnum, weights_file: str | None = None) ->
     else:
         detail = ""
     raise PretrainedWeightsMissing(
-        f"model.pretrained_backbone: pretrained backbone weights not found: place {name} (from {weights.url}) at {path}{detail}, "
-        "or set model.backbone_weights=FILE, or model.pretrained_backbone=false")
+        f"model.pretrained_backbone: pretrained backbone weights not found: place {name} "
+        f"(from {weights.url}) at {path}{detail}, "
+        "or set model.backbone_weights=FILE, or model.pretrained_backbone=false"
+    )
 
 
 class _ResNet(Backbone):
@@ -168,7 +175,8 @@ class _MobileNetV2(Backbone):
         _dilate_mobilenet(net.features, output_stride)
         self.body = IntermediateLayerGetter(
             _MobileNetV2Features(net.features),
-            return_layers={"high_level_features": "out", "low_level_features": "low_level"})
+            return_layers={"high_level_features": "out", "low_level_features": "low_level"},
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -218,7 +226,8 @@ class ASPP(nn.Module):
         self.convs = nn.ModuleList(
             [nn.Sequential(*_conv_bn_relu(cin, cout, 1, norm))]
             + [nn.Sequential(*_conv_bn_relu(cin, cout, 3, norm, r)) for r in rates]
-            + [ASPPPooling(cin, cout, norm)])
+            + [ASPPPooling(cin, cout, norm)]
+        )
         self.project = nn.Sequential(*_conv_bn_relu(5 * cout, cout, 1, norm), nn.Dropout(0.1))
 
     def forward(self, x):
@@ -226,8 +235,14 @@ class ASPP(nn.Module):
 
 
 class DeepLabHeadV3Plus(nn.Module):
-    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int, rates: tuple[int, int, int],
-                 norm: Norm = nn.BatchNorm2d):
+    def __init__(
+        self,
+        in_channels: int,
+        low_level_channels: int,
+        num_classes: int,
+        rates: tuple[int, int, int],
+        norm: Norm = nn.BatchNorm2d,
+    ):
         super().__init__()
         self.project = nn.Sequential(*_conv_bn_relu(low_level_channels, 48, 1, norm))
         self.aspp = ASPP(in_channels, rates, norm)
@@ -250,9 +265,18 @@ class SeparableConv2d(nn.Sequential):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__(
-            nn.Conv2d(conv.in_channels, conv.in_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, groups=conv.in_channels, bias=conv.bias is not None),
-            nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None))
+            nn.Conv2d(
+                conv.in_channels,
+                conv.in_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                groups=conv.in_channels,
+                bias=conv.bias is not None,
+            ),
+            nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None),
+        )
         for m in self:
             nn.init.kaiming_normal_(m.weight)
 
@@ -266,14 +290,21 @@ def _separable(module: nn.Module) -> None:
 
 
 class DeepLabV3Plus(nn.Module):
-    def __init__(self, backbone: Backbone, num_classes: int, output_stride: int, separable: bool = False,
-                 norm: Norm = nn.BatchNorm2d):
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        output_stride: int,
+        separable: bool = False,
+        norm: Norm = nn.BatchNorm2d,
+    ):
         super().__init__()
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         # The reference registers the getter itself as `backbone`: keep its key names.
         self.backbone = backbone.body
-        self.classifier = DeepLabHeadV3Plus(backbone.out_channels, backbone.low_level_channels, num_classes, rates,
-                                            norm)
+        self.classifier = DeepLabHeadV3Plus(
+            backbone.out_channels, backbone.low_level_channels, num_classes, rates, norm
+        )
         if separable:
             _separable(self.classifier)
 
@@ -282,12 +313,21 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def param_groups(self, lr: float, backbone_lr_mult: float) -> list[dict]:
-        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_mult},
-                {"params": list(self.classifier.parameters()), "lr": lr}]
+        return [
+            {"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_mult},
+            {"params": list(self.classifier.parameters()), "lr": lr},
+        ]
 
 
-def build_model(backbone: str, num_classes: int, output_stride: int = 16, pretrained_backbone: bool = False,
-                separable: bool = False, weights_file: str | None = None, norm: str = "bn") -> DeepLabV3Plus:
+def build_model(
+    backbone: str,
+    num_classes: int,
+    output_stride: int = 16,
+    pretrained_backbone: bool = False,
+    separable: bool = False,
+    weights_file: str | None = None,
+    norm: str = "bn",
+) -> DeepLabV3Plus:
     factory = BACKBONES.get(backbone)
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
@@ -301,8 +341,15 @@ def build_model(backbone: str, num_classes: int, output_stride: int = 16, pretra
 
 @register_model("deeplabv3plus")
 def deeplabv3plus(num_classes: int, cfg) -> DeepLabV3Plus:
-    return build_model(cfg.backbone, num_classes, cfg.output_stride, cfg.pretrained_backbone, cfg.separable,
-                       cfg.backbone_weights, cfg.norm)
+    return build_model(
+        cfg.backbone,
+        num_classes,
+        cfg.output_stride,
+        cfg.pretrained_backbone,
+        cfg.separable,
+        cfg.backbone_weights,
+        cfg.norm,
+    )
 
 
 def build_from_config(model_cfg, num_classes: int) -> nn.Module:
@@ -327,13 +374,16 @@ def check_model(model_cfg, num_classes: int, size: int = 65) -> int:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as e:
-        raise ModelFactoryError(f"model.factory = {spec!r}: forward of a 2x3x{size}x{size} batch failed "
-                                f"({type(e).__name__}: {e})") from None
+        raise ModelFactoryError(
+            f"model.factory = {spec!r}: forward of a 2x3x{size}x{size} batch failed ({type(e).__name__}: {e})"
+        ) from None
     want = (2, num_classes, size, size)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelFactoryError(f"model.factory = {spec!r}: a 2x3x{size}x{size} batch gave {got}; "
-                                f"expected logits of shape {want} (N x num_classes x H x W)")
+        raise ModelFactoryError(
+            f"model.factory = {spec!r}: a 2x3x{size}x{size} batch gave {got}; "
+            f"expected logits of shape {want} (N x num_classes x H x W)"
+        )
     return sum(p.numel() for p in model.parameters())
 
 

@@ -4,6 +4,7 @@ Rank 0 writes the checkpoint, every rank reports (Ray's report is a barrier). Ra
 restores a run from storage when it is started again with the same name and storage path, and
 retries failed workers from the latest checkpoint (`train.max_failures`).
 """
+
 from __future__ import annotations
 
 import json
@@ -84,12 +85,16 @@ def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | No
         free = "free space unknown"
     kept = f"the checkpoints of epochs before {epoch} are kept; run the same command again to resume"
     if e.errno == errno.ENOSPC or "No space left" in text:
-        return StorageError(f"storage.path = {storage_path!r}: no space left on device while saving the epoch "
-                            f"{epoch} checkpoint ({size / 2**20:.0f} MB; {free}). Free space or lower "
-                            f"train.keep_checkpoints: {kept}")
+        return StorageError(
+            f"storage.path = {storage_path!r}: no space left on device while saving the epoch "
+            f"{epoch} checkpoint ({size / 2**20:.0f} MB; {free}). Free space or lower "
+            f"train.keep_checkpoints: {kept}"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission denied" in text or "Read-only" in text:
-        return StorageError(f"storage.path = {storage_path!r}: not writable while saving the epoch {epoch} "
-                            f"checkpoint ({text[:200]}); {kept}")
+        return StorageError(
+            f"storage.path = {storage_path!r}: not writable while saving the epoch {epoch} "
+            f"checkpoint ({text[:200]}); {kept}"
+        )
     return e
 
 
@@ -117,31 +122,42 @@ def eval_loop_per_worker(config: dict) -> None:
 def evaluate_distributed(checkpoint: str, num_workers: int, data_root: str | None = None) -> list[list[int]]:
     """The summed confusion matrix of `checkpoint` evaluated by `num_workers` Ray Train workers."""
     with tempfile.TemporaryDirectory(prefix="deeplab-eval-") as storage:
-        trainer = TorchTrainer(eval_loop_per_worker,
-                               train_loop_config={"checkpoint": str(checkpoint), "data_root": data_root},
-                               scaling_config=ScalingConfig(num_workers=num_workers),
-                               run_config=RayRunConfig(storage_path=storage),
-                               torch_config=ray.train.torch.TorchConfig(backend="gloo"))
+        trainer = TorchTrainer(
+            eval_loop_per_worker,
+            train_loop_config={"checkpoint": str(checkpoint), "data_root": data_root},
+            scaling_config=ScalingConfig(num_workers=num_workers),
+            run_config=RayRunConfig(storage_path=storage),
+            torch_config=ray.train.torch.TorchConfig(backend="gloo"),
+        )
         with trainer.fit().checkpoint.as_directory() as d:
             return json.loads((Path(d) / "confusion.json").read_text())
 
 
-def build_trainer(cfg: RunConfig, name: str, storage_path: str, metric: str, mode: str,
-                  callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(
+    cfg: RunConfig, name: str, storage_path: str, metric: str, mode: str, callbacks: list | None = None
+) -> TorchTrainer:
     t = cfg.train
-    scaling = ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})})
+    scaling = ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+    )
     run = RayRunConfig(
         name=name,
         storage_path=storage_path,
         # The best checkpoints by the metric the run is judged on are kept (Ray always keeps
         # the latest too, for resume).
-        checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric,
-                                           checkpoint_score_order=mode),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+        ),
         failure_config=FailureConfig(max_failures=t.max_failures),
         callbacks=callbacks or [],
     )
     torch_config = ray.train.torch.TorchConfig(backend="nccl" if t.use_gpu else "gloo")
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"run": cfg.to_dict()}, scaling_config=scaling,
-                        run_config=run, torch_config=torch_config)
-
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict()},
+        scaling_config=scaling,
+        run_config=run,
+        torch_config=torch_config,
+    )

@@ -1,6 +1,7 @@
 """A small name -> factory registry filled by a decorator, as timm keeps its models: each entry
 may carry metadata registered with it (a backbone's ImageNet weights), and the listing doubles
 as the test matrix."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

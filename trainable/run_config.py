@@ -6,6 +6,7 @@ models exactly once, at the edge (CLI or sweep trial). Unknown keys are errors, 
 silently trains with a default. The same objects serialise back to plain dicts/YAML: that is
 what checkpoints and MLflow store, and `RunConfig.model_validate(dumped)` rebuilds them.
 """
+
 from __future__ import annotations
 
 import re
@@ -103,8 +104,9 @@ class ModelConfig(Strict):
 
         module, sep, attr = v.partition(":")
         if v not in registered_models() and not (sep and module and attr):
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(registered_models())}, "
-                             "or your own as 'pkg.module:callable'")
+            raise ValueError(
+                f"unknown model {v!r}; allowed: {', '.join(registered_models())}, or your own as 'pkg.module:callable'"
+            )
         return v
 
     @field_validator("backbone")

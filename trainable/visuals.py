@@ -3,6 +3,7 @@ visdom): a grid of fixed validation images (image | ground truth | prediction, i
 palette, void in black) and the row-normalised confusion matrix. Written by rank 0 next to
 the checkpoint; whoever tracks the run (MLflow) logs them. No Ray, no MLflow here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,10 @@ def _row(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor, palette: P
     size = [TILE_HEIGHT, max(1, round(w * TILE_HEIGHT / h))]
     tiles = [denormalize(image), colorize(mask.cpu(), palette), colorize(pred.cpu(), palette)]
     mode = ["bilinear", "nearest", "nearest"]
-    out = [F.interpolate(t[None].float(), size=size, mode=m, **({"antialias": True} if m == "bilinear" else {}))[0]
-           for t, m in zip(tiles, mode, strict=True)]
+    out = [
+        F.interpolate(t[None].float(), size=size, mode=m, **({"antialias": True} if m == "bilinear" else {}))[0]
+        for t, m in zip(tiles, mode, strict=True)
+    ]
     gap = torch.full((3, TILE_HEIGHT, 4), 255.0)
     return torch.cat([out[0], gap, out[1], gap, out[2]], dim=2)
 
@@ -99,8 +102,15 @@ def confusion_figure(mat: torch.Tensor, class_names: tuple[str, ...], path: Path
     plt.close(fig)
 
 
-def write_visuals(out_dir: str | Path, epoch: int, samples: list[tuple], confusion: torch.Tensor,
-                  class_names: tuple[str, ...], palette: Palette, miou: float) -> list[Path]:
+def write_visuals(
+    out_dir: str | Path,
+    epoch: int,
+    samples: list[tuple],
+    confusion: torch.Tensor,
+    class_names: tuple[str, ...],
+    palette: Palette,
+    miou: float,
+) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,6 +1,7 @@
 """The `deeplab` command: one module per subcommand (`add` builds its arguments, `run` runs it).
 Arguments are turned into typed configs at once; nothing below this package sees an argparse
 namespace. Errors become exit codes here only: bad input 2, a failed run 1, Ctrl-C 130."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,15 @@ COMMANDS = {m.NAME: m for m in (data, train, sweep, best, sync, ui, import_check
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deeplab", formatter_class=FORMATTER, description=textwrap.dedent("""\
+    p = argparse.ArgumentParser(
+        prog="deeplab",
+        formatter_class=FORMATTER,
+        description=textwrap.dedent("""\
         DeepLabv3+ training and hyperparameter sweeps on Ray, tracked in MLflow.
 
         Configs are YAML files under conf/, composed from parts (data, model, train, sweep,
-        cluster) and overridden with key=value, e.g. train.lr=0.007 model=resnet101_os16."""))
+        cluster) and overridden with key=value, e.g. train.lr=0.007 model=resnet101_os16."""),
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         module.add(sub)

@@ -1,4 +1,5 @@
 """`deeplab best`: the best run of an experiment (or one sweep) through MLflow, downloaded and loaded."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,28 @@ from deeplab_sweep.cli.common import command, json_safe
 from deeplab_sweep.trainable.run_config import DEFAULT_EXPERIMENT, DEFAULT_METRIC, DEFAULT_TRACKING_URI
 
 NAME = "best"
-SHOWN_PARAMS = ("model.backbone", "model.output_stride", "train.lr", "train.epochs", "data.crop_size", "data.batch_size")
+SHOWN_PARAMS = (
+    "model.backbone",
+    "model.output_stride",
+    "train.lr",
+    "train.epochs",
+    "data.crop_size",
+    "data.batch_size",
+)
 
 
 def add(sub) -> None:
-    b = command(sub, NAME, "find the best run through MLflow and download its checkpoint",
-                "Best checkpoint of an experiment (or one sweep) via MLflow.", """
+    b = command(
+        sub,
+        NAME,
+        "find the best run through MLflow and download its checkpoint",
+        "Best checkpoint of an experiment (or one sweep) via MLflow.",
+        """
         deeplab best --experiment deeplab
         deeplab best --experiment deeplab --sweep lr-study --out best/ --json
         deeplab best --experiment deeplab --register deeplabv3plus-voc      # alias "best"
-        deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000""")
+        deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000""",
+    )
     b.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     b.add_argument("--metric", default=DEFAULT_METRIC)
     b.add_argument("--mode", choices=["max", "min"], default="max")
@@ -32,15 +45,18 @@ def add(sub) -> None:
 def run(args) -> int:
     from deeplab_sweep.search.best import fetch_best
 
-    info = fetch_best(args.tracking_uri, args.experiment, args.out, args.metric, args.mode, args.sweep,
-                      args.register, args.alias)
+    info = fetch_best(
+        args.tracking_uri, args.experiment, args.out, args.metric, args.mode, args.sweep, args.register, args.alias
+    )
     if args.json:
         print(json.dumps(json_safe(info), indent=2))
         return 0
     print(f"best run {info['run_id']} ({info['run_name']}): {info['metric']} = {info['value']:.4f}")
     m = info["model"]
-    print(f"  model: DeepLabv3+ {m['backbone']} OS {m['output_stride']}, {m['num_classes']} classes "
-          f"({m['dataset']}), {m['parameters']:,} parameters, epoch {info['checkpoint_epoch']}")
+    print(
+        f"  model: DeepLabv3+ {m['backbone']} OS {m['output_stride']}, {m['num_classes']} classes "
+        f"({m['dataset']}), {m['parameters']:,} parameters, epoch {info['checkpoint_epoch']}"
+    )
     print(f"  checkpoint: {info['local_path']}")
     print(f"  artifact:   {info['artifact_uri']}")
     print("  " + " ".join(f"{k}={info['params'][k]}" for k in SHOWN_PARAMS if k in info["params"]))

@@ -1,5 +1,6 @@
 """What several commands share: the job arguments (a config file + key=value overrides) and
 JSON output."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,27 @@ FORMATTER = argparse.RawDescriptionHelpFormatter
 
 def command(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand with its description and an `examples:` epilog."""
-    return sub.add_parser(name, help=help, formatter_class=FORMATTER, description=textwrap.dedent(description),
-                          epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  "))
+    return sub.add_parser(
+        name,
+        help=help,
+        formatter_class=FORMATTER,
+        description=textwrap.dedent(description),
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  "),
+    )
 
 
 def add_job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path,
-                   help="YAML config: a file, or a name under the installed conf/ (e.g. conf/sweep/demo.yaml)")
+    p.add_argument(
+        "config", type=Path, help="YAML config: a file, or a name under the installed conf/ (e.g. conf/sweep/demo.yaml)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.01 model=resnet101_os16")
-    p.add_argument("--conf-dir", type=Path, default=None,
-                   help="folder holding the config groups (default: the nearest above CONFIG with data/ and "
-                        "model/, else the installed conf/)")
+    p.add_argument(
+        "--conf-dir",
+        type=Path,
+        default=None,
+        help="folder holding the config groups (default: the nearest above CONFIG with data/ and "
+        "model/, else the installed conf/)",
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")

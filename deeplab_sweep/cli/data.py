@@ -1,4 +1,5 @@
 """`deeplab data synth|verify|download`: datasets in their real on-disk layouts."""
+
 from __future__ import annotations
 
 import sys
@@ -13,11 +14,17 @@ def add(sub) -> None:
     from deeplab_sweep.datasets.catalog import DATASETS
 
     names = list(DATASETS)
-    d = command(sub, NAME, "generate, verify or download datasets", "Datasets in their real on-disk layouts.", """
+    d = command(
+        sub,
+        NAME,
+        "generate, verify or download datasets",
+        "Datasets in their real on-disk layouts.",
+        """
         deeplab data synth voc --out runs/data/synth_voc
         deeplab data verify voc_aug --root /data/voc
         deeplab data download voc --root /data/voc
-        deeplab data download cityscapes --root /data/cityscapes   # after placing the zips""")
+        deeplab data download cityscapes --root /data/cityscapes   # after placing the zips""",
+    )
     actions = d.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = actions.add_parser("synth", help="write a small generated dataset in the real layout")
     s.add_argument("dataset", choices=names)

@@ -1,4 +1,5 @@
 """`deeplab predict`: colour masks, overlays and class-id PNGs for image files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,15 @@ NAME = "predict"
 
 
 def add(sub) -> None:
-    pr = command(sub, NAME, "write colour masks and overlays for images",
-                 "Predict segmentation masks with a checkpoint.", """
+    pr = command(
+        sub,
+        NAME,
+        "write colour masks and overlays for images",
+        "Predict segmentation masks with a checkpoint.",
+        """
         deeplab predict --checkpoint best/checkpoint.pt photo1.jpg photo2.jpg --out preds/
-        deeplab predict --checkpoint best/checkpoint.pt data/voc/VOCdevkit/VOC2012/JPEGImages/*.jpg --out preds/""")
+        deeplab predict --checkpoint best/checkpoint.pt data/voc/VOCdevkit/VOC2012/JPEGImages/*.jpg --out preds/""",
+    )
     pr.add_argument("--checkpoint", required=True, type=Path)
     pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE")
     pr.add_argument("--out", required=True, type=Path)

@@ -1,4 +1,5 @@
 """`deeplab sweep`: Ray Tune + Optuna TPE + ASHA over Ray Train trials, logged to MLflow."""
+
 from __future__ import annotations
 
 from deeplab_sweep.cli.common import add_job_args, command, load_job
@@ -7,14 +8,20 @@ NAME = "sweep"
 
 
 def add(sub) -> None:
-    sw = command(sub, NAME, "hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, logged to MLflow", """\
+    sw = command(
+        sub,
+        NAME,
+        "hyperparameter sweep: Ray Tune + Optuna TPE + ASHA, logged to MLflow",
+        """\
         Run a sweep. Each trial trains with Ray Train (N workers) and is one MLflow child run
-        under the sweep's parent run; the best checkpoint is reported at the end.""", """
+        under the sweep's parent run; the best checkpoint is reported at the end.""",
+        """
         deeplab sweep conf/sweep/demo.yaml
         deeplab sweep conf/sweep/demo.yaml sweep.num_samples=12 sweep.name=lr-study
         deeplab sweep conf/sweep/demo.yaml sweep.name=lr-study --resume     # after Ctrl-C
         deeplab sweep conf/sweep/voc.yaml data.root=/data/voc --address auto
-        deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000""")
+        deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000""",
+    )
     add_job_args(sw)
     sw.add_argument("--resume", action="store_true", help="continue the sweep named by sweep.name")
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: mlflow.tracking_uri)")

@@ -1,4 +1,5 @@
 """`deeplab train`: one run of N Ray Train workers (DDP), one MLflow run."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,17 @@ NAME = "train"
 
 
 def add(sub) -> None:
-    t = command(sub, NAME, "train one model with N Ray Train workers, logged to MLflow",
-                "One training run (Ray Train, DDP), one MLflow run.", """
+    t = command(
+        sub,
+        NAME,
+        "train one model with N Ray Train workers, logged to MLflow",
+        "One training run (Ray Train, DDP), one MLflow run.",
+        """
         deeplab train conf/train/demo.yaml
         deeplab train conf/train/demo.yaml train.epochs=10 train.num_workers=2
         deeplab train conf/train/deeplabv3plus_resnet101_os16_513x513_46ep_voc_aug.yaml data.root=/data/voc
-        deeplab train conf/train/demo.yaml storage.name=my-run   # run again: resumes my-run""")
+        deeplab train conf/train/demo.yaml storage.name=my-run   # run again: resumes my-run""",
+    )
     add_job_args(t)
 
 

@@ -1,4 +1,5 @@
 """`deeplab ui`: the MLflow UI and tracking API over the local store, on 127.0.0.1 by default."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -13,13 +14,19 @@ NAME = "ui"
 
 
 def add(sub) -> None:
-    u = command(sub, NAME, "serve the MLflow UI and tracking API over the local store (127.0.0.1 by default)", """\
+    u = command(
+        sub,
+        NAME,
+        "serve the MLflow UI and tracking API over the local store (127.0.0.1 by default)",
+        """\
         Start `mlflow server` on the project's store. It binds 127.0.0.1 unless --host says
         otherwise: MLflow's server has no authentication, so anyone who can reach the port can
-        read and change every run. Reach it from elsewhere through an SSH tunnel.""", """
+        read and change every run. Reach it from elsewhere through an SSH tunnel.""",
+        """
         deeplab ui                                   # http://127.0.0.1:5000
         deeplab ui --port 5001 --store sqlite:///runs/mlflow.db
-        ssh -L 5000:127.0.0.1:5000 head-node         # from your laptop""")
+        ssh -L 5000:127.0.0.1:5000 head-node         # from your laptop""",
+    )
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
     u.add_argument("--store", default=DEFAULT_TRACKING_URI, help="backend store URI")
@@ -34,11 +41,27 @@ def run(args) -> int:
     except ValueError:
         loopback = args.host == "localhost"
     if not loopback:
-        print(f"warning: binding {args.host}: the MLflow server has no authentication; anyone who reaches "
-              f"port {args.port} can read and change every run", file=sys.stderr)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-           "--backend-store-uri", resolve_tracking_uri(args.store),
-           "--artifacts-destination", str(Path(args.artifacts).resolve()), "--workers", "1"]
+        print(
+            f"warning: binding {args.host}: the MLflow server has no authentication; anyone who reaches "
+            f"port {args.port} can read and change every run",
+            file=sys.stderr,
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--backend-store-uri",
+        resolve_tracking_uri(args.store),
+        "--artifacts-destination",
+        str(Path(args.artifacts).resolve()),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI: http://{args.host}:{args.port}", flush=True)
     os.execv(sys.executable, cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
     return 0
