@@ -8,7 +8,7 @@ from pathlib import Path
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.trainable.run_config import resolve_path
+from deeplab_sweep.trainable.run_config import RUNS_DIR, resolve_path
 
 
 def ensure_data(job: JobConfig) -> None:
@@ -66,7 +66,7 @@ def optuna_storage(configured: str | None, mlflow) -> str:
     (else under runs/), as an absolute sqlite URI."""
     if configured is None:
         local = mlflow.tracking_uri.startswith("sqlite:///")
-        folder = Path(mlflow.tracking_uri.removeprefix("sqlite:///")).parent if local else Path("runs")
+        folder = Path(mlflow.tracking_uri.removeprefix("sqlite:///")).parent if local else Path(RUNS_DIR)
         configured = f"sqlite:///{folder / 'optuna.db'}"
     return tracking.resolve_tracking_uri(configured)
 

@@ -286,3 +286,25 @@ def test_cityscapes_download_explains_which_zip(tmp_path, capsys):
     assert "leftImg8bit_trainvaltest.zip" in err and "gtFine_trainvaltest.zip" in err and str(tmp_path) in err
     with pytest.raises(DatasetError):
         prepare_cityscapes(tmp_path)
+
+
+def test_a_dataset_is_one_entry_of_the_table(synth_voc_root, monkeypatch, capsys):
+    """Everything reads the table: a new entry is a dataset the configs, the CLI and training
+    know, with its own classes, and nothing else changes."""
+    import dataclasses
+
+    from deeplab_sweep.datasets import catalog
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.trainable.engine import LocalWorker, fit
+    from tests.conftest import CONF
+
+    names = ("background", "one", "two", "three", "four", "five")
+    monkeypatch.setitem(catalog.DATASETS, "shapes", dataclasses.replace(catalog.DATASETS["voc"], name="shapes",
+                                                                        class_names=names))
+    overrides = ["data.name=shapes", "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2"]
+    cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", *overrides]).run
+    assert cfg.data.num_classes == 6
+    (report,) = fit(cfg, LocalWorker())
+    assert {k for k in report if k.startswith("val/iou/")} == {f"val/iou/{n}" for n in names}
+    assert main(["data", "verify", "shapes", "--root", str(synth_voc_root)]) == 0
+    assert "shapes at" in capsys.readouterr().out

@@ -89,3 +89,39 @@ def test_missing_pretrained_weights_stop_the_cli_before_ray(tmp_path, monkeypatc
         and "model.pretrained_backbone: pretrained backbone weights not found: place mobilenet_v2-b0353104.pth" in err
     )
     assert ray.is_initialized() == ray_before, "the command must fail before starting Ray"
+
+
+@pytest.fixture
+def tiny_backbone():
+    """A user's own backbone, registered without ImageNet weights; unregistered afterwards."""
+    from torch import nn
+
+    from deeplab_sweep.trainable.models import BACKBONES, Backbone, register_backbone
+
+    class TinyBody(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.low, self.out = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Conv2d(8, 16, 1)
+
+        def forward(self, x):
+            low = self.low(x)
+            return {"low_level": low, "out": self.out(low)}
+
+    class Tiny(Backbone):
+        low_level_channels, out_channels = 8, 16
+
+        def __init__(self):
+            super().__init__()
+            self.body = TinyBody()
+
+    register_backbone("tiny")(lambda output_stride=16, norm=None, state=None: Tiny())
+    yield "tiny"
+    BACKBONES.unregister("tiny")
+
+
+def test_user_backbone_builds_and_without_weights_says_so(tiny_backbone):
+    from deeplab_sweep.errors import ConfigError
+
+    assert build_model(tiny_backbone, 5, 16).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+    with pytest.raises(ConfigError, match=r"backbone 'tiny' has no ImageNet weights registered"):
+        build_model(tiny_backbone, 5, 16, pretrained_backbone=True)

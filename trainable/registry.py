@@ -24,6 +24,10 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        self.get(name)
+        del self._factories[name], self._meta[name]
+
     def names(self) -> list[str]:
         return sorted(self._factories)
 

@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The embedded defaults: everything of a run on one machine lands under ./runs.
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
-DEFAULT_ARTIFACTS = "runs/mlartifacts"
-DEFAULT_STORAGE = "runs/ray"
+RUNS_DIR = "runs"
+DEFAULT_TRACKING_URI = f"sqlite:///{RUNS_DIR}/mlflow.db"
+DEFAULT_ARTIFACTS = f"{RUNS_DIR}/mlartifacts"
+DEFAULT_STORAGE = f"{RUNS_DIR}/ray"
 DEFAULT_EXPERIMENT = "deeplab"
 DEFAULT_METRIC = "val/mIoU"
 
