@@ -44,7 +44,8 @@ def test_overrides_set_values_and_swap_groups():
         ("data.crop_size=big", "data.crop_size = 'big': Input should be a valid integer"),
         (
             "model.backbone=vgg16",
-            "model.backbone = 'vgg16': unknown backbone 'vgg16'; allowed: mobilenet_v2, resnet101, resnet50",
+            "model.backbone = 'vgg16': unknown backbone 'vgg16'; "
+            "allowed: mobilenet_v2, mobilenet_v2_reference, resnet101, resnet50",
         ),
         ("train.num_workers=0", "train.num_workers = 0: Input should be greater than or equal to 1"),
         ("bogus.key=1", "bogus: unknown key; allowed: data, model, train"),

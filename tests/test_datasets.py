@@ -299,8 +299,9 @@ def test_a_dataset_is_one_entry_of_the_table(synth_voc_root, monkeypatch, capsys
     from tests.conftest import CONF
 
     names = ("background", "one", "two", "three", "four", "five")
-    monkeypatch.setitem(catalog.DATASETS, "shapes", dataclasses.replace(catalog.DATASETS["voc"], name="shapes",
-                                                                        class_names=names))
+    monkeypatch.setitem(
+        catalog.DATASETS, "shapes", dataclasses.replace(catalog.DATASETS["voc"], name="shapes", class_names=names)
+    )
     overrides = ["data.name=shapes", "train.epochs=1", "data.max_train_images=8", "data.max_val_images=2"]
     cfg = load_job(CONF / "train" / "demo.yaml", [f"data.root={synth_voc_root}", *overrides]).run
     assert cfg.data.num_classes == 6

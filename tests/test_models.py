@@ -8,7 +8,12 @@ import torch
 from deeplab_sweep.trainable.models import PretrainedWeightsMissing, build_model, registered_backbones
 
 # With 21 classes, equal to the widely used PyTorch reference implementation's models.
-PARAMS = {"resnet50": 39_761_845, "resnet101": 58_753_973, "mobilenet_v2": 5_225_717}
+PARAMS = {
+    "resnet50": 39_761_845,
+    "resnet101": 58_753_973,
+    "mobilenet_v2": 5_225_717,
+    "mobilenet_v2_reference": 5_225_717,
+}
 
 
 def test_registry_is_the_matrix():

@@ -337,7 +337,9 @@ def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
     if isinstance(raw, dict) and "config" in raw:
         ckpt = load_checkpoint(path)
         src = RunConfig.model_validate(ckpt["config"])
-        if _arch(src) != _arch(cfg):
+        # Backbones that share their parameters (mobilenet_v2 and its reference-padded twin)
+        # fine-tune into each other; any other difference is named in the run's own terms.
+        if not _same_parameters(model, ckpt["model"]):
             raise CheckpointError(
                 f"train.init_checkpoint = {path!r} is {_arch(src)[0]} with {src.data.num_classes} classes; "
                 f"this run is {_arch(cfg)[0]} with {cfg.data.num_classes} classes"
@@ -347,6 +349,11 @@ def init_weights(path: str, cfg: RunConfig, model: nn.Module) -> dict:
         weights, _ = reference_to_ours(raw.get("model_state", raw))
     check_shapes(model, weights, f"train.init_checkpoint = {path!r}")
     return weights
+
+
+def _same_parameters(model: nn.Module, weights: dict) -> bool:
+    expected = model.state_dict()
+    return expected.keys() == weights.keys() and all(expected[k].shape == weights[k].shape for k in expected)
 
 
 def _arch(cfg: RunConfig) -> tuple[str, int]:

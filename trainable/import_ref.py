@@ -44,7 +44,7 @@ def reference_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 def infer_backbone(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("backbone.low_level_features.") for k in state):
-        return "mobilenet_v2"
+        return "mobilenet_v2_reference"  # padded as the reference pads it: its outputs, not ours
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
     depth = {6: "resnet50", 23: "resnet101"}.get(len(blocks))
     if depth is None:

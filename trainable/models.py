@@ -167,12 +167,14 @@ class _MobileNetV2Features(nn.Module):
 class _MobileNetV2(Backbone):
     low_level_channels, out_channels = 24, 320
 
-    def __init__(self, output_stride: int, norm: Norm, state: dict | None):
+    def __init__(self, output_stride: int, norm: Norm, state: dict | None, reference_padding: bool = False):
         super().__init__()
         net = tvm.mobilenet_v2(weights=None, norm_layer=norm)
         if state is not None:
             net.load_state_dict(state)
         _dilate_mobilenet(net.features, output_stride)
+        if reference_padding:
+            _pad_like_reference(net.features)
         self.body = IntermediateLayerGetter(
             _MobileNetV2Features(net.features),
             return_layers={"high_level_features": "out", "low_level_features": "low_level"},
@@ -205,6 +207,38 @@ def _dilate_mobilenet(features: nn.Sequential, output_stride: int) -> None:
 @register_backbone("mobilenet_v2", weights=tvm.MobileNet_V2_Weights.IMAGENET1K_V1)
 def mobilenet_v2(output_stride: int = 16, norm: Norm = nn.BatchNorm2d, state: dict | None = None) -> Backbone:
     return _MobileNetV2(output_stride, norm, state)
+
+
+class _ReferenceInvertedResidual(nn.Module):
+    """The reference implementation's MobileNetV2 block over torchvision's parameters (same
+    names): the block's input is zero-padded for its 3x3 depthwise conv before the 1x1
+    expansion, so the border of the expanded map is what the expansion makes of zeros."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv, self.use_res_connect = block.conv, block.use_res_connect
+        depthwise = next(m for m in block.conv.modules() if isinstance(m, nn.Conv2d) and m.groups > 1)
+        d = depthwise.dilation[0]
+        depthwise.padding = (0, 0)
+        self.pad = (d, d, d, d)  # a dilated 3x3 kernel spans 2d + 1
+
+    def forward(self, x):
+        out = self.conv(F.pad(x, self.pad))
+        return x + out if self.use_res_connect else out
+
+
+def _pad_like_reference(features: nn.Sequential) -> None:
+    """The reference's convolutions never pad: its stem has none, its blocks pad their input."""
+    features[0][0].padding = (0, 0)
+    for i in range(1, len(features) - 1):
+        features[i] = _ReferenceInvertedResidual(features[i])
+
+
+@register_backbone("mobilenet_v2_reference", weights=tvm.MobileNet_V2_Weights.IMAGENET1K_V1)
+def mobilenet_v2_reference(output_stride: int = 16, norm: Norm = nn.BatchNorm2d, state: dict | None = None) -> Backbone:
+    """MobileNetV2 padded as the reference implementation pads it: what its published MobileNet
+    checkpoints were trained with (`deeplab import-checkpoint` picks it for them)."""
+    return _MobileNetV2(output_stride, norm, state, reference_padding=True)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, norm: Norm, dilation: int = 1) -> list[nn.Module]:
