@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,53 @@ def validate(data: dict) -> JobConfig:
 
 
 def load_job(path: str | Path, overrides: list[str] = (), conf_root: Path | None = None) -> JobConfig:
-    return validate(compose(path, overrides, conf_root))
+    data = compose(path, overrides, conf_root)
+    _, sets = parse_overrides(list(overrides))
+    for key, value in sets:
+        if key in data.get("space", {}):
+            data["space"] = pin(data["space"], key, value)
+            print(f"note: {key} = {value!r} is pinned: space.{key} is left out of this sweep", file=sys.stderr)
+    return validate(data)
+
+
+def pin(space: dict, key: str, value: Any) -> dict:
+    """The space without `key`, its value fixed: the entries that depend on it become plain
+    choices of the case for that value."""
+    out = {}
+    for k, entry in space.items():
+        if k == key:
+            continue
+        if isinstance(entry, dict) and entry.get("depends_on") == key:
+            cases = entry.get("cases") or {}
+            if str(value) not in cases:
+                raise ConfigError(
+                    f"{key} = {value!r}: space.{k}.cases has no entry for it; allowed: {', '.join(map(str, cases))}"
+                )
+            entry = {"type": "choice", "values": cases[str(value)]}
+        out[k] = entry
+    return out
+
+
+def check_sweep(job: JobConfig) -> None:
+    """What a sweep needs beyond a valid job, said before Ray starts: a metric its trials
+    report, a space whose every value validates, an ASHA grace period within the epochs."""
+    from deeplab_sweep.trainable.engine import reported_metrics
+
+    s = job.sweep
+    allowed = reported_metrics(job.data.spec.class_names)
+    if s.metric not in allowed:
+        shown = [m for m in allowed if not m.startswith("val/iou/")]
+        raise ConfigError(
+            f"sweep.metric = {s.metric!r}: no trial reports it; allowed: {', '.join(shown)}, "
+            f"or val/iou/<class> for a class of {job.data.name}"
+        )
+    check_space(job)
+    fewest = job.epoch_bounds()[0]
+    if s.asha.enabled and fewest < s.asha.grace_period:
+        raise ConfigError(
+            f"sweep.asha.grace_period = {s.asha.grace_period} is more than train.epochs = {fewest}: "
+            "lower the grace period, raise train.epochs, or set sweep.asha.enabled=false"
+        )
 
 
 def check_space(job: JobConfig) -> None:

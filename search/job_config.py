@@ -99,3 +99,9 @@ class JobConfig(Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=False)
+
+    def epoch_bounds(self) -> tuple[int, int]:
+        """The fewest and most epochs a trial can get (train.epochs may be searched)."""
+        searched = self.space.get("train.epochs")
+        values = searched.candidates() if searched is not None else [self.train.epochs]
+        return int(min(values)), int(max(values))

@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.cluster import cluster_address, ray_session
-from deeplab_sweep.search.compose import check_space
+from deeplab_sweep.search.compose import check_sweep
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
 from deeplab_sweep.search.overrides import trial_overrides
@@ -111,7 +111,7 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
 
 
 def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> dict:
-    check_space(job)
+    check_sweep(job)
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Storage(f"{job.storage.path.rstrip('/')}/{name}")
@@ -184,7 +184,7 @@ def _tuner(
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",
-            max_t=job.train.epochs,
+            max_t=job.epoch_bounds()[1],
             grace_period=s.asha.grace_period,
             reduction_factor=s.asha.reduction_factor,
         )

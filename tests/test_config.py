@@ -165,3 +165,54 @@ def test_unreachable_tracking_server_is_a_clear_error_before_ray(argv, workdir, 
     assert rc == 2 and time.monotonic() - t < 30
     assert "http://127.0.0.1:1': tracking server does not answer" in capsys.readouterr().err
     assert ray.is_initialized() == ray_before
+
+
+SWEEP = CONF / "sweep" / "demo.yaml"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "train.epochs=1",
+            "error: sweep.asha.grace_period = 2 is more than train.epochs = 1: lower the grace period, "
+            "raise train.epochs, or set sweep.asha.enabled=false",
+        ),
+        (
+            "sweep.metric=val/not_a_metric",
+            "error: sweep.metric = 'val/not_a_metric': no trial reports it; allowed: train/loss, train/lr, "
+            "train/images_per_s, train/epoch_time_s, val/mIoU, val/overall_acc, val/mean_acc, "
+            "or val/iou/<class> for a class of voc",
+        ),
+        ("sweep.metric=val/iou/nope", "error: sweep.metric = 'val/iou/nope': no trial reports it"),
+        (
+            "model.backbone=resnet101",
+            "space.data.batch_size.cases has no entry for it; allowed: mobilenet_v2, resnet50",
+        ),
+    ],
+)
+def test_sweep_bad_input_is_one_line_before_ray(override, expected, workdir, capsys):
+    import ray
+
+    ray_before = ray.is_initialized()
+    assert main(["sweep", str(SWEEP), override, "sweep.name=bad"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in err and ray.is_initialized() == ray_before
+    assert not (workdir / "runs" / "ray" / "bad").exists()
+
+
+def test_per_class_iou_is_a_metric_a_sweep_may_use(workdir):
+    from deeplab_sweep.search.compose import check_sweep
+
+    check_sweep(load_job(SWEEP, ["sweep.metric=val/iou/aeroplane"]))
+
+
+def test_overriding_a_searched_key_pins_it(capsys):
+    job = load_job(SWEEP, ["data.crop_size=96", "model.backbone=resnet50"])
+    err = capsys.readouterr().err
+    assert "note: data.crop_size = 96 is pinned: space.data.crop_size is left out of this sweep" in err
+    assert job.data.crop_size == 96 and "data.crop_size" not in job.space
+    assert job.model.backbone == "resnet50" and "model.backbone" not in job.space
+    # the batch size that depended on the backbone is now the choice of its resnet50 case
+    assert (job.space["data.batch_size"].type, job.space["data.batch_size"].values) == ("choice", [4, 8])

@@ -11,7 +11,7 @@ import torch
 
 from deeplab_sweep.search.compose import load_job
 from deeplab_sweep.trainable.checkpoint import load_checkpoint
-from deeplab_sweep.trainable.engine import LocalWorker, NonFiniteLoss, fit
+from deeplab_sweep.trainable.engine import LocalWorker, NonFiniteLoss, fit, reported_metrics
 from tests.conftest import CONF
 
 
@@ -114,3 +114,39 @@ def test_training_options_run_and_report(synth_voc_root, options):
     (report,) = fit(cfg, LocalWorker())
     assert report["epoch"] == 1 and 0.0 <= report["val/mIoU"] <= 1.0
     assert math.isfinite(report["train/loss"])
+    # what a sweep may optimise (sweep.metric is checked against this list) is what is reported
+    assert set(report) - {"epoch"} == set(reported_metrics(cfg.data.spec.class_names))
+
+
+@pytest.mark.parametrize("eval_amp", [False, True])
+def test_validation_runs_in_fp32_unless_eval_amp(synth_voc_root, tmp_path, eval_amp):
+    """Trained in bf16, the logged mIoU comes from fp32 forwards by default (the reference's
+    precision): it equals one computed by hand from the checkpoint in fp32; with
+    train.eval_amp, from bf16 forwards. (After two epochs some pixels' argmax differ between
+    the two: 436 of 4 images here.)"""
+    import numpy as np
+
+    from deeplab_sweep.trainable.engine import val_loader
+    from deeplab_sweep.trainable.metrics import metrics_from_confusion
+    from deeplab_sweep.trainable.models import build_from_config
+
+    cfg = _cfg(
+        synth_voc_root,
+        "train.amp=bf16",
+        f"train.eval_amp={str(eval_amp).lower()}",
+        "train.epochs=2",
+        "data.max_train_images=16",
+        "data.max_val_images=4",
+        "train.visuals=0",
+    )
+    logged = fit(cfg, LocalWorker(checkpoint_root=tmp_path))[-1]["val/mIoU"]
+    model = build_from_config(cfg.model, cfg.data.num_classes)
+    model.load_state_dict(load_checkpoint(tmp_path / "epoch_0002")["model"])
+    expected = np.zeros((21, 21), dtype=np.int64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=eval_amp):
+        for batch in val_loader(cfg):
+            for image, mask in batch:
+                pred, target = model.eval()(image[None])[0].argmax(0).numpy(), mask.numpy()
+                keep = target != 255
+                np.add.at(expected, (target[keep], pred[keep]), 1)
+    assert logged == metrics_from_confusion(torch.from_numpy(expected))["mIoU"]

@@ -153,8 +153,10 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_iters: int, power: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total_iters) ** power)
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.amp == "none":
+def _autocast(cfg: RunConfig, device: torch.device, evaluating: bool = False):
+    """Training's mixed precision; evaluation runs in fp32 (as the reference evaluates) unless
+    `train.eval_amp` asks for the training precision there too."""
+    if cfg.train.amp == "none" or (evaluating and not cfg.train.eval_amp):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -212,7 +214,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device, cfg: RunConfig 
     """Confusion matrix over this rank's share of `loader`, summed across ranks."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
-    ctx = _autocast(cfg, device) if cfg is not None else contextlib.nullcontext()
+    ctx = _autocast(cfg, device, evaluating=True) if cfg is not None else contextlib.nullcontext()
     for batch in loader:
         for images, masks in _same_size_groups(batch):
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
@@ -232,6 +234,15 @@ def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
         yield torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
 
 
+TRAIN_METRICS = ("train/loss", "train/lr", "train/images_per_s", "train/epoch_time_s")
+VAL_METRICS = ("val/mIoU", "val/overall_acc", "val/mean_acc")
+
+
+def reported_metrics(class_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Every metric a run reports at each evaluated epoch: what a sweep can optimise."""
+    return TRAIN_METRICS + VAL_METRICS + tuple(f"val/iou/{name}" for name in class_names)
+
+
 def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
     m = cm.compute()
     out = {"val/mIoU": m["mIoU"], "val/overall_acc": m["overall_acc"], "val/mean_acc": m["mean_acc"]}
@@ -248,7 +259,7 @@ def _write_visuals(
 ) -> None:
     from deeplab_sweep.trainable.visuals import predict_samples, write_visuals
 
-    with _autocast(cfg, device):
+    with _autocast(cfg, device, evaluating=True):
         samples = predict_samples(model, dataset, cfg.train.visuals, device)
     spec = cfg.data.spec
     write_visuals(out, epoch, samples, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])

@@ -132,6 +132,8 @@ class TrainConfig(Strict):
     poly_power: float = Field(0.9, gt=0)
     grad_clip: float | None = Field(None, gt=0)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # Validation in fp32 (the logged mIoU from an fp32 argmax, as the reference's) unless true.
+    eval_amp: bool = False
     channels_last: bool = False
     seed: int = Field(0, strict=True, ge=0)
     eval_every: int = Field(1, strict=True, ge=1)
