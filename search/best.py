@@ -52,6 +52,7 @@ def fetch_best(
     register: str | None = None,
     alias: str = "best",
 ) -> dict:
+    tracking_uri = tracking.credentials_to_env(tracking_uri)
     check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:

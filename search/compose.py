@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.overrides import set_dotted
-from deeplab_sweep.trainable.run_config import RunConfig
+from deeplab_sweep.trainable.run_config import RunConfig, redacted
 
 GROUPS = ("data", "model", "train", "sweep", "cluster", "mlflow", "space", "storage")
 
@@ -270,7 +270,8 @@ def check_space(job: JobConfig) -> None:
 
 
 def dump_yaml(job: JobConfig | RunConfig) -> str:
-    return yaml.safe_dump(job.to_dict(), sort_keys=False)
+    """The resolved config as YAML, credentials in URIs replaced by ***."""
+    return yaml.safe_dump(redacted(job.to_dict()), sort_keys=False)
 
 
 def load_yaml_config(text: str) -> JobConfig:

@@ -8,6 +8,7 @@ from pathlib import Path
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.storage import credentials_to_env
 from deeplab_sweep.trainable.run_config import RUNS_DIR, resolve_path
 
 
@@ -37,7 +38,7 @@ def prepare_job(job: JobConfig) -> JobConfig:
         update={
             "train": job.train.model_copy(update={"init_checkpoint": init}),
             "data": job.data.model_copy(update={"root": resolve_path(job.data.root)}),
-            "storage": job.storage.model_copy(update={"path": resolve_path(job.storage.path)}),
+            "storage": job.storage.model_copy(update={"path": resolve_path(credentials_to_env(job.storage.path))}),
             "mlflow": mlflow,
             "sweep": job.sweep.model_copy(update={"optuna_storage": optuna_storage(job.sweep.optuna_storage, mlflow)}),
         }

@@ -18,14 +18,13 @@ import warnings
 from pathlib import Path
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.cluster import cluster_address, ray_session
-from deeplab_sweep.search.compose import check_sweep
+from deeplab_sweep.search.compose import check_sweep, dump_yaml
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
 from deeplab_sweep.search.overrides import trial_overrides
@@ -36,7 +35,6 @@ from deeplab_sweep.search.space import build_searcher
 from deeplab_sweep.search.storage import Storage
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.trial import sweep_trial
-from deeplab_sweep.trainable.run_config import redacted
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 MLFLOW_HTTP_DEFAULTS = {
@@ -106,7 +104,7 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
         },
     )
     c.log_text(run_id, json.dumps({k: v.model_dump() for k, v in job.space.items()}, indent=2), "search_space.json")
-    c.log_text(run_id, yaml.safe_dump(redacted(job.to_dict()), sort_keys=False), "sweep_config.yaml")
+    c.log_text(run_id, dump_yaml(job), "sweep_config.yaml")
     return run_id
 
 

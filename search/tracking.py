@@ -8,18 +8,27 @@ DDP rank, so a run never appears once per worker.
 
 from __future__ import annotations
 
+import base64
+import os
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote
 
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.errors import ServiceUnreachable
-from deeplab_sweep.trainable.run_config import DEFAULT_ARTIFACTS, MlflowConfig, redacted, resolve_path
+from deeplab_sweep.trainable.run_config import (
+    DEFAULT_ARTIFACTS,
+    MlflowConfig,
+    redacted,
+    resolve_path,
+    split_credentials,
+)
 
 # Tags: what a run is, which sweep and trial it belongs to, how it ended, its best checkpoint.
 KIND_TAG = "deeplab.kind"
@@ -59,9 +68,38 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def credentials_to_env(uri: str) -> str:
+    """A tracking URI's credentials moved to where MLflow's client reads them, for this process
+    and the local Ray it starts: http://user:password@host to MLFLOW_TRACKING_USERNAME and
+    _PASSWORD, http://token@host to MLFLOW_TRACKING_TOKEN. What comes back has none, so it can
+    be printed, stored with runs and pickled by Tune."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    bare, userinfo = split_credentials(uri)
+    if userinfo is not None:
+        user, sep, password = (unquote(part) for part in userinfo.partition(":"))
+        if sep:
+            os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+        else:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = user
+    return bare
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send, for our own health check."""
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None and password is not None:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
 def resolved(cfg: MlflowConfig) -> MlflowConfig:
-    """Absolute store and artifact locations. An explicit artifact location is always passed:
-    left to MLflow, artifacts of a local store land in whatever folder a Ray actor runs in."""
+    """Absolute store and artifact locations, credentials out of the URI. An explicit artifact
+    location is always passed: left to MLflow, artifacts of a local store land in whatever
+    folder a Ray actor runs in."""
+    cfg = cfg.model_copy(update={"tracking_uri": credentials_to_env(cfg.tracking_uri)})
     loc = cfg.artifact_location
     remote = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
     if loc is None and not remote:
@@ -80,8 +118,10 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
     with back-off for minutes before failing."""
     if not uri.startswith(("http://", "https://")):
         return
+    uri = credentials_to_env(uri)
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+        request = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=_auth_headers())
+        urllib.request.urlopen(request, timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ServiceUnreachable(f"mlflow.tracking_uri = {uri!r}: tracking server does not answer ({reason})") from None

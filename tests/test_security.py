@@ -93,3 +93,58 @@ def test_ui_listens_on_loopback_only(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_redaction_covers_secrets_with_slashes():
+    from deeplab_sweep.trainable.run_config import redacted
+
+    assert redacted("s3://AKIA:ab/cd+ef@bucket/ray") == "s3://***@bucket/ray"
+    assert redacted("https://token@host:5000/x") == "https://***@host:5000/x"
+    assert redacted("s3://bucket/prefix@v2/x") == "s3://bucket/prefix@v2/x"  # not credentials: left alone
+
+
+def _files_with(root, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_credentialed_tracking_uri_works_and_leaves_no_trace(
+    ray_cluster, mlflow_server, synth_voc_root, workdir, tmp_path, monkeypatch, capfd
+):
+    """http://user:TOKEN@host: the credentials go where MLflow's client reads them (the
+    environment of this process), and nowhere else: not in the MLflow store, its artifacts,
+    the sweep's storage (Tune's pickles included), Optuna's study, or what is printed."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplab_sweep.cli import main
+
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "")  # restored (unset) after the test
+    host = mlflow_server.url.removeprefix("http://")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 1, cpus_per_worker: 0.95}\n"
+        "sweep: {num_samples: 1, asha: {enabled: false}, name: creds}\n"
+        "space:\n  train.lr: {type: loguniform, low: 0.001, high: 0.1}\n"
+    )
+    rc = main(
+        [
+            "sweep",
+            str(cfg),
+            "--conf-dir",
+            str(CONF),
+            f"data.root={synth_voc_root}",
+            "--tracking-uri",
+            f"http://alice:{SECRET}@{host}",
+        ]
+    )
+    out, err = capfd.readouterr()
+    assert rc == 0, err[-3000:]
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == SECRET
+    c = MlflowClient(mlflow_server.url)
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+    assert {r.data.tags["deeplab.kind"] for r in runs} == {"sweep", "trial"}
+    assert runs[0].data.params["mlflow.tracking_uri"] == mlflow_server.url
+    assert SECRET not in out + err
+    assert _files_with(mlflow_server.folder, SECRET.encode()) == []
+    assert _files_with(workdir / "runs", SECRET.encode()) == []

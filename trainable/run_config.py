@@ -181,7 +181,13 @@ class RunConfig(Strict):
 
 
 # user:secret@ (the secret may hold '/', as AWS secret keys do) or token@ right after "://".
-_USERINFO = re.compile(r"(?<=://)(?:[^@\s/:]*:[^@\s]*|[^@\s/:]+)@")
+_USERINFO = re.compile(r"(?<=://)((?:[^@\s/:]*:[^@\s]*|[^@\s/:]+))@")
+
+
+def split_credentials(uri: str) -> tuple[str, str | None]:
+    """(the URI without its user:secret@ or token@ part, that part or None)."""
+    m = _USERINFO.search(uri)
+    return (uri, None) if m is None else (uri[: m.start()] + uri[m.end() :], m.group(1))
 
 
 def redacted(value):
