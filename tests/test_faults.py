@@ -4,6 +4,7 @@ part of a sweep costs no training and nothing logged (`deeplab sync` writes it a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -232,3 +233,69 @@ def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(
         torch.load(disk / "full" / d / "checkpoint.pt", weights_only=True)["epoch"] for d in _registered(disk / "full")
     )
     assert kept == [1, 2]
+
+
+def test_hung_tracking_server_does_not_hold_up_training(ray_cluster, synth_voc_root, workdir, tmp_path, monkeypatch):
+    """The tracking server hangs (SIGSTOP: connections open, no answer) after the first logged
+    epoch, with a 120 s request timeout. Tune's loop never waits on MLflow: both trials report
+    every epoch to Ray while the server hangs; once it answers again, MLflow gets every epoch
+    of both trials, in order, and their end."""
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.sweep import run_sweep
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    server = MlflowServer(tmp_path)
+    server.start()
+    store = MlflowClient(server.store)
+    sweep_dir = workdir / "runs" / "ray" / "hung"
+    seen: dict = {}
+
+    def epochs_in_ray() -> list[int]:
+        last = []
+        for p in sweep_dir.glob("sweep_trial_*/result.json"):
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            last.append(max((r.get("epoch", 0) for r in rows), default=0))
+        return sorted(last)
+
+    def hang_then_answer():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            exp = store.get_experiment_by_name("deeplab")
+            runs = store.search_runs([exp.experiment_id]) if exp else []
+            if any(r.data.metrics.get("val/mIoU") is not None for r in runs):
+                break
+            time.sleep(0.2)
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 100 and epochs_in_ray() != [3, 3]:
+            time.sleep(0.2)
+        seen.update(epochs=epochs_in_ray(), seconds=time.monotonic() - stopped)
+        os.killpg(server.proc.pid, signal.SIGCONT)
+
+    (tmp_path / "s.yaml").write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 3, cpus_per_worker: 0.95, visuals: 1}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: hung}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
+    )
+    job = load_job(
+        tmp_path / "s.yaml", [f"data.root={synth_voc_root}", f"mlflow.tracking_uri={server.url}"], conf_root=CONF
+    )
+    watcher = threading.Thread(target=hang_then_answer, daemon=True)
+    watcher.start()
+    try:
+        summary = run_sweep(job)
+        watcher.join(timeout=10)
+        assert seen["epochs"] == [3, 3], seen  # every epoch reached Ray while MLflow hung
+        assert seen["seconds"] < 100, seen
+        assert "mlflow_error" not in summary
+        runs = store.search_runs([store.get_experiment_by_name("deeplab").experiment_id])
+        trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+        assert len(trials) == 2
+        for r in trials:
+            assert [m.step for m in store.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2, 3]
+            assert r.data.tags["deeplab.status"] == "completed" and r.info.status == "FINISHED"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        server.stop()

@@ -283,3 +283,33 @@ def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir,
     assert parents[0].info.status == "FINISHED"
     assert summary["best"]["run_id"] == good.info.run_id
     assert sum(1 for t in summary["trials"] if t["error"]) == 1
+
+
+def test_trial_failing_before_its_first_epoch_has_one_run_and_retention_follows_the_metric(
+    ray_cluster, synth_voc_root, workdir, tmp_path
+):
+    """Grid over a batch size that fits 8 images and one that does not. The second trial fails
+    before it reports anything: it gets exactly one (FAILED) run, also after the end-of-sweep
+    sync. The sweep optimises train/lr (max: epoch 1, under the poly schedule), so Ray keeps
+    epoch 1's checkpoint as the best, and that is the checkpoint MLflow gets."""
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(
+        "defaults: [train/demo]\n"
+        "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 3, cpus_per_worker: 0.95, keep_checkpoints: 1, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, metric: train/lr, mode: max}\n"
+        "space:\n  data.batch_size: {type: choice, values: [4, 64]}\n"
+    )
+    summary = run_sweep(load_job(cfg, [f"data.root={synth_voc_root}", "sweep.name=early"], conf_root=CONF))
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    _, children = _runs(c)
+    assert sorted(r.data.params["data.batch_size"] for r in children) == ["4", "64"]
+    assert len({r.data.tags["deeplab.trial_id"] for r in children}) == 2
+    failed = next(r for r in children if r.data.params["data.batch_size"] == "64")
+    assert failed.info.status == "FAILED"
+    assert "data.batch_size = 64 is larger than the 8 training images" in failed.data.tags["deeplab.status"]
+    good = next(r for r in children if r.data.params["data.batch_size"] == "4")
+    assert [m.step for m in c.get_metric_history(good.info.run_id, "best/train/lr")] == [1]
+    local = c.download_artifacts(good.info.run_id, "checkpoint", str(tmp_path / "dl"))
+    assert torch.load(Path(local) / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert summary["best"]["run_id"] == good.info.run_id
