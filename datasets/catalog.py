@@ -51,6 +51,8 @@ class DatasetSpec:
     synth: Callable[..., Path]
     # Gets the real data under a root (or says which files to place there): fn(root) -> root.
     download: Callable[[Path], Path]
+    # Images in the real train split: what a training epoch costs, before any data is on disk.
+    train_images: int
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _VOC_PALETTE,
             synth.synth_voc,
             download.download_voc,
+            train_images=1464,
         ),
         # VOC with the SBD-augmented train list (10,582 images): differs from voc in its train split.
         DatasetSpec(
@@ -86,6 +89,7 @@ DATASETS: dict[str, DatasetSpec] = {
             _VOC_PALETTE,
             synth.synth_voc,
             download.download_voc,
+            train_images=10582,
         ),
         DatasetSpec(
             "cityscapes",
@@ -96,6 +100,7 @@ DATASETS: dict[str, DatasetSpec] = {
             tuple(labels.cityscapes_palette()),
             synth.synth_cityscapes,
             download.prepare_cityscapes,
+            train_images=2975,
         ),
     )
 }

@@ -81,6 +81,10 @@ class ClusterConfig(Strict):
     num_cpus: int | None = Field(None, strict=True, ge=1)
     num_gpus: int | None = Field(None, strict=True, ge=0)
     object_store_memory: int | None = Field(None, strict=True, ge=78_643_200)
+    # The cluster's autoscaler config (a Ray cluster launcher YAML): its node types and maxima
+    # decide how many trials run at once. None: ~/ray_bootstrap_config.yaml when joining a
+    # cluster from its head (where `ray up` leaves it), else the nodes that are up.
+    autoscaler_config: str | None = None
 
 
 class JobConfig(Strict):

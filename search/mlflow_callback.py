@@ -25,7 +25,6 @@ from deeplab_sweep.search import tracking
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
 from deeplab_sweep.search.storage import Storage
-from deeplab_sweep.trainable.engine import VISUALS_DIR
 
 TRAIN_DIR = "train"  # under the sweep folder: the trials' Ray Train runs, named by trial id
 
@@ -55,7 +54,6 @@ class MlflowTrialCallback(Callback):
         self._thread: threading.Thread | None = None
         self._closing = False
         self._writers: dict[str, RunWriter] = {}
-        self._reports: dict[str, dict[int, dict]] = {}  # per trial: the reports it sent, by epoch
         self.outage: str | None = None  # the last MLflow error, while writes are queued
 
     # Tune pickles its callbacks with the experiment state: the thread and queue stay behind.
@@ -89,12 +87,10 @@ class MlflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = (trial.last_result or {}).get("epoch", 0)
         status = tracking.end_status(None, last, trial_epochs(trial.config, self.max_epochs))
-        self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, None, trial.local_path))
+        self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, None))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._enqueue(
-            trial.trial_id, ("finish", dict(trial.config), tracking.FAILED, _error_reason(trial), trial.local_path)
-        )
+        self._enqueue(trial.trial_id, ("finish", dict(trial.config), tracking.FAILED, _error_reason(trial)))
 
     def on_experiment_end(self, trials, **info):
         self.close()
@@ -156,17 +152,12 @@ class MlflowTrialCallback(Callback):
         kind, config = op[0], op[1]
         writer = self._writer(trial_id, config)
         if kind == "result":
-            result = op[2]
-            self._reports.setdefault(trial_id, {})[int(result.get("epoch") or 0)] = result
-            writer.log_epochs([result])
+            writer.log_epochs([op[2]])
             writer.log_visuals()
         elif kind == "finish":
-            _, _, status, reason, trial_dir = op
-            reports = {int(r.get("epoch") or 0): r for r in read_results(trial_dir)}
-            reports.update(self._reports.get(trial_id, {}))
-            writer.log_epochs(reports.values())
-            writer.log_visuals()
-            writer.finish(status, reason, reports.values(), self._trial_config(config), again=True)
+            # What a previous driver, killed, never wrote is in storage: reconcile first.
+            writer.reconcile()
+            writer.finish(op[2], op[3], self._trial_config(config), again=True)
 
     def _trial_config(self, config: dict) -> dict:
         return apply_overrides(self.base, trial_overrides(config))
@@ -185,15 +176,9 @@ class MlflowTrialCallback(Callback):
             )
             storage = Storage(self.sweep_uri)
             self._writers[trial_id] = RunWriter(
-                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id, VISUALS_DIR)
+                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id)
             )
         return self._writers[trial_id]
-
-
-def read_results(trial_dir: str | None) -> list[dict]:
-    """Tune's result.json of a trial folder on this machine: one JSON line per report."""
-    path = Path(trial_dir) / "result.json" if trial_dir else None
-    return parse_results(path.read_text()) if path is not None and path.is_file() else []
 
 
 def parse_results(text: str) -> list[dict]:

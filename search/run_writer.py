@@ -1,15 +1,17 @@
 """The one writer of a training run's MLflow run (a sweep trial, or `deeplab train`).
 
-It writes from what a run reports (Ray's results: one dict per evaluated epoch, with the
-checkpoint Ray kept for it) and from what the workers persisted in storage (the eval PNGs):
-each epoch once, by step; the PNGs not yet in the run; and, when the run ends, its best
-checkpoint (chosen among the checkpoints still in storage), best metric and end status.
-Every method only writes what MLflow is missing, so the live callbacks, a resumed sweep and
-`deeplab sync` all reconcile through it, as often as they like.
+It writes from what the run stored, in its folder in Ray's storage, whatever happened to the
+driver or the tracking server since: one JSON of metrics per evaluated epoch (`epochs/`), the
+eval PNGs (`visuals/`), and the checkpoints Ray kept, each with its epoch and metrics beside it.
+Each epoch goes to MLflow once, by step; each PNG once; and, when the run ends, its best
+checkpoint (the best of those still stored), best metric and end status. Every method only
+writes what MLflow is missing, so the live callbacks, a resumed sweep and `deeplab sync` all
+reconcile through it, as often as they like.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 
@@ -17,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.storage import Storage
-from deeplab_sweep.trainable.engine import VISUALS_DIR
+from deeplab_sweep.trainable.checkpoint import FILENAME, META
+from deeplab_sweep.trainable.engine import EPOCHS_DIR, VISUALS_DIR
 
 
 def better(value, best, mode: str) -> bool:
@@ -26,21 +29,39 @@ def better(value, best, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def best_report(reports: Iterable[dict], metric: str, mode: str, storage: Storage) -> dict | None:
-    """The report with the best `metric` whose checkpoint is still in storage (Ray keeps the
-    best few and the latest), as {metric, checkpoint_path, epoch}."""
+def best_report(reports: Iterable[dict], metric: str, mode: str) -> dict | None:
+    """The report with the best `metric` that has a checkpoint, as {metric, checkpoint_path, epoch}."""
     best = None
     for r in reports:
-        ckpt, value = r.get("checkpoint_path"), r.get(metric)
-        if ckpt and better(value, best[metric] if best else None, mode) and storage.is_dir(ckpt):
-            best = {metric: value, "checkpoint_path": ckpt, "epoch": int(r.get("epoch") or 0)}
+        if r.get("checkpoint_path") and better(r.get(metric), best[metric] if best else None, mode):
+            best = {metric: r[metric], "checkpoint_path": r["checkpoint_path"], "epoch": int(r.get("epoch") or 0)}
     return best
 
 
+def stored_epochs(storage: Storage, run_dir: str) -> list[dict]:
+    """The metrics each evaluated epoch of the run wrote to storage, in epoch order."""
+    folder = f"{run_dir}/{EPOCHS_DIR}"
+    return [json.loads(storage.read_text(f.path)) for f in storage.list(folder) if f.base_name.endswith(".json")]
+
+
+def stored_checkpoints(storage: Storage, run_dir: str) -> list[dict]:
+    """The run's checkpoints in storage that are whole (checkpoint.pt of the size recorded
+    beside it), as their metrics + epoch + checkpoint_path."""
+    out = []
+    for d in storage.list(run_dir):
+        meta_path, weights = f"{d.path}/{META}", f"{d.path}/{FILENAME}"
+        if not d.base_name.startswith("checkpoint_") or not storage.is_file(meta_path):
+            continue
+        meta = json.loads(storage.read_text(meta_path))
+        if storage.size(weights) == meta["bytes"]:
+            out.append({**meta["metrics"], "epoch": meta["epoch"], "checkpoint_path": d.path})
+    return out
+
+
 class RunWriter:
-    def __init__(self, c: MlflowClient, run_id: str, metric: str, mode: str, storage: Storage, visuals_dir: str):
+    def __init__(self, c: MlflowClient, run_id: str, metric: str, mode: str, storage: Storage, run_dir: str):
         self.c, self.run_id, self.metric, self.mode = c, run_id, metric, mode
-        self.storage, self.visuals_dir = storage, visuals_dir
+        self.storage, self.run_dir = storage, run_dir
         self._steps: set[int] | None = None  # epochs already in MLflow, read once
         self._visuals: set[str] | None = None  # PNGs already in MLflow, listed once
 
@@ -59,19 +80,30 @@ class RunWriter:
     def log_visuals(self) -> int:
         if self._visuals is None:
             self._visuals = {a.path for a in self.c.list_artifacts(self.run_id, VISUALS_DIR)}
+        folder = f"{self.run_dir}/{VISUALS_DIR}"
         new = [
             f.base_name
-            for f in self.storage.list(self.visuals_dir)
+            for f in self.storage.list(folder)
             if f.base_name.endswith(".png") and f"{VISUALS_DIR}/{f.base_name}" not in self._visuals
         ]
         if new:
-            with self.storage.local_copy(self.visuals_dir) as folder:
+            with self.storage.local_copy(folder) as local:
                 for name in new:
-                    self.c.log_artifact(self.run_id, str(folder / name), artifact_path=VISUALS_DIR)
+                    self.c.log_artifact(self.run_id, str(local / name), artifact_path=VISUALS_DIR)
                     self._visuals.add(f"{VISUALS_DIR}/{name}")
         return len(new)
 
-    def finish(self, status: str, reason: str | None, reports: Iterable[dict], cfg: dict, again: bool) -> bool:
+    def reconcile(self) -> int:
+        """Every stored epoch and PNG that MLflow is missing; returns the epochs written. (A
+        checkpoint's own metrics count too: a worker stopped right after saving it wrote no
+        epoch file.)"""
+        stored = {e["epoch"]: e for e in stored_checkpoints(self.storage, self.run_dir)}
+        stored.update({e["epoch"]: e for e in stored_epochs(self.storage, self.run_dir)})
+        logged = self.log_epochs(sorted(stored.values(), key=lambda e: e["epoch"]))
+        self.log_visuals()
+        return logged
+
+    def finish(self, status: str, reason: str | None, cfg: dict, again: bool) -> bool:
         """Best checkpoint + config, best metric and end status. A run that has an end status
         already is left as it is, unless `again` (its trial just ended once more, after a
         resume); it is only closed if a resume reopened it. Returns whether it wrote the end."""
@@ -81,14 +113,13 @@ class RunWriter:
             if run.info.status == "RUNNING":
                 self.c.set_terminated(self.run_id, "FAILED" if ended.startswith(tracking.FAILED) else "FINISHED")
             return False
-        best = best_report(reports, self.metric, self.mode, self.storage)
-        if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != self.storage.uri(
-            best["checkpoint_path"]
-        ):
+        best = best_report(stored_checkpoints(self.storage, self.run_dir), self.metric, self.mode)
+        uri = self.storage.uri(best["checkpoint_path"]) if best else None
+        if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != uri:
             with self.storage.local_copy(best["checkpoint_path"]) as folder:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
             self.c.log_metric(self.run_id, f"best/{self.metric}", float(best[self.metric]), step=best["epoch"])
-            self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, self.storage.uri(best["checkpoint_path"]))
+            self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, uri)
         tracking.finish_run(self.c, self.run_id, status, reason)
         return True
 

@@ -66,6 +66,11 @@ class Storage:
     def is_file(self, path: str) -> bool:
         return self._type(path) == pafs.FileType.File
 
+    def size(self, path: str) -> int | None:
+        """A file's size in bytes; None when it is not a file."""
+        info = self.fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
     def read_text(self, path: str) -> str:
         with self.fs.open_input_stream(path) as f:
             return f.read().decode(errors="replace")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -22,21 +21,22 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.search import tracking
+from deeplab_sweep.search import placement, tracking
 from deeplab_sweep.search.cluster import cluster_address, ray_session
 from deeplab_sweep.search.compose import check_sweep, dump_yaml
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
 from deeplab_sweep.search.overrides import trial_overrides
+from deeplab_sweep.search.placement import Plan
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.progress import ProgressTable
-from deeplab_sweep.search.run_writer import best_report
+from deeplab_sweep.search.run_writer import best_report, stored_checkpoints
 from deeplab_sweep.search.space import build_searcher
 from deeplab_sweep.search.storage import Storage
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.trial import sweep_trial
+from deeplab_sweep.trainable.ray_train import worker_resources
 
-TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -44,20 +44,40 @@ MLFLOW_HTTP_DEFAULTS = {
 }
 
 
-def max_concurrent(job: JobConfig) -> int:
+def trial_driver_resources() -> tune.PlacementGroupFactory:
+    """A trial's driver (Tune's actor; Ray Train's controller runs beside it): memory only, a
+    slice of a CPU would keep an exact-fit node from taking a worker; on the node that runs
+    this sweep (the head, under `ray job submit`), where workers never go and whose loss would
+    end the sweep anyway. A worker node that dies takes only workers with it."""
+    node = ray.get_runtime_context().get_node_id()
+    return tune.PlacementGroupFactory(
+        [{"memory": placement.TRIAL_DRIVER_MEMORY}], bundle_label_selector=[{"ray.io/node-id": node}]
+    )
+
+
+def plan_before_ray(job: JobConfig) -> Plan | None:
+    """The plan on the autoscaler's node types, when its config is known: a sweep that cannot
+    fit even the largest cluster is refused here, naming the key to change."""
+    path = placement.autoscaler_config(job.cluster)
+    if path is None:
+        return None
+    plan = placement.make_plan(job.train, placement.node_types_from_config(path), str(path))
+    if plan.at_once_most < 1:
+        raise ConfigError(placement.why_not(plan, job.train))
+    return plan
+
+
+def trials_at_once(job: JobConfig, plan: Plan | None) -> int:
+    """sweep.max_concurrent, else what the cluster can hold at its largest (the autoscaler's
+    maximum where known, else the nodes up now). Never refused because nodes are not up yet:
+    trials then wait for them."""
     if job.sweep.max_concurrent:
         return job.sweep.max_concurrent
-    res = ray.cluster_resources()
-    t = job.train
-    fits = math.floor(res.get("CPU", 1) / (t.num_workers * t.cpus_per_worker + TRIAL_DRIVER_CPU))
-    if t.use_gpu:
-        fits = min(fits, math.floor(res.get("GPU", 0) / t.num_workers))
-    if fits < 1:
-        raise ConfigError(
-            f"train.num_workers = {t.num_workers} x cpus_per_worker = {t.cpus_per_worker}"
-            f"{' + 1 GPU each' if t.use_gpu else ''} does not fit the cluster ({res})"
-        )
-    return fits
+    if plan is None:
+        plan = placement.make_plan(job.train, placement.node_types_now(), "the nodes up now")
+    if plan.at_once_most < 1:
+        print(f"warning: {placement.why_not(plan, job.train)}; one trial at a time, waiting for nodes", file=sys.stderr)
+    return max(1, plan.at_once_most)
 
 
 def _git_commit() -> str:
@@ -110,6 +130,7 @@ def _parent_run(c, exp_id: str, job: JobConfig, name: str, resume: bool) -> str:
 
 def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> dict:
     check_sweep(job)
+    plan = plan_before_ray(job)
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Storage(f"{job.storage.path.rstrip('/')}/{name}")
@@ -133,7 +154,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     parent = _parent_run(c, exp_id, job, name, resume)
     try:
         with ray_session(job.cluster, address, verbose):
-            tuner = _tuner(job, name, storage, searcher, param_space, exp_id, parent, resume, verbose)
+            tuner = _tuner(job, name, storage, searcher, param_space, exp_id, parent, resume, verbose, plan)
             results = tuner.fit()
         # The study Tune's (possibly restored) searcher wrote is in Optuna's storage: `searcher`
         # reads it from there.
@@ -163,13 +184,14 @@ def _tuner(
     parent: str,
     resume: bool,
     verbose: bool,
+    plan: Plan | None,
 ) -> tune.Tuner:
     base = job.run.to_dict()
     train_dir = storage.uri(storage.join(TRAIN_DIR))
     s = job.sweep
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, base=base, sweep_dir=train_dir, metric=s.metric, mode=s.mode),
-        {"CPU": TRIAL_DRIVER_CPU},
+        trial_driver_resources(),
     )
     if resume:
         # Tune restores its callbacks and searcher from the sweep folder, as they were pickled.
@@ -198,12 +220,15 @@ def _tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=s.num_samples,
-            max_concurrent_trials=max_concurrent(job),
+            max_concurrent_trials=trials_at_once(job, plan),
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=job.storage.path,
-            callbacks=[callback, ProgressTable(s.metric, job.train.epochs)],
+            callbacks=[
+                callback,
+                ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
+            ],
             verbose=1 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
@@ -263,7 +288,8 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
         value = run.data.metrics.get(f"best/{metric}") if run else None
         checkpoint = run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) if run else None
         if run is None and trial_id in records:
-            best = best_report(records[trial_id].rows, metric, job.sweep.mode, storage)
+            kept = stored_checkpoints(storage, storage.join(TRAIN_DIR, trial_id))
+            best = best_report(kept, metric, job.sweep.mode)
             value, checkpoint = (best[metric], best["checkpoint_path"]) if best else (None, None)
         rows.append(
             {
@@ -344,3 +370,32 @@ def summary_table(summary: dict, metric: str) -> str:
             + (f"  FAILED: {r['error']}" if r["error"] else "")
         )
     return "\n".join(lines)
+
+
+def plan_text(job: JobConfig, address: str | None = None) -> str:
+    """`deeplab sweep --plan`: per-trial resources, placement, trials at once now and at the
+    largest, expected GPU-hours; no trial starts. Raises ConfigError when it cannot fit."""
+    check_sweep(job)
+    plan = plan_before_ray(job)
+    if plan is None:
+        plan = _plan_on_nodes_up(job, address)
+        if plan.at_once_most < 1:
+            raise ConfigError(placement.why_not(plan, job.train))
+    return "\n".join([*placement.describe(plan), *placement.cost_lines(job)])
+
+
+def _plan_on_nodes_up(job: JobConfig, address: str | None) -> Plan:
+    """Without an autoscaler config: the cluster being joined as it is now, or this machine."""
+    if cluster_address(job.cluster, address):
+        with ray_session(job.cluster, address):
+            return placement.make_plan(job.train, placement.node_types_now(), "the nodes up now")
+    import os
+
+    import torch
+
+    res = {
+        "CPU": float(job.cluster.num_cpus or os.cpu_count() or 1),
+        "GPU": float(job.cluster.num_gpus if job.cluster.num_gpus is not None else torch.cuda.device_count()),
+    }
+    node = placement.NodeType("this machine", {k: v for k, v in res.items() if v}, 1, 1)
+    return placement.make_plan(job.train, [node], "a local Ray on this machine")

@@ -1,8 +1,8 @@
-"""`deeplab sync`: write into MLflow what Ray's results hold and MLflow does not. Ray Tune keeps
-every trial's reported results in the sweep folder (`result.json`, one line per report)
-whatever happened to the tracking server; each trial's run is reconciled with them through
-`RunWriter`: missing epochs, the eval PNGs, a missing child run, the end status, the best
-checkpoint. Idempotent. The sweep also calls it itself when it ends.
+"""`deeplab sync`: write into MLflow what the sweep's storage holds and MLflow does not,
+whatever happened to the tracking server or the driver. Tune's folder says which trials there
+are and how they ended; each trial's own folder (epochs, PNGs, checkpoints) is reconciled with
+its run through `RunWriter`: a missing child run, missing epochs, the PNGs, the end status, the
+best checkpoint. Idempotent. The sweep also calls it itself when it ends.
 """
 
 from __future__ import annotations
@@ -19,9 +19,15 @@ from deeplab_sweep.search.compose import load_yaml_config
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, error_reason, parse_results
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
-from deeplab_sweep.search.run_writer import RunWriter, best_report, better, trial_run
+from deeplab_sweep.search.run_writer import (
+    RunWriter,
+    best_report,
+    better,
+    stored_checkpoints,
+    stored_epochs,
+    trial_run,
+)
 from deeplab_sweep.search.storage import Storage
-from deeplab_sweep.trainable.engine import VISUALS_DIR
 
 
 @dataclass
@@ -42,8 +48,8 @@ class TrialRecord:
 
 
 # Tune names a trial's folder <trainable>_<trial id>_<index>_<params>_<time>; trial ids are
-# <5 hex>_<5 digits>.
-_TRIAL_ID_IN_NAME = re.compile(r"_([0-9a-f]{5}_\d{5})_")
+# 8 hex digits (a searcher's trials) or <5 hex>_<5 digits> (a grid's).
+_TRIAL_ID_IN_NAME = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_\d+_")
 
 
 def _tune_trials(storage: Storage) -> dict[str, tuple[str, str | None]]:
@@ -132,14 +138,14 @@ def sync_runs(
         cfg = apply_overrides(base, trial_overrides(rec.config))
         run_id, created = trial_run(c, exp_id, sweep, rec.trial_id, parent_run_id, cfg, reopen=False)
         stats["runs_created"] += created
-        writer = RunWriter(c, run_id, metric, mode, storage, storage.join(TRAIN_DIR, rec.trial_id, VISUALS_DIR))
-        stats["epochs_logged"] += writer.log_epochs(rec.rows)
-        writer.log_visuals()
+        run_dir = storage.join(TRAIN_DIR, rec.trial_id)
+        writer = RunWriter(c, run_id, metric, mode, storage, run_dir)
+        stats["epochs_logged"] += writer.reconcile()
         if rec.finished:
-            last = rec.rows[-1].get("epoch", 0) if rec.rows else 0
+            last = max((e["epoch"] for e in stored_epochs(storage, run_dir)), default=0)
             status = tracking.end_status(rec.error, last, trial_epochs(rec.config, job.train.epochs))
-            stats["runs_finished"] += writer.finish(status, rec.error, rec.rows, cfg, again=False)
-        best = best_report(rec.rows, metric, mode, storage)
+            stats["runs_finished"] += writer.finish(status, rec.error, cfg, again=False)
+        best = best_report(stored_checkpoints(storage, run_dir), metric, mode)
         if best and not rec.error and better(best[metric], best_overall[metric] if best_overall else None, mode):
             best_overall = {**best, "trial_id": rec.trial_id, "run_id": run_id}
     if update_parent:

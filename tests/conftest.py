@@ -68,6 +68,48 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def pids_naming(folder: str) -> list[int]:
+    """Every process whose command line names `folder` (a Ray temp folder of the test's own)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if folder.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def stop_processes_naming(folder: str) -> None:
+    """Exactly the processes of a Ray the test started (never `ray stop`: it would also stop
+    any other Ray on the machine, such as the test session's own cluster)."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_naming(folder):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while pids_naming(folder) and time.monotonic() < deadline:
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private RAY_TMPDIR for a local Ray that a test's subprocess starts: its processes are
+    found by it and stopped at the end, and none may be left."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths live under it
+    yield folder
+    stop_processes_naming(folder)
+    left = pids_naming(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    assert not left, f"processes of the test's Ray still running: {left}"
+
+
 def free_port() -> int:
     import socket
 

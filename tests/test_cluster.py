@@ -1,93 +1,77 @@
-"""A two-node Ray cluster on loopback (a head and a worker started with
-`ray start`, each with its own ports, CPUs and object store), a sweep submitted to it with
-`--address`, trials on both nodes writing to one shared storage path, and exactly the
-processes this test started stopped at the end (never `ray stop`: it would also stop any
-other Ray on the machine, such as the test session's own cluster)."""
+"""Sweeps on clusters shaped as they really run, all on this machine:
+
+- exact fit: a head with no CPU and two worker nodes of one CPU each (`ray start` on loopback,
+  own ports, a shared storage path), trials of two one-CPU workers, so each trial takes every
+  worker CPU there is;
+- autoscaling from zero: a head with no CPU and a worker node type the autoscaler launches on
+  demand (Ray's fake multi-node provider, the one `ray.cluster_utils.AutoscalingCluster` uses),
+  advertising a custom resource that the trials ask for per worker (the GPU path of placement);
+- a worker node killed mid-trial: the trial resumes from its checkpoint on another node.
+
+Each cluster is started with its own temp folder and stopped by ending exactly the processes
+that name it (never `ray stop`: it would also stop any other Ray on the machine, such as the
+test session's own cluster).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CONF, REPO, free_port
+from tests.conftest import CONF, REPO, free_port, pids_naming, stop_processes_naming
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
+TOKEN = "0" * 64  # `ray start --head` turns token auth on: each test cluster brings its own token
 
 
-def _node_args(temp_dir: str, worker_ports: int) -> list[str]:
-    return [
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=1",
-        "--object-store-memory=80000000",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--min-worker-port={worker_ports}",
-        f"--max-worker-port={worker_ports + 99}",
-    ]
-
-
-def _pids_of(temp_dir: str) -> list[int]:
-    """Every process whose command line names this cluster's own temp folder."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if temp_dir.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-def _stop(temp_dir: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_of(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while _pids_of(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.3)
-
-
-# `ray start --head` turns Ray's token authentication on; every process that starts, joins or
-# talks to the cluster needs the same token. The tests bring their own (RAY_AUTH_TOKEN) rather
-# than depend on a ~/.ray/auth_token left by something else.
-_TOKEN = secrets.token_hex(32)
-
-
-def cluster_env() -> dict:
+def cluster_env(**extra: str) -> dict:
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": _TOKEN,
+        "RAY_AUTH_TOKEN": TOKEN,
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(REPO),
+        **extra,
     }
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def _node_args(temp_dir: str, cpus: int) -> list[str]:
+    ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "node-manager-port",
+            "object-manager-port",
+            "metrics-export-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+        )
+    ]
+    return [
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        "--object-store-memory=80000000",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *ports,
+    ]
 
 
 def _run(cmd: list[str], env: dict) -> None:
@@ -95,100 +79,265 @@ def _run(cmd: list[str], env: dict) -> None:
     assert res.returncode == 0, f"{' '.join(cmd[:3])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
 
 
-@pytest.fixture
-def loopback_cluster():
-    # Short: Ray's Unix socket paths live under it (at most 107 characters).
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    gcs, dashboard = free_port(), free_port()
-    base = random.randrange(20000, 28000, 200)
-    env = cluster_env()
-    try:
-        _run(
-            [
-                RAY,
-                "start",
-                "--head",
-                f"--port={gcs}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={free_port()}",
-                *_node_args(temp_dir, base),
-            ],
-            env,
-        )
-        _run([RAY, "start", f"--address=127.0.0.1:{gcs}", *_node_args(temp_dir, base + 100)], env)
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
-    finally:
-        _stop(temp_dir)
-        left = _pids_of(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+class _Cluster:
+    """A cluster of this test module's own: its address, dashboard and temp folder."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+        self.gcs, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def head_args(self) -> list[str]:
+        return [
+            RAY,
+            "start",
+            "--head",
+            f"--port={self.gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+        ]
+
+    def stop(self) -> None:
+        stop_processes_naming(self.temp_dir)
+        left = pids_naming(self.temp_dir)
         assert not left, f"processes of the test cluster still running: {left}"
 
 
-def test_sweep_on_two_loopback_nodes(loopback_cluster, synth_voc_root, tmp_path):
-    shared = tmp_path / "shared"  # the one storage path both nodes write to (NFS in real life)
-    cfg = tmp_path / "two_nodes.yaml"
-    cfg.write_text(
-        "defaults: [train/demo]\n"
-        "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 2, cpus_per_worker: 0.9, visuals: 0}\n"
-        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: two-nodes}\n"
-        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
-    )
+@pytest.fixture(scope="module")
+def exact_fit_cluster():
+    cluster = _Cluster()
     env = cluster_env()
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deeplab_sweep.cli",
-            "sweep",
-            str(cfg),
-            "--conf-dir",
-            str(CONF),
-            f"data.root={synth_voc_root}",
-            f"storage.path={shared}",
-            "--address",
-            loopback_cluster["address"],
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "best trial" in res.stdout
+    try:
+        _run([*cluster.head_args(), *_node_args(cluster.temp_dir, 0)], env)
+        for _ in range(2):
+            _run([RAY, "start", f"--address={cluster.address}", *_node_args(cluster.temp_dir, 1)], env)
+        yield cluster
+    finally:
+        cluster.stop()
 
-    # Both trials ran at once, one per node: each node has 1 CPU and a trial's worker takes 0.9.
-    nodes = _train_worker_nodes(loopback_cluster["dashboard"])
-    assert len(nodes) == 2, nodes
-    # Every trial wrote its results and checkpoints under the shared path.
-    sweep_dir = shared / "two-nodes"
-    results = [
-        json.loads(line) for p in sweep_dir.glob("sweep_trial_*/result.json") for line in p.read_text().splitlines()
+
+FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory):
+    """A head with no CPU; worker nodes of {CPU: 1, fake_gpu: 1}, none at first, up to 2,
+    launched by Ray's autoscaler (fake multi-node provider) when trials ask for them."""
+    cluster = _Cluster()
+    config = tmp_path_factory.mktemp("autoscaler") / "cluster.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "cluster_name": "deeplab-fake",
+                "max_workers": 2,
+                "head_node_type": "head",
+                "provider": {
+                    "type": "fake_multinode",
+                    "use_node_id_as_ip": True,
+                    "disable_node_updaters": True,
+                    "disable_launch_config_check": True,
+                    "gcs_address": cluster.address,
+                },
+                "available_node_types": {
+                    "head": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                    "gpu_worker": {
+                        "resources": {"CPU": 1, "fake_gpu": 1, "object_store_memory": 80_000_000},
+                        "node_config": {},
+                        "min_workers": 0,
+                        "max_workers": 2,
+                    },
+                },
+                "auth": {},
+                "upscaling_speed": 1.0,
+                "idle_timeout_minutes": 5,
+                "docker": {},
+                "file_mounts": {},
+                "initialization_commands": [],
+                "setup_commands": [],
+                "head_setup_commands": [],
+                "worker_setup_commands": [],
+                "head_start_ray_commands": [],
+                "worker_start_ray_commands": [],
+                "cluster_synced_files": [],
+                "file_mounts_sync_continuously": False,
+                "rsync_exclude": [],
+                "rsync_filter": [],
+            }
+        )
+    )
+    env = cluster_env(
+        RAY_FAKE_CLUSTER="1",
+        AUTOSCALER_UPDATE_INTERVAL_S="1",
+        RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
+        RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
+    )
+    try:
+        _run([*cluster.head_args(), f"--autoscaling-config={config}", *_node_args(cluster.temp_dir, 0)], env)
+        cluster.config = config
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _sweep(cfg: Path, tmp_path: Path, cluster: _Cluster, *extra: str, data_root: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "deeplab_sweep.cli",
+        "sweep",
+        str(cfg),
+        "--conf-dir",
+        str(CONF),
+        f"data.root={data_root}",
+        f"storage.path={tmp_path / 'shared'}",
+        "--address",
+        cluster.address,
+        *extra,
     ]
-    assert sorted(r["epoch"] for r in results) == [1, 1, 2, 2]
-    assert all(
-        Path(r["checkpoint_path"]).is_relative_to(sweep_dir) and Path(r["checkpoint_path"]).is_dir()
-        for r in results
-        if r["epoch"] == 2
-    )
-    c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
-    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
-    assert sorted(
-        r.data.tags.get("deeplab.status", "") for r in runs if r.data.tags.get("deeplab.kind") == "trial"
-    ) == ["completed", "completed"]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=cluster_env(), timeout=600)
 
 
-def _train_worker_nodes(dashboard: str) -> set[str]:
-    """Node ids of the Ray Train worker actors the cluster ran (dead ones included)."""
+def _train_workers(dashboard: str) -> list[dict]:
+    """The Ray Train worker actors the cluster ran (dead ones included): node id and state."""
     code = (
         "import json; from ray.util.state import list_actors; "
-        f"a = list_actors(address={dashboard!r}, filters=[('class_name', '=', 'RayTrainWorker')], limit=100); "
-        "print(json.dumps(sorted({x.node_id for x in a})))"
+        f"a = list_actors(address={dashboard!r}, filters=[('class_name', '=', 'RayTrainWorker')], limit=100, "
+        "detail=True); print(json.dumps([{'node': x.node_id, 'state': x.state, 'pid': x.pid} for x in a]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=cluster_env()
     )
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _trial_runs(tmp_path: Path) -> list:
+    c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+    return c, [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+
+
+TINY = "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48, batch_size: 4}\n"
+
+
+def test_exact_fit_nodes_under_a_head_without_cpu(exact_fit_cluster, synth_voc_root, tmp_path):
+    """Two one-CPU nodes, trials of two one-CPU workers: each trial takes both nodes, one trial
+    at a time. A trial driver that took a slice of a CPU would leave no room for a worker."""
+    cfg = tmp_path / "exact.yaml"
+    cfg.write_text(
+        TINY + "train: {epochs: 2, num_workers: 2, cpus_per_worker: 1, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: exact}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
+    )
+    res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    workers = _train_workers(exact_fit_cluster.dashboard)
+    assert len(workers) == 4 and len({w["node"] for w in workers}) == 2, workers  # 2 trials x 2 workers, 2 nodes
+    c, trials = _trial_runs(tmp_path)
+    assert sorted(r.data.tags["deeplab.status"] for r in trials) == ["completed", "completed"]
+    # every trial wrote its epochs and checkpoints under the one shared path
+    for r in trials:
+        run_dir = tmp_path / "shared" / "exact" / "train" / r.data.tags["deeplab.trial_id"]
+        assert sorted(p.name for p in (run_dir / "epochs").iterdir()) == ["epoch_0001.json", "epoch_0002.json"]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_node_of(worker: dict, cluster: _Cluster) -> None:
+    """SIGKILL a node as a machine dies: its raylet (found by the node manager port we gave
+    it) and every process it started, the worker among them."""
+    code = (
+        f"import json, ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); "
+        "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=cluster_env()
+    )
+    port = json.loads(out.stdout.strip().splitlines()[-1])[worker["node"]]
+    (raylet,) = [
+        pid
+        for pid in pids_naming(f"--node_manager_port={port}")
+        if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    for pid in [raylet, *_descendants(raylet)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster, synth_voc_root, tmp_path):
+    """The node running a trial's worker dies after the trial's first checkpoint: Ray Train
+    starts the worker on the other node, from that checkpoint, and the trial completes with
+    every epoch once."""
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(
+        TINY + "train: {epochs: 8, cpus_per_worker: 1, visuals: 0, max_failures: 2, keep_checkpoints: 10}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: kill}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01]}\n"
+    )
+    before = {w["pid"] for w in _train_workers(exact_fit_cluster.dashboard)}
+    killed: list[str] = []
+
+    def kill_the_node_after_the_first_checkpoint():
+        deadline = time.monotonic() + 300
+        alive = []
+        while time.monotonic() < deadline and not alive:  # where the worker runs, found before it trains
+            alive = [w for w in _train_workers(exact_fit_cluster.dashboard) if w["state"] == "ALIVE"]
+            time.sleep(0.5)
+        train_dir = tmp_path / "shared" / "kill" / "train"
+        while time.monotonic() < deadline and not list(train_dir.glob("*/epochs/epoch_0001.json")):
+            time.sleep(0.1)
+        _kill_node_of(alive[0], exact_fit_cluster)
+        killed.append(alive[0]["node"])
+
+    threading.Thread(target=kill_the_node_after_the_first_checkpoint, daemon=True).start()
+    res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
+    assert killed, "no worker node was killed: the test proved nothing"
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    nodes = {w["node"] for w in _train_workers(exact_fit_cluster.dashboard) if w["pid"] not in before}
+    assert killed[0] in nodes and len(nodes) == 2, nodes  # the trial went on, on the other node
+    c, (run,) = _trial_runs(tmp_path)
+    assert run.data.tags["deeplab.status"] == "completed"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == list(range(1, 9))
+    # from its checkpoint, not from scratch: each epoch's checkpoint exists once
+    metas = (tmp_path / "shared" / "kill" / "train").glob("*/checkpoint_*/checkpoint.json")
+    assert sorted(json.loads(p.read_text())["epoch"] for p in metas) == list(range(1, 9))
+
+
+def test_sweep_launched_at_zero_workers_grows_the_cluster(autoscaling_cluster, synth_voc_root, tmp_path):
+    cfg = tmp_path / "grow.yaml"
+    cfg.write_text(
+        TINY + "train: {epochs: 2, cpus_per_worker: 1, resources_per_worker: {fake_gpu: 1}, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: grow}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
+    )
+    res = _sweep(
+        cfg,
+        tmp_path,
+        autoscaling_cluster,
+        "--cluster-config",
+        str(autoscaling_cluster.config),
+        data_root=synth_voc_root,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the trials waited for nodes, and said so, instead of failing
+    assert "pending: waiting for 1 x {CPU: 1, fake_gpu: 1}" in res.stdout, res.stdout[-3000:]
+    workers = _train_workers(autoscaling_cluster.dashboard)
+    assert workers and FAKE_HEAD_ID not in {w["node"] for w in workers}  # on launched nodes, not the head
+    c, trials = _trial_runs(tmp_path)
+    assert sorted(r.data.tags["deeplab.status"] for r in trials) == ["completed", "completed"]

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.cli import main
-from tests.conftest import CONF, MlflowServer
+from tests.conftest import CONF, MlflowServer, stop_processes_naming
 
 pytestmark = pytest.mark.slow
 
@@ -299,3 +301,71 @@ def test_hung_tracking_server_does_not_hold_up_training(ray_cluster, synth_voc_r
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.proc.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdir):
+    """`kill -9` of the `deeplab sweep` process while a trial is between its checkpoints, its
+    local Ray gone with it; then the same command with --resume. Every trial ends in one run
+    (none duplicated, none left RUNNING) holding every epoch once, its best metric (the best of
+    its whole history, also when that epoch came before the kill) and that checkpoint; no epoch
+    is trained twice past its last checkpoint."""
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 4, cpus_per_worker: 0.95, keep_checkpoints: 1, visuals: 0}\n"
+        "sweep: {num_samples: 3, seed: 3, asha: {enabled: false}, name: k}\n"
+        "space:\n  train.lr: {type: loguniform, low: 0.003, high: 0.3}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "deeplab_sweep.cli",
+        "sweep",
+        str(cfg),
+        "--conf-dir",
+        str(CONF),
+        f"data.root={synth_voc_root}",
+        "cluster.num_cpus=2",
+        "cluster.object_store_memory=100000000",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    sweep_dir = tmp_path / "runs" / "ray" / "k"
+
+    def epochs_reported() -> list[int]:
+        """Per trial, the last epoch Tune has (in the driver's staging folder: Tune copies it to
+        storage only now and then)."""
+        staged = Path(ray_tmpdir).glob("ray/session_*/artifacts/*/k/driver_artifacts/sweep_trial_*/result.json")
+        return [
+            max((json.loads(line).get("epoch", 0) for line in p.read_text().splitlines() if line.strip()), default=0)
+            for p in staged
+        ]
+
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(2 <= e < 4 for e in epochs_reported()):
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert any(2 <= e < 4 for e in epochs_reported()), "no trial was mid-run: the test proved nothing"
+    stop_processes_naming(ray_tmpdir)  # the driver's local Ray does not outlive the machine it ran on
+
+    res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
+    assert len(trials) == len({r.data.tags["deeplab.trial_id"] for r in trials}) == 3
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    for r in trials:
+        history = c.get_metric_history(r.info.run_id, "val/mIoU")
+        assert [m.step for m in history] == [1, 2, 3, 4]
+        assert r.data.tags["deeplab.status"] == "completed"
+        assert r.data.metrics["best/val/mIoU"] == max(m.value for m in history)
+        local = c.download_artifacts(r.info.run_id, "checkpoint", str(tmp_path / r.info.run_id))
+        best_epoch = max(history, key=lambda m: m.value).step
+        assert torch.load(Path(local) / "checkpoint.pt", weights_only=True)["epoch"] == best_epoch
+    for p in sweep_dir.glob("sweep_trial_*/result.json"):
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        trained = [r["epoch"] for r in rows if not r.get("replayed")]
+        assert len(trained) == len(set(trained)), f"an epoch was trained twice: {trained}"

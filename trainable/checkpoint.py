@@ -4,6 +4,7 @@ input and must not be able to run code."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -11,6 +12,9 @@ import torch
 from deeplab_sweep.errors import UserInputError
 
 FILENAME = "checkpoint.pt"
+# Beside checkpoint.pt: its epoch, its metrics and its size in bytes, small enough to read for
+# every checkpoint in storage (a copy cut short by a killed upload does not have that size).
+META = "checkpoint.json"
 FORMAT_VERSION = 1
 
 
@@ -46,6 +50,8 @@ def save_checkpoint(
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint.pt
+    meta = {"epoch": epoch, "metrics": metrics, "bytes": path.stat().st_size}
+    (path.parent / META).write_text(json.dumps(meta))
     return path
 
 

@@ -18,7 +18,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from deeplab_sweep.trainable.checkpoint import load_checkpoint
-from deeplab_sweep.trainable.engine import VISUALS_DIR, Worker, fit
+from deeplab_sweep.trainable.engine import EPOCHS_DIR, VISUALS_DIR, Worker, epoch_file, fit
 from deeplab_sweep.trainable.run_config import RunConfig
 
 
@@ -52,25 +52,29 @@ class RayWorker(Worker):
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         try:
-            if checkpoint_dir:
-                _persist_visuals(Path(checkpoint_dir) / VISUALS_DIR)
             ray.train.report(metrics, checkpoint=checkpoint)  # Ray copies the checkpoint into storage here
+            if checkpoint_dir:  # rank 0, once its checkpoint is in storage
+                _persist_run_files(metrics, Path(checkpoint_dir) / VISUALS_DIR)
         except OSError as e:
             raise storage_error(e, self.storage_path, metrics.get("epoch"), checkpoint_dir) from None
 
 
-def _persist_visuals(folder: Path) -> None:
-    """The eval PNGs also go to `<run>/visuals/` in storage, before the report: Ray prunes
-    checkpoints (and with them their copy) as soon as better ones arrive, which can be before
-    a busy or MLflow-less driver has looked at them. Any storage Ray supports (pyarrow fs)."""
+def _persist_run_files(metrics: dict, visuals: Path) -> None:
+    """The epoch's metrics (`<run>/epochs/epoch_NNNN.json`) and eval PNGs (`<run>/visuals/`)
+    go to the run's folder in storage once its checkpoint is there: Ray prunes checkpoints as
+    soon as better ones arrive, and a driver killed before it saw a report would lose it;
+    whoever writes MLflow later reads them here. Any storage Ray supports (pyarrow fs)."""
     import pyarrow.fs
 
-    if not folder.is_dir():
-        return
     storage = ray.train.get_context().get_storage()
-    dest = f"{storage.experiment_fs_path}/{VISUALS_DIR}"
-    storage.storage_filesystem.create_dir(dest)
-    pyarrow.fs.copy_files(str(folder), dest, destination_filesystem=storage.storage_filesystem)
+    fs, run = storage.storage_filesystem, storage.experiment_fs_path
+    if "epoch" in metrics:  # a training epoch (an evaluation run reports no epochs)
+        fs.create_dir(f"{run}/{EPOCHS_DIR}")
+        with fs.open_output_stream(f"{run}/{EPOCHS_DIR}/{epoch_file(metrics['epoch'])}") as f:
+            f.write(json.dumps(metrics).encode())
+    if visuals.is_dir():
+        fs.create_dir(f"{run}/{VISUALS_DIR}")
+        pyarrow.fs.copy_files(str(visuals), f"{run}/{VISUALS_DIR}", destination_filesystem=fs)
 
 
 def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | None) -> Exception:
@@ -133,6 +137,15 @@ def evaluate_distributed(checkpoint: str, num_workers: int, data_root: str | Non
             return json.loads((Path(d) / "confusion.json").read_text())
 
 
+def worker_resources(train) -> dict[str, float]:
+    """What each Ray Train worker of a run reserves on its node."""
+    return {
+        "CPU": float(train.cpus_per_worker),
+        **({"GPU": 1.0} if train.use_gpu else {}),
+        **train.resources_per_worker,
+    }
+
+
 def build_trainer(
     cfg: RunConfig, name: str, storage_path: str, metric: str, mode: str, callbacks: list | None = None
 ) -> TorchTrainer:
@@ -140,7 +153,7 @@ def build_trainer(
     scaling = ScalingConfig(
         num_workers=t.num_workers,
         use_gpu=t.use_gpu,
-        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        resources_per_worker=worker_resources(t),
     )
     run = RayRunConfig(
         name=name,

@@ -144,6 +144,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, strict=True, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Further Ray resources each worker needs, e.g. {A100: 1}: places workers on the node types
+    # that advertise them.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # Bounded checkpoint storage: the best `keep_checkpoints` by val/mIoU are kept.
     keep_checkpoints: int = Field(2, strict=True, ge=1)
     # Ray retries a failed run this many times from its last checkpoint.

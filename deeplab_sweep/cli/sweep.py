@@ -20,19 +20,38 @@ def add(sub) -> None:
         deeplab sweep conf/sweep/demo.yaml sweep.num_samples=12 sweep.name=lr-study
         deeplab sweep conf/sweep/demo.yaml sweep.name=lr-study --resume     # after Ctrl-C
         deeplab sweep conf/sweep/voc.yaml data.root=/data/voc --address auto
-        deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000""",
+        deeplab sweep conf/sweep/demo.yaml --tracking-uri http://127.0.0.1:5000
+        deeplab sweep conf/sweep/voc.yaml --plan --cluster-config conf/cluster/launcher/aws-gpu.yaml""",
     )
     add_job_args(sw)
     sw.add_argument("--resume", action="store_true", help="continue the sweep named by sweep.name")
     sw.add_argument("--tracking-uri", default=None, help="MLflow tracking server (default: mlflow.tracking_uri)")
+    sw.add_argument(
+        "--plan",
+        action="store_true",
+        help="print where the trials go and the expected GPU-hours, start nothing; exit 2 if it cannot fit",
+    )
+    sw.add_argument(
+        "--cluster-config",
+        default=None,
+        metavar="LAUNCHER_YAML",
+        help="the Ray cluster launcher YAML to plan on (sets cluster.autoscaler_config)",
+    )
 
 
 def run(args) -> int:
+    if args.cluster_config:
+        args.overrides += [f"cluster.autoscaler_config={args.cluster_config}"]
     if args.tracking_uri:
         # A server keeps artifacts where it is configured to, not in a local folder of ours.
         args.overrides += [f"mlflow.tracking_uri={args.tracking_uri}", "mlflow.artifact_location="]
     job = load_job(args)
     if job is None:
+        return 0
+    if args.plan:
+        from deeplab_sweep.search.sweep import plan_text
+
+        print(plan_text(job, args.address))
         return 0
     from deeplab_sweep.search.sweep import run_sweep, summary_table
 

@@ -1,0 +1,88 @@
+"""Where trials go, before any trial starts: packing workers onto node types, trials at once
+now and at the autoscaler's maximum, `deeplab sweep --plan` over every shipped launcher
+example and real sweep, and a sweep that cannot fit refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deeplab_sweep.cli import main
+from deeplab_sweep.search.placement import NodeType, asha_epochs_per_trial, make_plan, pack
+from tests.conftest import CONF
+
+LAUNCHERS = sorted((CONF / "cluster" / "launcher").glob("*.yaml"))
+REAL_SWEEPS = [CONF / "sweep" / n for n in ("voc.yaml", "cityscapes.yaml", "voc_finetune.yaml")]
+
+
+def test_exact_fit_nodes_take_one_worker_each():
+    """Four 8-CPU GPU nodes, workers of 8 CPUs: one trial of four workers, one per node."""
+    nodes = [("gpu", {"CPU": 8.0, "GPU": 1.0})] * 4 + [("head", {"CPU": 0.0})]
+    assert pack(nodes, {"CPU": 8.0, "GPU": 1.0}, 4) == (1, {"gpu": 4})
+    assert pack(nodes, {"CPU": 8.0, "GPU": 1.0}, 2) == (2, {"gpu": 2})
+    assert pack(nodes, {"CPU": 8.0, "GPU": 1.0}, 5) == (0, {})
+
+
+def test_workers_pack_onto_as_few_nodes_as_possible():
+    nodes = [("big", {"CPU": 8.0, "GPU": 4.0}), ("big", {"CPU": 8.0, "GPU": 4.0})]
+    assert pack(nodes, {"CPU": 2.0, "GPU": 1.0}, 4) == (2, {"big": 4})
+
+
+def test_plan_counts_now_and_at_the_largest():
+    class Train:
+        num_workers, cpus_per_worker, use_gpu = 2, 1.0, False
+
+    plan = make_plan(Train, [NodeType("head", {"CPU": 0.0}, 1, 1), NodeType("w", {"CPU": 1.0}, 0, 6)], "test")
+    assert (plan.at_once_now, plan.at_once_most, plan.one_trial) == (0, 3, {"w": 2})
+
+
+def test_asha_budget():
+    assert asha_epochs_per_trial(46, 6, 3) == pytest.approx(6 + 12 / 3 + 28 / 9)
+    assert asha_epochs_per_trial(4, 1, 2) == pytest.approx(1 + 1 / 2 + 2 / 4)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("sweep", REAL_SWEEPS, ids=lambda p: p.name)
+def test_every_real_sweep_fits_every_launcher_example(sweep: Path, launcher: Path, capsys):
+    assert main(["sweep", str(sweep), "--plan", "--cluster-config", str(launcher)]) == 0
+    out = capsys.readouterr().out
+    assert "trials at once:" in out and "at the largest" in out
+    assert "ESTIMATE" in out and "GPU-hours" in out
+
+
+def test_plan_that_cannot_fit_names_the_key(capsys):
+    launcher = str(LAUNCHERS[0])
+    rc = main(
+        ["sweep", str(CONF / "sweep" / "voc.yaml"), "--plan", "--cluster-config", launcher, "train.cpus_per_worker=12"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: train.cpus_per_worker = 12 does not fit any node") and "\n" == err[-1]
+    rc = main(
+        ["sweep", str(CONF / "sweep" / "voc.yaml"), "--plan", "--cluster-config", launcher, "train.num_workers=5"]
+    )
+    assert rc == 2 and "train.num_workers = 5 x {CPU: 8, GPU: 1} does not fit" in capsys.readouterr().err
+
+
+def test_sweep_that_cannot_fit_is_refused_before_ray(synth_voc_root, workdir, tmp_path, capsys):
+    import ray
+
+    launcher = tmp_path / "small.yaml"
+    launcher.write_text(
+        "max_workers: 2\nhead_node_type: head\navailable_node_types:\n"
+        "  head: {resources: {CPU: 0}}\n  w: {resources: {CPU: 1}, min_workers: 0, max_workers: 2}\n"
+    )
+    ray_before = ray.is_initialized()
+    rc = main(
+        [
+            "sweep",
+            str(CONF / "sweep" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            "--cluster-config",
+            str(launcher),
+            "train.num_workers=3",
+            "train.cpus_per_worker=1",
+        ]
+    )
+    assert rc == 2 and "train.num_workers = 3 x {CPU: 1} does not fit" in capsys.readouterr().err
+    assert ray.is_initialized() == ray_before and not (workdir / "runs" / "ray").exists()
