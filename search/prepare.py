@@ -44,13 +44,8 @@ def prepare_job(job: JobConfig) -> JobConfig:
         }
     )
     ensure_data(job)
-    if job.model.pretrained_backbone and job.train.init_checkpoint is None:
-        # Fetched (or found) once here, so that N workers neither race to download it nor
-        # fail one by one inside Ray on a machine without network.
-        from deeplab_sweep.trainable.models import backbone_weights_of, imagenet_state
-
-        imagenet_state(backbone_weights_of(job.model.backbone), job.model.backbone_weights)
     check_storage(job, check_models(job))
+    job = stage_weights(job)
     from deeplab_sweep.errors import DatasetError
 
     try:  # layout problems surface here, with the file named, not inside a Ray worker
@@ -60,6 +55,25 @@ def prepare_job(job: JobConfig) -> JobConfig:
     except DatasetError as e:
         raise ConfigError(f"data.root: {e}") from None
     return job
+
+
+def stage_weights(job: JobConfig) -> JobConfig:
+    """Every backbone a trial can draw with ImageNet weights, found or fetched once here and
+    staged into the storage (`<storage.path>/weights`), which every node reads: N workers
+    neither race to download them nor fail one by one inside Ray on a machine without network."""
+    from deeplab_sweep.trainable.models import backbone_weights_of
+    from deeplab_sweep.trainable.run_config import BUILTIN_MODEL
+    from deeplab_sweep.trainable.weights import stage
+
+    def values(key: str, base) -> list:
+        return job.space[key].candidates() if key in job.space else [base]
+
+    pretrained = any(values("model.pretrained_backbone", job.model.pretrained_backbone))
+    if not pretrained or job.train.init_checkpoint is not None or job.model.factory != BUILTIN_MODEL:
+        return job
+    weights = [backbone_weights_of(b) for b in dict.fromkeys(values("model.backbone", job.model.backbone))]
+    folder = stage(weights, job.model.backbone_weights, f"{job.storage.path.rstrip('/')}/weights")
+    return job.model_copy(update={"model": job.model.model_copy(update={"backbone_weights": folder})})
 
 
 def optuna_storage(configured: str | None, mlflow) -> str:

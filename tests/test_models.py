@@ -130,3 +130,41 @@ def test_user_backbone_builds_and_without_weights_says_so(tiny_backbone):
     assert build_model(tiny_backbone, 5, 16).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
     with pytest.raises(ConfigError, match=r"backbone 'tiny' has no ImageNet weights registered"):
         build_model(tiny_backbone, 5, 16, pretrained_backbone=True)
+
+
+@pytest.mark.slow
+def test_sweep_over_two_pretrained_backbones_reads_weights_staged_in_storage(
+    ray_cluster, synth_voc_root, workdir, tmp_path, monkeypatch
+):
+    """Only the driver has the ImageNet weights (in its torch hub cache); the cluster's workers
+    have none, and no network: the sweep stages both backbones' files into its storage before
+    Ray starts, and every trial reads its own from there."""
+    from mlflow.tracking import MlflowClient
+    from torchvision.models import ResNet50_Weights, mobilenet_v2, resnet50
+
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.sweep import run_sweep
+    from deeplab_sweep.trainable.models import backbone_weights_of
+    from deeplab_sweep.trainable.weights import file_name
+    from tests.conftest import CONF
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(mobilenet_v2().state_dict(), hub / file_name(backbone_weights_of("mobilenet_v2")))
+    torch.save(resnet50().state_dict(), hub / file_name(ResNet50_Weights.IMAGENET1K_V1))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # this process only: the workers started before
+    cfg = tmp_path / "pre.yaml"
+    cfg.write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48, batch_size: 4}\n"
+        "model: {pretrained_backbone: true}\ntrain: {epochs: 1, cpus_per_worker: 0.95, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: pre}\n"
+        "space:\n  model.backbone: {type: grid, values: [mobilenet_v2, resnet50]}\n"
+    )
+    summary = run_sweep(load_job(cfg, [f"data.root={synth_voc_root}"], conf_root=CONF))
+    assert not any(t["error"] for t in summary["trials"]), summary["trials"]
+    staged = workdir / "runs" / "ray" / "weights"
+    assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in hub.iterdir())
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.kind` = 'trial'")
+    assert sorted(r.data.params["model.backbone"] for r in runs) == ["mobilenet_v2", "resnet50"]
+    assert {r.data.params["model.backbone_weights"] for r in runs} == {str(staged)}

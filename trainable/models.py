@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.trainable.registry import Registry
+from deeplab_sweep.trainable.weights import PretrainedWeightsMissing, imagenet_state
 
 # A model factory: (num_classes, the run's ModelConfig) -> module mapping N x 3 x H x W images
 # to N x num_classes x H x W logits.
@@ -91,10 +91,6 @@ class Backbone(nn.Module):
     out_channels: int
 
 
-class PretrainedWeightsMissing(ConfigError):
-    pass
-
-
 def backbone_weights_of(backbone: str) -> tvm.WeightsEnum:
     """The ImageNet weights registered with a backbone."""
     weights = BACKBONES.meta(backbone, "weights")
@@ -104,30 +100,6 @@ def backbone_weights_of(backbone: str) -> tvm.WeightsEnum:
             f"(register it with @register_backbone({backbone!r}, weights=...)), or set model.pretrained_backbone=false"
         )
     return weights
-
-
-def imagenet_state(weights: tvm.WeightsEnum, weights_file: str | None = None) -> dict:
-    """ImageNet weights through torchvision's weights API: an explicit file, else the torch hub
-    cache, else a download into that cache. Where none works (no network here), one line
-    names the file to place and where."""
-    name = Path(weights.url).name
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
-    path = Path(weights_file) if weights_file else cached
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    if weights_file is None:
-        try:
-            return weights.get_state_dict(progress=False, check_hash=True)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
-            reason = getattr(e, "reason", e)
-            detail = f" (download failed: {str(reason).splitlines()[0][:120]})"
-    else:
-        detail = ""
-    raise PretrainedWeightsMissing(
-        f"model.pretrained_backbone: pretrained backbone weights not found: place {name} "
-        f"(from {weights.url}) at {path}{detail}, "
-        "or set model.backbone_weights=FILE, or model.pretrained_backbone=false"
-    )
 
 
 class _ResNet(Backbone):

@@ -93,7 +93,9 @@ class ModelConfig(Strict):
     # per-GPU batches). A pretrained backbone keeps its BatchNorm whatever this says.
     norm: Literal["bn", "syncbn", "gn"] = "bn"
     pretrained_backbone: bool = False
-    # Explicit ImageNet weights file for the backbone; otherwise the torch hub cache is used.
+    # ImageNet weights: a file, or a folder holding each backbone's file under torchvision's
+    # name; otherwise the torch hub cache (or a download into it) on the driver. Before Ray
+    # starts they are staged into <storage.path>/weights, which every worker reads.
     backbone_weights: str | None = None
     # Free-form keyword options for your own factory (ignored by the built-in model).
     options: dict[str, Any] = Field(default_factory=dict)
