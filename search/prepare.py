@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.errors import ConfigError, StorageUnusable
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.search.storage import credentials_to_env
+from deeplab_sweep.search.storage import Storage, credentials_to_env, is_uri
 from deeplab_sweep.trainable.run_config import RUNS_DIR, resolve_path
 
 
@@ -111,27 +111,30 @@ def check_models(job: JobConfig) -> int:
 
 
 def check_storage(job: JobConfig, parameters: int) -> None:
-    """A local storage path must take a file and hold at least one checkpoint, said now rather
-    than by a trial failing after its first epoch. (s3:// and other URIs: Ray's business.)"""
+    """The storage path (and a cloud artifact location of MLflow's) must take a file, and a
+    local one hold at least one checkpoint: said now, in one line, rather than by a trial
+    failing after its first epoch."""
     import shutil
     import sys
-    import tempfile
 
-    path = Path(job.storage.path)
-    if "://" in job.storage.path:
+    where = {"storage.path": job.storage.path}
+    if is_uri(job.mlflow.artifact_location or ""):
+        where["mlflow.artifact_location"] = job.mlflow.artifact_location
+    for key, location in where.items():
+        try:
+            Storage(location).probe()
+        except OSError as e:
+            reason = " ".join(str(e.strerror or e).split())[:200]
+            raise StorageUnusable(f"{key} = {location!r}: not writable ({reason})") from None
+    if is_uri(job.storage.path):
         return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"storage.path = {job.storage.path!r}: not writable ({e.strerror or e})") from None
+    path = Path(job.storage.path)
     # Weights and SGD momentum, 4 bytes each: what one checkpoint.pt of this model takes.
     needed = 2 * 4 * parameters
     free = shutil.disk_usage(path).free
     mb = lambda n: f"{n / 2**20:,.0f} MB"  # noqa: E731
     if free < needed:
-        raise ConfigError(
+        raise StorageUnusable(
             f"storage.path = {job.storage.path!r}: {mb(free)} free, but one checkpoint of this model "
             f"takes ~{mb(needed)}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -46,6 +47,15 @@ class Storage:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(location.removeprefix("file://")).resolve())
             self.scheme = None
         self.root = self.root.rstrip("/")
+
+    def probe(self) -> None:
+        """Create the root and write and remove a small file in it: raises OSError when the
+        location cannot be reached or written."""
+        self.fs.create_dir(self.root)
+        probe = self.join(f".write-probe-{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(probe) as f:
+            f.write(b"deeplab")
+        self.fs.delete_file(probe)
 
     @property
     def local(self) -> bool:

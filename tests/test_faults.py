@@ -369,3 +369,23 @@ def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdi
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         trained = [r["epoch"] for r in rows if not r.get("replayed")]
         assert len(trained) == len(set(trained)), f"an epoch was trained twice: {trained}"
+
+
+def test_unusable_s3_location_is_one_line_before_ray(s3_server, synth_voc_root, workdir, monkeypatch, capsys):
+    """A bucket that does not exist, or an endpoint that does not answer: one line naming the
+    location without its credentials, exit 2, before Ray starts."""
+    import ray
+
+    for var, value in s3_server.env.items():
+        monkeypatch.setenv(var, value)
+    demo = str(CONF / "train" / "demo.yaml")
+    ray_before = ray.is_initialized()
+    rc = main(["train", demo, f"data.root={synth_voc_root}", "storage.path=s3://AKIA:s3cr/et@no-such-bucket/ray"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: storage.path = 's3://no-such-bucket/ray': not writable (Bucket"), err
+    assert "s3cr" not in err and err.count("\n") == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    rc = main(["train", demo, f"data.root={synth_voc_root}", f"storage.path=s3://{s3_server.bucket}/ray"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"storage.path = 's3://{s3_server.bucket}/ray': not writable" in err, err
+    assert ray.is_initialized() == ray_before

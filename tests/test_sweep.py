@@ -193,10 +193,15 @@ def test_sweep_against_real_mlflow_server(ray_cluster, synth_voc_root, workdir, 
     assert Path(info["local_path"]).is_file() and info["run_id"] in {r.info.run_id for r in children}
 
 
-def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
-    """Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
-    interrupted ones continue from their last checkpoint, in the same MLflow runs."""
+def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path, s3_server, monkeypatch):
+    """Ray's storage and MLflow's artifacts in S3 (a real S3-compatible server on 127.0.0.1).
+    Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
+    interrupted ones continue from their last checkpoint, in the same MLflow runs; `deeplab
+    best` then downloads the best checkpoint from S3, and it reproduces its metric."""
     cfg = _write_sweep(tmp_path, 4)
+    bucket = f"s3://{s3_server.bucket}"
+    for var, value in s3_server.env.items():  # this process reads MLflow's S3 artifacts too
+        monkeypatch.setenv(var, value)
     cmd = [
         sys.executable,
         "-m",
@@ -211,8 +216,10 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
         "train.epochs=4",
         "cluster.num_cpus=2",
         "cluster.object_store_memory=100000000",
+        f"storage.path={bucket}/ray",
+        f"mlflow.artifact_location={bucket}/mlartifacts",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **s3_server.env}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
@@ -257,6 +264,22 @@ def test_resume_after_ctrl_c_continues_same_runs(synth_voc_root, tmp_path):
     assert all(t["run_id"] and t["val/mIoU"] is not None for t in summary["trials"])
     assert summary["best"]["run_id"] in {r.info.run_id for r in after}
     assert summary["optuna_states"] == {"COMPLETE": 4}
+    assert summary["best"]["checkpoint"].startswith(f"{bucket}/ray/r1/train/")
+    assert all(r.info.artifact_uri.startswith(f"{bucket}/mlartifacts/") for r in after)
+    assert not (tmp_path / "runs" / "ray").exists() and not (tmp_path / "runs" / "mlartifacts").exists()
+
+    res = subprocess.run(
+        [str(Path(sys.executable).with_name("deeplab")), "best", "--sweep", "r1", "--out", "best", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    assert info["run_id"] == summary["best"]["run_id"] and info["artifact_uri"].startswith(f"{bucket}/mlartifacts/")
+    assert evaluate_checkpoint(info["local_path"])["val/mIoU"] == pytest.approx(info["value"])
 
 
 def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir, tmp_path):
