@@ -114,6 +114,7 @@ def check_storage(job: JobConfig, parameters: int) -> None:
     """The storage path (and a cloud artifact location of MLflow's) must take a file, and a
     local one hold at least one checkpoint: said now, in one line, rather than by a trial
     failing after its first epoch."""
+    import os
     import shutil
     import sys
 
@@ -124,7 +125,8 @@ def check_storage(job: JobConfig, parameters: int) -> None:
         try:
             Storage(location).probe()
         except OSError as e:
-            reason = " ".join(str(e.strerror or e).split())[:200]
+            # pyarrow's local errors repeat the path around the errno; the errno says it all.
+            reason = os.strerror(e.errno) if e.errno else " ".join(str(e).split())[:200]
             raise StorageUnusable(f"{key} = {location!r}: not writable ({reason})") from None
     if is_uri(job.storage.path):
         return

@@ -122,13 +122,12 @@ def exact_fit_cluster():
 FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
 
 
-@pytest.fixture(scope="module")
-def autoscaling_cluster(tmp_path_factory):
+def start_autoscaling_cluster(folder: Path) -> _Cluster:
     """A head with no CPU; worker nodes of {CPU: 1, fake_gpu: 1}, none at first, up to 2,
     launched by Ray's autoscaler (fake multi-node provider) when trials ask for them."""
     cluster = _Cluster()
-    config = tmp_path_factory.mktemp("autoscaler") / "cluster.yaml"
-    config.write_text(
+    cluster.config = folder / "cluster.yaml"
+    cluster.config.write_text(
         yaml.safe_dump(
             {
                 "cluster_name": "deeplab-fake",
@@ -175,11 +174,18 @@ def autoscaling_cluster(tmp_path_factory):
         RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
     )
     try:
-        _run([*cluster.head_args(), f"--autoscaling-config={config}", *_node_args(cluster.temp_dir, 0)], env)
-        cluster.config = config
-        yield cluster
-    finally:
+        _run([*cluster.head_args(), f"--autoscaling-config={cluster.config}", *_node_args(cluster.temp_dir, 0)], env)
+    except BaseException:
         cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory):
+    cluster = start_autoscaling_cluster(tmp_path_factory.mktemp("autoscaler"))
+    yield cluster
+    cluster.stop()
 
 
 def _sweep(cfg: Path, tmp_path: Path, cluster: _Cluster, *extra: str, data_root: Path) -> subprocess.CompletedProcess:

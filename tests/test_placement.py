@@ -31,7 +31,7 @@ def test_workers_pack_onto_as_few_nodes_as_possible():
 
 def test_plan_counts_now_and_at_the_largest():
     class Train:
-        num_workers, cpus_per_worker, use_gpu = 2, 1.0, False
+        num_workers, cpus_per_worker, use_gpu, resources_per_worker = 2, 1.0, False, {}
 
     plan = make_plan(Train, [NodeType("head", {"CPU": 0.0}, 1, 1), NodeType("w", {"CPU": 1.0}, 0, 6)], "test")
     assert (plan.at_once_now, plan.at_once_most, plan.one_trial) == (0, 3, {"w": 2})
