@@ -320,9 +320,12 @@ def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster,
     c, (run,) = _trial_runs(tmp_path)
     assert run.data.tags["deeplab.status"] == "completed"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == list(range(1, 9))
-    # from its checkpoint, not from scratch: each epoch's checkpoint exists once
+    # From its last registered checkpoint, not from scratch: epochs before the kill are not
+    # trained again. Only the epoch in flight may be (its checkpoint can be written and its
+    # report not yet registered by Ray Train when the node dies).
     metas = (tmp_path / "shared" / "kill" / "train").glob("*/checkpoint_*/checkpoint.json")
-    assert sorted(json.loads(p.read_text())["epoch"] for p in metas) == list(range(1, 9))
+    epochs = sorted(json.loads(p.read_text())["epoch"] for p in metas)
+    assert sorted(set(epochs)) == list(range(1, 9)) and len(epochs) <= 9 and epochs.count(1) == 1, epochs
 
 
 def test_sweep_launched_at_zero_workers_grows_the_cluster(autoscaling_cluster, synth_voc_root, tmp_path):
