@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from deeplab_sweep.search.compose import load_job
-from deeplab_sweep.search.storage import Storage
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.search.sync import read_trials
+from deeplab_sweep.trainable.storage import Storage
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

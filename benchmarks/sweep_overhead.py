@@ -2,7 +2,7 @@
 against the trials' own training time, and each trial's start-up cost (trial start to the
 end of its first epoch's training, minus that training).
 
-    python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3]
+    python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3] [key=value ...]
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from deeplab_sweep.search.sweep import run_sweep
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def trial_times(tracking_uri: str, experiment: str) -> list[tuple[float, float, float]]:
-    """(lifetime, training, start-up) of each trial, from the driver's clock as MLflow holds it:
-    a trial's run starts when Tune starts the trial and ends when it ends; its first epoch's
-    metrics are logged when Tune receives them. Start-up is that first arrival less the first
-    epoch's training: actors, process group, data, and one eval + checkpoint. Independent of
-    Tune's own `time_total_s`, which starts once the trial's actor is up."""
+def trial_times(tracking_uri: str, experiment: str) -> list[dict]:
+    """Where each trial's lifetime went, from the driver's clock as MLflow holds it: a trial's
+    run starts when Tune starts the trial and ends when it ends; an epoch's metrics are logged
+    when Tune receives them. Start-up is the first arrival less the first epoch's training
+    (actors, process group, data, one eval + checkpoint); each later epoch's gap less its
+    training is its eval + checkpoint + report; the tail is the last arrival to the run's end.
+    Independent of Tune's own `time_total_s`, which starts once the trial's actor is up."""
     from mlflow.tracking import MlflowClient
 
     from deeplab_sweep.search import tracking
@@ -33,12 +34,18 @@ def trial_times(tracking_uri: str, experiment: str) -> list[tuple[float, float, 
     exp = c.get_experiment_by_name(experiment)
     rows = []
     for run in c.search_runs([exp.experiment_id], f"tags.{tracking.KIND_TAG} = '{tracking.KIND_TRIAL}'"):
-        first = min(c.get_metric_history(run.info.run_id, "val/mIoU"), key=lambda m: m.step)
-        train_hist = c.get_metric_history(run.info.run_id, "train/epoch_time_s")
-        first_train = next(m.value for m in train_hist if m.step == first.step)
-        life = (run.info.end_time - run.info.start_time) / 1000
+        arrivals = sorted((m.step, m.timestamp / 1000) for m in c.get_metric_history(run.info.run_id, "val/mIoU"))
+        train = dict((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/epoch_time_s"))
+        start, end = run.info.start_time / 1000, run.info.end_time / 1000
+        gaps = [t - prev_t - train[step] for (_, prev_t), (step, t) in zip(arrivals, arrivals[1:], strict=False)]
         rows.append(
-            (life, sum(m.value for m in train_hist), (first.timestamp - run.info.start_time) / 1000 - first_train)
+            {
+                "life": end - start,
+                "train": sum(train.values()),
+                "start_up": arrivals[0][1] - start - train[arrivals[0][0]],
+                "per_epoch": sum(gaps) / len(gaps) if gaps else 0.0,
+                "tail": end - arrivals[-1][1],
+            }
         )
     return rows
 
@@ -47,6 +54,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="further key=value overrides, e.g. train.visuals=0")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         job = load_job(
@@ -62,6 +70,7 @@ def main():
                 "sweep.name=overhead",
                 "data.max_train_images=16",
                 "data.max_val_images=4",
+                *args.overrides,
             ],
         )
         start = time.perf_counter()
@@ -69,17 +78,19 @@ def main():
         wall = time.perf_counter() - start
         rows = trial_times(job.mlflow.tracking_uri, job.mlflow.experiment)
     n = len(rows)
-    total_trial = sum(r[0] for r in rows)
-    train = sum(r[1] for r in rows)
+    mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
+    total_trial, train = mean("life") * n, mean("train") * n
     print(f"{n} trials x {args.epochs} epochs (16 images/epoch, mobilenet_v2 demo config), 2 trials at a time")
     print(f"sweep wall time           {wall:7.1f} s (includes Ray start/stop, MLflow set-up, importances)")
     print(
         f"sum of trial lifetimes    {total_trial:7.1f} s; of which training {train:.1f} s ({train / total_trial:.0%})"
     )
     print(
-        f"per-trial start-up + first eval/checkpoint: mean {sum(r[2] for r in rows) / n:.1f} s "
-        f"(min {min(r[2] for r in rows):.1f}, max {max(r[2] for r in rows):.1f})"
+        f"per-trial start-up + first eval/checkpoint: mean {mean('start_up'):.1f} s "
+        f"(min {min(r['start_up'] for r in rows):.1f}, max {max(r['start_up'] for r in rows):.1f})"
     )
+    print(f"each later epoch's eval + checkpoint + report: mean {mean('per_epoch'):.1f} s")
+    print(f"last report to the trial's end (best checkpoint to MLflow): mean {mean('tail'):.1f} s")
     print(f"per-trial overhead beyond training: {(total_trial - train) / n:.1f} s")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (driver)")
 

@@ -24,7 +24,7 @@ from ray.tune import Callback
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
-from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.trainable.storage import Storage
 
 TRAIN_DIR = "train"  # under the sweep folder: the trials' Ray Train runs, named by trial id
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from deeplab_sweep.errors import ConfigError, StorageUnusable
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.search.storage import Storage, credentials_to_env, is_uri
 from deeplab_sweep.trainable.run_config import RUNS_DIR, resolve_path
+from deeplab_sweep.trainable.storage import Storage, credentials_to_env, is_uri
 
 
 def ensure_data(job: JobConfig) -> None:

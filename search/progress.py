@@ -40,8 +40,9 @@ class ProgressTable(Callback):
         self._row(trial, "started")
 
     def on_step_begin(self, iteration, trials, **info):
-        """Once a second: a started trial whose worker group Ray cannot place yet is said to be
-        waiting, and for what (on an autoscaling cluster, nodes that are coming)."""
+        """Once a second: a trial Ray cannot place yet (a one-worker trial's own actor, or a
+        started trial's worker group) is said to be waiting, and for what (on an autoscaling
+        cluster, nodes that are coming)."""
         now = time.monotonic()
         if now - self._checked < 1.0:
             return
@@ -49,7 +50,8 @@ class ProgressTable(Callback):
         quiet = [
             t
             for t in trials
-            if t.status == "RUNNING" and not t.has_reported_at_least_once and t.trial_id not in self._said_pending
+            if t.trial_id not in self._said_pending
+            and (t.status == "PENDING" or (t.status == "RUNNING" and not t.has_reported_at_least_once))
         ]
         if not quiet:
             return

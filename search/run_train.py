@@ -14,10 +14,11 @@ from deeplab_sweep.search.cluster import ray_session
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import error_reason
 from deeplab_sweep.search.prepare import prepare_job
-from deeplab_sweep.search.run_writer import RunWriter, best_report, stored_checkpoints
-from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.search.run_writer import RunWriter
 from deeplab_sweep.trainable.ray_train import build_trainer
 from deeplab_sweep.trainable.run_config import DEFAULT_METRIC
+from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
+from deeplab_sweep.trainable.storage import Storage
 
 
 class MlflowReportCallback(UserCallback):

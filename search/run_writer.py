@@ -11,51 +11,14 @@ reconcile through it, as often as they like.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable
 
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.search import tracking
-from deeplab_sweep.search.storage import Storage
-from deeplab_sweep.trainable.checkpoint import FILENAME, META
-from deeplab_sweep.trainable.engine import EPOCHS_DIR, VISUALS_DIR
-
-
-def better(value, best, mode: str) -> bool:
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        return False
-    return best is None or (value > best if mode == "max" else value < best)
-
-
-def best_report(reports: Iterable[dict], metric: str, mode: str) -> dict | None:
-    """The report with the best `metric` that has a checkpoint, as {metric, checkpoint_path, epoch}."""
-    best = None
-    for r in reports:
-        if r.get("checkpoint_path") and better(r.get(metric), best[metric] if best else None, mode):
-            best = {metric: r[metric], "checkpoint_path": r["checkpoint_path"], "epoch": int(r.get("epoch") or 0)}
-    return best
-
-
-def stored_epochs(storage: Storage, run_dir: str) -> list[dict]:
-    """The metrics each evaluated epoch of the run wrote to storage, in epoch order."""
-    folder = f"{run_dir}/{EPOCHS_DIR}"
-    return [json.loads(storage.read_text(f.path)) for f in storage.list(folder) if f.base_name.endswith(".json")]
-
-
-def stored_checkpoints(storage: Storage, run_dir: str) -> list[dict]:
-    """The run's checkpoints in storage that are whole (checkpoint.pt of the size recorded
-    beside it), as their metrics + epoch + checkpoint_path."""
-    out = []
-    for d in storage.list(run_dir):
-        meta_path, weights = f"{d.path}/{META}", f"{d.path}/{FILENAME}"
-        if not d.base_name.startswith("checkpoint_") or not storage.is_file(meta_path):
-            continue
-        meta = json.loads(storage.read_text(meta_path))
-        if storage.size(weights) == meta["bytes"]:
-            out.append({**meta["metrics"], "epoch": meta["epoch"], "checkpoint_path": d.path})
-    return out
+from deeplab_sweep.trainable.engine import VISUALS_DIR
+from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints, stored_epochs
+from deeplab_sweep.trainable.storage import Storage
 
 
 class RunWriter:

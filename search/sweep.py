@@ -26,16 +26,16 @@ from deeplab_sweep.search.cluster import cluster_address, ray_session
 from deeplab_sweep.search.compose import check_sweep, dump_yaml
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
-from deeplab_sweep.search.overrides import trial_overrides
+from deeplab_sweep.search.overrides import trial_epochs, trial_overrides
 from deeplab_sweep.search.placement import Plan
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.progress import ProgressTable
-from deeplab_sweep.search.run_writer import best_report, stored_checkpoints
 from deeplab_sweep.search.space import build_searcher
-from deeplab_sweep.search.storage import Storage
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.trial import sweep_trial
-from deeplab_sweep.trainable.ray_train import worker_resources
+from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
+from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
+from deeplab_sweep.trainable.storage import Storage
 
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -53,6 +53,14 @@ def trial_driver_resources() -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory(
         [{"memory": placement.TRIAL_DRIVER_MEMORY}], bundle_label_selector=[{"ray.io/node-id": node}]
     )
+
+
+def trial_resources(job: JobConfig) -> tune.PlacementGroupFactory:
+    """A one-worker trial trains in its own actor (Ray Train's local mode), which holds that
+    worker's resources; a larger one is a driver beside its worker group."""
+    if runs_in_process(job.train):
+        return tune.PlacementGroupFactory([worker_resources(job.train)])
+    return trial_driver_resources()
 
 
 def plan_before_ray(job: JobConfig) -> Plan | None:
@@ -187,11 +195,12 @@ def _tuner(
     plan: Plan | None,
 ) -> tune.Tuner:
     base = job.run.to_dict()
+    in_process = runs_in_process(job.train)
     train_dir = storage.uri(storage.join(TRAIN_DIR))
     s = job.sweep
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, base=base, sweep_dir=train_dir, metric=s.metric, mode=s.mode),
-        trial_driver_resources(),
+        trial_resources(job),
     )
     if resume:
         # Tune restores its callbacks and searcher from the sweep folder, as they were pickled.
@@ -221,6 +230,9 @@ def _tuner(
             scheduler=scheduler,
             num_samples=s.num_samples,
             max_concurrent_trials=trials_at_once(job, plan),
+            # An in-process trial's actor has torch imported and its data cached: the next
+            # trial starts in it.
+            reuse_actors=in_process,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -230,7 +242,9 @@ def _tuner(
                 ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
             ],
             verbose=1 if verbose else 0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A worker group is retried by Ray Train; an in-process trial, by Tune (from the
+            # checkpoints it stored).
+            failure_config=tune.FailureConfig(max_failures=job.train.max_failures if in_process else 0),
         ),
     )
 
@@ -302,6 +316,14 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
                 "checkpoint": checkpoint,
             }
         )
+    full = sum(trial_epochs(r.config or {}, job.train.epochs) for r in results)
+    trained = sum(row["epochs"] or 0 for row in rows)
+    # What early stopping saved: every trial run to its last epoch would have cost `full`.
+    compute = {
+        "epochs_trained": trained,
+        "epochs_if_all_ran_in_full": full,
+        "saved": 1 - trained / full if full else 0.0,
+    }
     # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
     scored = [row for row in rows if row[metric] is not None and not row["error"]]
     pick = max if job.sweep.mode == "max" else min
@@ -311,6 +333,7 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
         "parent_run_id": parent,
         "trials": rows,
         "best": best_row,
+        "compute": compute,
         "experiment": job.mlflow.experiment,
         "tracking_uri": job.mlflow.tracking_uri,
         "sweep_path": storage.uri(storage.root),
@@ -319,6 +342,10 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
 
 def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
     c.log_dict(parent, summary, "summary.json")
+    compute = summary["compute"]
+    c.log_metric(parent, "compute/epochs_trained", compute["epochs_trained"])
+    c.log_metric(parent, "compute/epochs_if_all_ran_in_full", compute["epochs_if_all_ran_in_full"])
+    c.log_metric(parent, "compute/saved_by_early_stopping", compute["saved"])
     best = summary["best"]
     if best:
         c.log_metric(parent, f"best/{metric}", float(best[metric]))
@@ -369,6 +396,11 @@ def summary_table(summary: dict, metric: str) -> str:
             + " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
             + (f"  FAILED: {r['error']}" if r["error"] else "")
         )
+    compute = summary["compute"]
+    lines.append(
+        f"compute: {compute['epochs_trained']} of {compute['epochs_if_all_ran_in_full']} epochs "
+        f"({compute['saved']:.0%} saved by early stopping)"
+    )
     return "\n".join(lines)
 
 

@@ -19,15 +19,9 @@ from deeplab_sweep.search.compose import load_yaml_config
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, error_reason, parse_results
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
-from deeplab_sweep.search.run_writer import (
-    RunWriter,
-    best_report,
-    better,
-    stored_checkpoints,
-    stored_epochs,
-    trial_run,
-)
-from deeplab_sweep.search.storage import Storage
+from deeplab_sweep.search.run_writer import RunWriter, trial_run
+from deeplab_sweep.trainable.run_folder import best_report, better, stored_checkpoints, stored_epochs
+from deeplab_sweep.trainable.storage import Storage
 
 
 @dataclass

@@ -10,13 +10,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from deeplab_sweep.search.overrides import apply_overrides, trial_overrides
 from deeplab_sweep.search.ray_internals import tune_relay_queue
-from deeplab_sweep.trainable.ray_train import build_trainer
+from deeplab_sweep.trainable.ray_train import build_in_process_trainer, build_trainer, runs_in_process
 from deeplab_sweep.trainable.run_config import RunConfig
 
 
 def sweep_trial(config: dict, base: dict, sweep_dir: str, metric: str, mode: str) -> None:
     cfg = RunConfig.model_validate(apply_overrides(base, trial_overrides(config)))
     trial_id = tune.get_context().get_trial_id()
+    if runs_in_process(cfg.train):
+        # In this actor, which Tune reuses from trial to trial; stored under the same run
+        # folder a worker group would use, so a resumed or restarted trial finds its checkpoints.
+        build_in_process_trainer(cfg, f"{sweep_dir}/{trial_id}", metric, mode, on_report=tune.report).fit()
+        return
     # Named by trial id: a resumed sweep restarts the same Train run, which restores its
     # latest checkpoint from storage instead of starting over.
     trainer = build_trainer(cfg, trial_id, sweep_dir, metric, mode, callbacks=[TuneReportCallback()])

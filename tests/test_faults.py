@@ -25,16 +25,20 @@ from tests.conftest import CONF, MlflowServer, stop_processes_naming
 pytestmark = pytest.mark.slow
 
 
-def _train_worker_pids() -> list[int]:
+def _pids_with(marker: bytes) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if b"ray::RayTrainWorker" in (d / "cmdline").read_bytes():
+                if marker in (d / "cmdline").read_bytes():
                     pids.append(int(d.name))
             except OSError:
                 pass
     return pids
+
+
+def _train_worker_pids() -> list[int]:
+    return _pids_with(b"ray::RayTrainWorker")
 
 
 def _registered(run_dir: Path) -> list[str]:
@@ -87,6 +91,50 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
     assert epochs == [1, 2, 3, 4], epochs
 
 
+def test_killed_in_process_trial_resumes_from_its_stored_checkpoint(ray_cluster, synth_voc_root, workdir, tmp_path):
+    """A one-worker trial trains in its Tune actor (Ray Train's local mode). That process killed
+    after its first checkpoint: Tune starts the trial again (train.max_failures), it resumes
+    from the checkpoint it stored, and MLflow ends with every epoch once."""
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 4, max_failures: 2, keep_checkpoints: 10, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: kt}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01]}\n"
+    )
+    sweep_dir = workdir / "runs" / "ray" / "kt"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if list(sweep_dir.glob("train/*/epochs/epoch_0001.json")):
+                for pid in _pids_with(b"ray::ImplicitFunc"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    rc = main(["sweep", str(cfg), "--conf-dir", str(CONF), f"data.root={synth_voc_root}"])
+    assert killed, "the trial's process was never killed: the test proved nothing"
+    assert rc == 0
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    (run,) = [
+        r
+        for r in c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+        if r.data.tags.get("deeplab.kind") == "trial"
+    ]
+    assert run.data.tags["deeplab.status"] == "completed"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2, 3, 4]
+    (result,) = sweep_dir.glob("sweep_trial_*/result.json")
+    rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    trained = [r["epoch"] for r in rows if not r.get("replayed")]
+    assert sorted(trained) == [1, 2, 3, 4], f"an epoch was trained twice, or never: {trained}"
+    assert any(r.get("replayed") for r in rows), "the restarted trial did not resume from its checkpoint"
+    metas = sorted(json.loads(p.read_text())["epoch"] for p in sweep_dir.glob("train/*/checkpoint_*/checkpoint.json"))
+    assert metas == [1, 2, 3, 4]
+
+
 def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc_root, workdir, tmp_path, capsys):
     from deeplab_sweep.search.compose import load_job
     from deeplab_sweep.search.sweep import run_sweep
@@ -109,7 +157,7 @@ def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc
 
     (tmp_path / "s.yaml").write_text(
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 3, cpus_per_worker: 0.95, visuals: 1}\n"
+        "train: {epochs: 3, cpus_per_worker: 1, visuals: 1}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: outage}\n"
         "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
     )
@@ -276,7 +324,7 @@ def test_hung_tracking_server_does_not_hold_up_training(ray_cluster, synth_voc_r
 
     (tmp_path / "s.yaml").write_text(
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 3, cpus_per_worker: 0.95, visuals: 1}\n"
+        "train: {epochs: 3, cpus_per_worker: 1, visuals: 1}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: hung}\n"
         "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
     )
@@ -312,7 +360,7 @@ def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdi
     cfg = tmp_path / "s.yaml"
     cfg.write_text(
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 4, cpus_per_worker: 0.95, keep_checkpoints: 1, visuals: 0}\n"
+        "train: {epochs: 4, cpus_per_worker: 1, keep_checkpoints: 1, visuals: 0}\n"
         "sweep: {num_samples: 3, seed: 3, asha: {enabled: false}, name: k}\n"
         "space:\n  train.lr: {type: loguniform, low: 0.003, high: 0.3}\n"
     )

@@ -158,7 +158,7 @@ def test_sweep_fine_tunes_from_imported_checkpoint(ray_cluster, synth_voc_root, 
     cfg.write_text(
         "defaults: [train/demo]\n"
         "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 1, cpus_per_worker: 0.95}\n"
+        "train: {epochs: 1, cpus_per_worker: 1}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
         "space:\n  train.lr: {type: choice, values: [0.001, 0.01]}\n"
     )

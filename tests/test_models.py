@@ -156,7 +156,7 @@ def test_sweep_over_two_pretrained_backbones_reads_weights_staged_in_storage(
     cfg = tmp_path / "pre.yaml"
     cfg.write_text(
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48, batch_size: 4}\n"
-        "model: {pretrained_backbone: true}\ntrain: {epochs: 1, cpus_per_worker: 0.95, visuals: 0}\n"
+        "model: {pretrained_backbone: true}\ntrain: {epochs: 1, cpus_per_worker: 1, visuals: 0}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: pre}\n"
         "space:\n  model.backbone: {type: grid, values: [mobilenet_v2, resnet50]}\n"
     )

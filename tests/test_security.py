@@ -123,7 +123,7 @@ def test_credentialed_tracking_uri_works_and_leaves_no_trace(
     cfg = tmp_path / "s.yaml"
     cfg.write_text(
         "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 1, cpus_per_worker: 0.95}\n"
+        "train: {epochs: 1, cpus_per_worker: 1}\n"
         "sweep: {num_samples: 1, asha: {enabled: false}, name: creds}\n"
         "space:\n  train.lr: {type: loguniform, low: 0.001, high: 0.1}\n"
     )

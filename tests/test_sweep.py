@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 TINY_SWEEP = """\
 defaults: [train/demo]
 data: {max_train_images: 8, max_val_images: 4, crop_size: 48}
-train: {epochs: 3, cpus_per_worker: 0.95}
+train: {epochs: 3, cpus_per_worker: 1}
 sweep: {num_samples: %(n)d, seed: 1, asha: {grace_period: 1, reduction_factor: 2}}
 space:
   train.lr: {type: loguniform, low: 0.001, high: 0.3}
@@ -106,6 +106,16 @@ def test_each_trial_run_holds_every_epoch_it_trained_and_its_checkpoint(tpe_asha
         assert r.data.metrics["best/val/mIoU"] == max(
             m.value for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")
         )
+
+
+def test_parent_run_says_what_early_stopping_saved(tpe_asha_sweep):
+    """Epochs trained, counted from the trial runs' histories, against 5 trials x 3 epochs."""
+    s = tpe_asha_sweep
+    trained = sum(max(m.step for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")) for r in s.children)
+    metrics = s.parents[0].data.metrics
+    assert metrics["compute/epochs_trained"] == trained < 15
+    assert metrics["compute/epochs_if_all_ran_in_full"] == 15
+    assert metrics["compute/saved_by_early_stopping"] == pytest.approx(1 - trained / 15)
 
 
 def test_each_trial_run_holds_all_resolved_params(tpe_asha_sweep):
@@ -289,7 +299,7 @@ def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir,
     cfg.write_text(
         "defaults: [train/demo]\n"
         "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 2, cpus_per_worker: 0.95}\n"
+        "train: {epochs: 2, cpus_per_worker: 1}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}}\n"
         "space:\n  train.lr: {type: choice, values: [0.01, 1.0e+12]}\n"
     )
@@ -319,7 +329,7 @@ def test_trial_failing_before_its_first_epoch_has_one_run_and_retention_follows_
     cfg.write_text(
         "defaults: [train/demo]\n"
         "data: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
-        "train: {epochs: 3, cpus_per_worker: 0.95, keep_checkpoints: 1, visuals: 0}\n"
+        "train: {epochs: 3, cpus_per_worker: 1, keep_checkpoints: 1, visuals: 0}\n"
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, metric: train/lr, mode: max}\n"
         "space:\n  data.batch_size: {type: choice, values: [4, 64]}\n"
     )

@@ -252,11 +252,6 @@ def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
 
 
 VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
-EPOCHS_DIR = "epochs"  # in a run's folder in storage: one JSON of metrics per evaluated epoch
-
-
-def epoch_file(epoch: int) -> str:
-    return f"epoch_{epoch:04d}.json"
 
 
 def _write_visuals(

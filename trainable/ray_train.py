@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
@@ -18,8 +19,15 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from deeplab_sweep.trainable.checkpoint import load_checkpoint
-from deeplab_sweep.trainable.engine import EPOCHS_DIR, VISUALS_DIR, Worker, epoch_file, fit
+from deeplab_sweep.trainable.engine import Worker, fit
 from deeplab_sweep.trainable.run_config import RunConfig
+from deeplab_sweep.trainable.run_folder import (
+    prune_checkpoints,
+    store_checkpoint,
+    stored_checkpoints,
+    write_epoch_files,
+)
+from deeplab_sweep.trainable.storage import Storage
 
 
 class StorageError(RuntimeError):
@@ -54,27 +62,53 @@ class RayWorker(Worker):
         try:
             ray.train.report(metrics, checkpoint=checkpoint)  # Ray copies the checkpoint into storage here
             if checkpoint_dir:  # rank 0, once its checkpoint is in storage
-                _persist_run_files(metrics, Path(checkpoint_dir) / VISUALS_DIR)
+                ctx = ray.train.get_context().get_storage()
+                storage = Storage.on(ctx.storage_filesystem, ctx.experiment_fs_path)
+                write_epoch_files(storage, storage.root, metrics, checkpoint_dir)
         except OSError as e:
             raise storage_error(e, self.storage_path, metrics.get("epoch"), checkpoint_dir) from None
 
 
-def _persist_run_files(metrics: dict, visuals: Path) -> None:
-    """The epoch's metrics (`<run>/epochs/epoch_NNNN.json`) and eval PNGs (`<run>/visuals/`)
-    go to the run's folder in storage once its checkpoint is there: Ray prunes checkpoints as
-    soon as better ones arrive, and a driver killed before it saw a report would lose it;
-    whoever writes MLflow later reads them here. Any storage Ray supports (pyarrow fs)."""
-    import pyarrow.fs
+class InProcessWorker(Worker):
+    """The one worker of a run that Ray Train runs in local mode (`ScalingConfig(num_workers=0)`):
+    the train function runs in the calling process, e.g. a sweep trial's own Tune actor, which
+    Tune reuses from trial to trial, so a trial starts with no new process, torch import,
+    controller or process group. Local mode keeps nothing, so this worker does what Ray Train
+    does for a worker group, in the same layout: each checkpoint into the run's folder in
+    storage, the best `train.keep_checkpoints` by `metric` and the latest kept, and a run
+    started again resumes from the latest whole one. Each report goes to `on_report`."""
 
-    storage = ray.train.get_context().get_storage()
-    fs, run = storage.storage_filesystem, storage.experiment_fs_path
-    if "epoch" in metrics:  # a training epoch (an evaluation run reports no epochs)
-        fs.create_dir(f"{run}/{EPOCHS_DIR}")
-        with fs.open_output_stream(f"{run}/{EPOCHS_DIR}/{epoch_file(metrics['epoch'])}") as f:
-            f.write(json.dumps(metrics).encode())
-    if visuals.is_dir():
-        fs.create_dir(f"{run}/{VISUALS_DIR}")
-        pyarrow.fs.copy_files(str(visuals), f"{run}/{VISUALS_DIR}", destination_filesystem=fs)
+    def __init__(self, cfg: RunConfig, run_uri: str, metric: str, mode: str, on_report: Callable[[dict], None]):
+        import torch
+
+        self.cfg, self.metric, self.mode, self.on_report = cfg, metric, mode, on_report
+        self.storage = Storage(run_uri)
+        # Ray hands a GPU trial's actor its GPU as the only visible one.
+        self.device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
+        self._restored: str | None = None
+
+    def resume_state(self) -> dict | None:
+        stored = stored_checkpoints(self.storage, self.storage.root)
+        if not stored:
+            return None
+        self._restored = max(stored, key=lambda r: r["epoch"])["checkpoint_path"]
+        with self.storage.local_copy(self._restored) as d:
+            return load_checkpoint(d, map_location=self.device)
+
+    def replay(self, metrics: dict) -> None:
+        self.on_report({**metrics, "checkpoint_path": self.storage.uri(self._restored), "replayed": True})
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            root = self.storage.root
+            try:
+                path = store_checkpoint(self.storage, root, checkpoint_dir, metrics["epoch"])
+                write_epoch_files(self.storage, root, metrics, checkpoint_dir)
+                prune_checkpoints(self.storage, root, self.cfg.train.keep_checkpoints, self.metric, self.mode)
+            except OSError as e:
+                raise storage_error(e, self.cfg.storage.path, metrics.get("epoch"), checkpoint_dir) from None
+            metrics = {**metrics, "checkpoint_path": self.storage.uri(path)}
+        self.on_report(metrics)
 
 
 def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | None) -> Exception:
@@ -144,6 +178,22 @@ def worker_resources(train) -> dict[str, float]:
         **({"GPU": 1.0} if train.use_gpu else {}),
         **train.resources_per_worker,
     }
+
+
+def runs_in_process(train) -> bool:
+    """A single-worker run needs no worker group: Ray Train's local mode runs it in the caller."""
+    return train.num_workers == 1
+
+
+def build_in_process_trainer(
+    cfg: RunConfig, run_uri: str, metric: str, mode: str, on_report: Callable[[dict], None]
+) -> TorchTrainer:
+    """A one-worker run in Ray Train's local mode (see `InProcessWorker`), stored in `run_uri`."""
+
+    def loop() -> None:
+        fit(cfg, InProcessWorker(cfg, run_uri, metric, mode, on_report))
+
+    return TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=0))
 
 
 def build_trainer(

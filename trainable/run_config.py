@@ -149,7 +149,8 @@ class TrainConfig(Strict):
     # Further Ray resources each worker needs, e.g. {A100: 1}: places workers on the node types
     # that advertise them.
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    # Bounded checkpoint storage: the best `keep_checkpoints` by val/mIoU are kept.
+    # Bounded checkpoint storage: the best `keep_checkpoints` by the run's metric (a sweep's
+    # `sweep.metric`) are kept, and the latest.
     keep_checkpoints: int = Field(2, strict=True, ge=1)
     # Ray retries a failed run this many times from its last checkpoint.
     max_failures: int = Field(0, strict=True, ge=-1)

@@ -48,6 +48,14 @@ class Storage:
             self.scheme = None
         self.root = self.root.rstrip("/")
 
+    @classmethod
+    def on(cls, fs: pafs.FileSystem, root: str) -> Storage:
+        """A filesystem and path as Ray hands them over (a run's storage context)."""
+        self = cls.__new__(cls)
+        self.fs, self.root = fs, root.rstrip("/")
+        self.scheme = None if isinstance(fs, pafs.LocalFileSystem) else {"gcs": "gs"}.get(fs.type_name, fs.type_name)
+        return self
+
     def probe(self) -> None:
         """Create the root and write and remove a small file in it: raises OSError when the
         location cannot be reached or written."""
@@ -84,6 +92,10 @@ class Storage:
     def read_text(self, path: str) -> str:
         with self.fs.open_input_stream(path) as f:
             return f.read().decode(errors="replace")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
 
     def list(self, path: str) -> list[pafs.FileInfo]:
         """What a folder holds (nothing when it does not exist)."""
