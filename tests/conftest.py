@@ -87,12 +87,14 @@ def stop_processes_naming(folder: str) -> None:
     import signal
     import time
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids_naming(folder):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        while pids_naming(folder) and time.monotonic() < deadline:
+    # SIGTERM first, for a clean exit; then SIGKILL. Sent again each round: a process that
+    # survives a moment may have started others (Ray's fake autoscaler launches nodes).
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
+        deadline = time.monotonic() + grace
+        while (pids := pids_naming(folder)) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
             time.sleep(0.3)
 
 
