@@ -2,9 +2,10 @@
 cluster of tests/test_cluster.py (a CPU-less head, Ray's fake multi-node autoscaler, worker
 nodes of {CPU: 1, fake_gpu: 1}), one `deeplab sweep` of one trial asking for one such worker.
 
-Prints the time of each step, from the command's launch: the trial's driver started (preflight,
-joining Ray, Tune), the worker node up (the autoscaler), the first epoch reported (the worker
-process, torch, data, one tiny epoch). Run from the repo root:
+Prints the time of each step, from the command's launch: the sweep said its trial was pending
+(preflight, joining Ray, Tune), the worker node up (the autoscaler), the trial started (its
+actor placed on that node: a one-worker trial trains in it), the first epoch reported (torch,
+data, one tiny epoch). Run from the repo root:
 `.venv/bin/python benchmarks/autoscaling_startup.py`."""
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from tests.test_cluster import TINY, cluster_env, start_autoscaling_cluster  # n
 def worker_nodes_up(cluster) -> int:
     code = (
         f"import ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); "
-        "print(sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('fake_gpu')))"
+        "print('NODES', sum(1 for n in ray.nodes() if n['Alive'] and n['Resources'].get('fake_gpu')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cluster_env(), timeout=60)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+    counts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("NODES ")]
+    return int(counts[-1]) if counts else 0
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
             threading.Thread(target=watch_nodes, daemon=True).start()
             for line in proc.stdout:
                 for word, name in (
-                    (" started ", "trial driver started"),
+                    (" started ", "trial started (its actor on the new node)"),
                     (" pending ", "said pending"),
                     (" running ", "first epoch reported"),
                 ):

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.trainable.ray_train import worker_resources
+from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
 
 # What a trial's driver reserves: the Tune actor and the Train controller beside it hold
 # torch and Ray (~1.5 GiB resident, measured); memory is what they use, so it is what they ask.
@@ -169,10 +169,13 @@ def why_not(plan: Plan, train) -> str:
 
 
 def describe(plan: Plan) -> list[str]:
-    lines = [
-        f"per trial: {plan.workers} worker(s) x {shape_name(plan.worker)} + a driver of "
-        f"{TRIAL_DRIVER_MEMORY / 2**30:g} GiB memory, no CPU or GPU"
-    ]
+    if runs_in_process(plan.workers):
+        lines = [f"per trial: 1 worker x {shape_name(plan.worker)}, training in the trial's own actor"]
+    else:
+        lines = [
+            f"per trial: {plan.workers} worker(s) x {shape_name(plan.worker)} + a driver of "
+            f"{TRIAL_DRIVER_MEMORY / 2**30:g} GiB memory, no CPU or GPU"
+        ]
     lines.append(f"node types ({plan.source}):")
     for t in plan.node_types:
         lines.append(f"  {t.name:<18} {shape_name(t.resources):<28} {t.now} now, up to {t.most}")

@@ -58,7 +58,7 @@ def trial_driver_resources() -> tune.PlacementGroupFactory:
 def trial_resources(job: JobConfig) -> tune.PlacementGroupFactory:
     """A one-worker trial trains in its own actor (Ray Train's local mode), which holds that
     worker's resources; a larger one is a driver beside its worker group."""
-    if runs_in_process(job.train):
+    if runs_in_process(job.train.num_workers):
         return tune.PlacementGroupFactory([worker_resources(job.train)])
     return trial_driver_resources()
 
@@ -195,7 +195,7 @@ def _tuner(
     plan: Plan | None,
 ) -> tune.Tuner:
     base = job.run.to_dict()
-    in_process = runs_in_process(job.train)
+    in_process = runs_in_process(job.train.num_workers)
     train_dir = storage.uri(storage.join(TRAIN_DIR))
     s = job.sweep
     trainable = tune.with_resources(

@@ -17,7 +17,7 @@ from deeplab_sweep.trainable.run_config import RunConfig
 def sweep_trial(config: dict, base: dict, sweep_dir: str, metric: str, mode: str) -> None:
     cfg = RunConfig.model_validate(apply_overrides(base, trial_overrides(config)))
     trial_id = tune.get_context().get_trial_id()
-    if runs_in_process(cfg.train):
+    if runs_in_process(cfg.train.num_workers):
         # In this actor, which Tune reuses from trial to trial; stored under the same run
         # folder a worker group would use, so a resumed or restarted trial finds its checkpoints.
         build_in_process_trainer(cfg, f"{sweep_dir}/{trial_id}", metric, mode, on_report=tune.report).fit()

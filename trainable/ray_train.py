@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
+import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
@@ -79,8 +80,6 @@ class InProcessWorker(Worker):
     started again resumes from the latest whole one. Each report goes to `on_report`."""
 
     def __init__(self, cfg: RunConfig, run_uri: str, metric: str, mode: str, on_report: Callable[[dict], None]):
-        import torch
-
         self.cfg, self.metric, self.mode, self.on_report = cfg, metric, mode, on_report
         self.storage = Storage(run_uri)
         # Ray hands a GPU trial's actor its GPU as the only visible one.
@@ -180,9 +179,9 @@ def worker_resources(train) -> dict[str, float]:
     }
 
 
-def runs_in_process(train) -> bool:
+def runs_in_process(num_workers: int) -> bool:
     """A single-worker run needs no worker group: Ray Train's local mode runs it in the caller."""
-    return train.num_workers == 1
+    return num_workers == 1
 
 
 def build_in_process_trainer(
