@@ -1,10 +1,12 @@
 """Training-pipeline throughput: decode (JPEG + palette PNG) + joint train transform, in
 images/s, against a PIL pipeline written the way the seed project's transforms are.
 
-    python benchmarks/data_pipeline.py [--images 200] [--workers 0 2]
+    python benchmarks/data_pipeline.py [--images 200] [--workers 0 2] [--device cuda]
 
 Prints one line per (pipeline, crop, loader workers). Real VOC images are ~500x375: the
-generated ones here have that size.
+generated ones here have that size. With `--device`, also `data.device_augment`'s path: the
+loader's workers read bytes and draw the crops, and the batch is decoded (nvJPEG on a GPU) and
+augmented on that device; images/s there are what a training step would receive.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from deeplab_sweep.datasets.synth import synth_voc
-from deeplab_sweep.datasets.transforms import MEAN, STD, train_transform
+from deeplab_sweep.datasets.transforms import MEAN, STD, DeviceTrainAugment, list_collate, train_transform
 from deeplab_sweep.datasets.voc import VOCSegmentation
 
 
@@ -72,11 +74,28 @@ def measure(ds, workers: int, epochs: int = 2) -> float:
     return n / (time.perf_counter() - start)
 
 
+def measure_on_device(ds, workers: int, device: torch.device, epochs: int = 2) -> float:
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, collate_fn=list_collate)
+    n, start = 0, None
+    for epoch in range(epochs + 1):
+        if epoch == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, n = time.perf_counter(), 0
+        for batch in loader:
+            x, _ = ds.transform.apply(batch, device)
+            n += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--crops", type=int, nargs="+", default=[256, 513])
+    p.add_argument("--device", default=None, help="also measure data.device_augment on this device (cuda)")
     args = p.parse_args()
     torch.set_num_threads(1)  # one process, one core: the figure is per loader process
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +110,13 @@ def main():
                     f"crop {crop:>3}  loader workers {workers}:  ours {ours:7.1f} img/s   "
                     f"seed-style PIL {seed:7.1f} img/s   ratio {ours / seed:4.2f}x"
                 )
+                if args.device:
+                    device_ds = VOCSegmentation(root, "train", transform=DeviceTrainAugment(crop, 0.5, 2.0))
+                    on_device = measure_on_device(device_ds, workers, torch.device(args.device))
+                    print(
+                        f"crop {crop:>3}  loader workers {workers}:  "
+                        f"device_augment on {args.device} {on_device:7.1f} img/s"
+                    )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (main process)")
 
 

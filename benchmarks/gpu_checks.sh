@@ -13,4 +13,4 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 timeout 60 python3 benchmarks/metric_update.py --repeat 50 2>&1 | tee "$OUT/metric_update.log"
 timeout 330 python3 benchmarks/gpu_train.py "$@" 2>&1 | tee "$OUT/gpu_train.log"
-timeout 90 python3 benchmarks/data_pipeline.py --images 200 --workers 0 4 8 --crops 513 2>&1 | tee "$OUT/data_pipeline.log"
+timeout 150 python3 benchmarks/data_pipeline.py --images 200 --workers 0 1 2 4 8 --crops 513 --device cuda 2>&1 | tee "$OUT/data_pipeline.log"

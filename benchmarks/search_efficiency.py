@@ -1,12 +1,20 @@
-"""Search efficiency on generated data, in one run: how much compute (trained epochs) TPE + ASHA
-spends before one of its trials reaches the best val mIoU that 16 random trials trained in full
-found. Goal: under 40% of the random search's epochs.
+"""Search efficiency on generated data: four arms over the same space and seeds, each a real
+`run_sweep` (local Ray, sqlite MLflow in a temp folder):
 
-    python benchmarks/search_efficiency.py [--trials 16] [--epochs 6] [--seed 0]
+    random-full   random search, every trial trained to the last epoch (the reference)
+    tpe-full      TPE, every trial trained in full
+    random-asha   random search + ASHA
+    tpe-asha      TPE + ASHA (the product's default)
 
-Both sweeps are real `run_sweep` calls (local Ray, sqlite MLflow in a temp folder) over the same
-space; compute is counted from Ray's per-epoch results in time order, so epochs of trials
-running side by side count as they happen.
+For each arm and seed: epochs trained, best val mIoU, and epochs until a trial first reached
+95 / 98 / 100 % of random-full's best (counted from Ray's per-epoch results in time order, so
+epochs of trials running side by side count as they happen); then the median over seeds. And,
+over random-full's trials, the Spearman rank correlation between the val mIoU at epoch 1 / 2 and
+at the last epoch: if early epochs do not predict the last one, no early stopping can work, and
+the benchmark cannot judge it.
+
+    python benchmarks/search_efficiency.py --seeds 0 1 2 3 4     # the figures (long)
+    python benchmarks/search_efficiency.py --quick               # a smoke run, minutes
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +33,20 @@ from deeplab_sweep.search.sync import read_trials
 from deeplab_sweep.trainable.storage import Storage
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+ARMS = {
+    "random-full": ("random", False),
+    "tpe-full": ("tpe", False),
+    "random-asha": ("random", True),
+    "tpe-asha": ("tpe", True),
+}
+FRACTIONS = (0.95, 0.98, 1.0)
 
 SPACE = """\
 defaults: [train/demo]
-data: {max_train_images: 16, max_val_images: 8, crop_size: 64}
-train: {epochs: %(epochs)d, cpus_per_worker: 0.95, visuals: 0, keep_checkpoints: 1}
+data: {max_train_images: %(train_images)d, max_val_images: %(val_images)d, crop_size: 64}
+train: {epochs: %(epochs)d, cpus_per_worker: 1, visuals: 0, keep_checkpoints: 1}
 sweep: {search: %(search)s, num_samples: %(trials)d, seed: %(seed)d, name: %(name)s,
-        asha: {enabled: %(asha)s, grace_period: 1, reduction_factor: 2}}
+        asha: {enabled: %(asha)s, grace_period: %(grace)d, reduction_factor: %(factor)d}}
 space:
   train.lr: {type: loguniform, low: 0.001, high: 0.3}
   model.output_stride: {type: choice, values: [8, 16]}
@@ -38,11 +54,24 @@ space:
 """
 
 
-def sweep(tmp: Path, name: str, search: str, asha: bool, trials: int, epochs: int, seed: int) -> list[dict]:
+def sweep(tmp: Path, name: str, arm: str, seed: int, args) -> list[dict]:
+    """Every epoch a sweep trained (replays of a restored checkpoint left out), in time order."""
+    search, asha = ARMS[arm]
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(
         SPACE
-        % {"epochs": epochs, "search": search, "trials": trials, "seed": seed, "name": name, "asha": str(asha).lower()}
+        % {
+            "epochs": args.epochs,
+            "search": search,
+            "trials": args.trials,
+            "seed": seed,
+            "name": name,
+            "asha": str(asha).lower(),
+            "grace": args.grace,
+            "factor": args.factor,
+            "train_images": args.train_images,
+            "val_images": args.val_images,
+        }
     )
     job = load_job(
         cfg,
@@ -51,12 +80,18 @@ def sweep(tmp: Path, name: str, search: str, asha: bool, trials: int, epochs: in
             "data.synthesize=true",
             f"storage.path={tmp / 'ray'}",
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            f"sweep.optuna_storage=sqlite:///{tmp}/optuna.db",
         ],
         conf_root=CONF,
     )
     t = time.perf_counter()
     run_sweep(job)
-    rows = [r for rec in read_trials(Storage(str(tmp / "ray" / name))) for r in rec.rows if not r.get("replayed")]
+    rows = [
+        {**r, "trial_id": rec.trial_id}
+        for rec in read_trials(Storage(str(tmp / "ray" / name)))
+        for r in rec.rows
+        if not r.get("replayed")
+    ]
     print(f"{name}: {len(rows)} epochs in {time.perf_counter() - t:.0f} s", flush=True)
     return sorted(rows, key=lambda r: r["timestamp"])
 
@@ -68,30 +103,111 @@ def epochs_to_reach(rows: list[dict], target: float) -> int | None:
     return None
 
 
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else None
+
+
+def early_predicts_final(rows: list[dict], epochs: int) -> dict[str, float | None]:
+    """Spearman correlation, over trials trained in full, of epoch e's val mIoU with the last's."""
+    by_trial: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by_trial.setdefault(r["trial_id"], {})[r["epoch"]] = r["val/mIoU"]
+    full = [h for h in by_trial.values() if epochs in h]
+    return {
+        f"epoch{e}_vs_last": spearman([h[e] for h in full], [h[epochs] for h in full])
+        for e in (1, 2)
+        if e < epochs and all(e in h for h in full)
+    }
+
+
+def one_seed(seed: int, args) -> dict:
+    out: dict = {"seed": seed}
+    with tempfile.TemporaryDirectory(prefix="search-eff-") as tmp:
+        runs = {arm: sweep(Path(tmp), f"{arm}-s{seed}", arm, seed, args) for arm in args.arms}
+    reference = runs["random-full"]
+    best = max(r["val/mIoU"] for r in reference)
+    out["random_full_best"] = best
+    out["correlation"] = early_predicts_final(reference, args.epochs)
+    for arm, rows in runs.items():
+        out[arm] = {
+            "epochs": len(rows),
+            "best": max(r["val/mIoU"] for r in rows),
+            **{f"to_{f:.0%}": epochs_to_reach(rows, f * best) for f in FRACTIONS},
+        }
+    return out
+
+
+def report(results: list[dict], args) -> None:
+    budget = args.trials * args.epochs
+    print(
+        f"\n{args.trials} trials x {args.epochs} epochs per arm ({budget} epochs in full); ASHA grace "
+        f"{args.grace}, factor {args.factor}; {args.train_images} train / {args.val_images} val images"
+    )
+    head = "".join(f"{'to ' + format(f, '.0%'):>9}" for f in FRACTIONS)
+    print(f"{'seed':>4} {'arm':<12} {'epochs':>7} {'share':>6} {'best':>7}{head}")
+    for res in results:
+        for arm in args.arms:
+            a = res[arm]
+            reach = "".join(f"{a[f'to_{f:.0%}'] if a[f'to_{f:.0%}'] else 'never':>9}" for f in FRACTIONS)
+            print(f"{res['seed']:>4} {arm:<12} {a['epochs']:>7} {a['epochs'] / budget:>6.0%} {a['best']:>7.4f}{reach}")
+        corr = ", ".join(f"{k} {v:+.2f}" if v is not None else f"{k} -" for k, v in res["correlation"].items())
+        print(f"{'':>4} random-full rank correlation: {corr}")
+    print("median over seeds:")
+    for arm in args.arms:
+        share = statistics.median(r[arm]["epochs"] / budget for r in results)
+        best = statistics.median(r[arm]["best"] for r in results)
+        hits = {f: sum(1 for r in results if r[arm][f"to_{f:.0%}"]) for f in FRACTIONS}
+        reach = ", ".join(f"{f:.0%} reached in {n}/{len(results)}" for f, n in hits.items())
+        print(f"  {arm:<12} epochs {share:.0%} of full, best {best:.4f}; {reach}")
+    goal = (
+        [r for r in results if r["tpe-asha"]["to_98%"] is not None and r["tpe-asha"]["to_98%"] <= 0.5 * budget]
+        if "tpe-asha" in args.arms
+        else []
+    )
+    print(
+        f"goal (tpe-asha reaches 98% of random-full's best within 50% of its epochs): {len(goal)}/{len(results)} seeds"
+    )
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grace", type=int, default=1)
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--train-images", type=int, default=16)
+    p.add_argument("--val-images", type=int, default=8)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--quick", action="store_true", help="a smoke run: one seed, 4 trials x 2 epochs")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="search-eff-") as tmp:
-        tmp = Path(tmp)
-        rand = sweep(tmp, "random-full", "random", False, args.trials, args.epochs, args.seed)
-        tpe = sweep(tmp, "tpe-asha", "tpe", True, args.trials, args.epochs, args.seed)
-    budget = len(rand)
-    best = max(r["val/mIoU"] for r in rand)
-    print(f"random search, {args.trials} trials x {args.epochs} epochs: {budget} epochs, best val/mIoU {best:.4f}")
-    print(
-        f"TPE + ASHA, {args.trials} trials: {len(tpe)} epochs in all ({len(tpe) / budget:.0%}), "
-        f"best val/mIoU {max(r['val/mIoU'] for r in tpe):.4f}"
-    )
-    out = {"random_epochs": budget, "random_best": best, "tpe_asha_epochs": len(tpe)}
-    for frac in (1.0, 0.98, 0.95):
-        n = epochs_to_reach(tpe, frac * best)
-        out[f"epochs_to_{frac:.2f}"] = n
-        shown = f"{n} epochs = {n / budget:.0%} of random's" if n else "not reached"
-        print(f"  TPE + ASHA reaches {frac:.0%} of random's best ({frac * best:.4f}) after {shown}")
-    print(json.dumps(out))
+    if "random-full" not in args.arms:
+        p.error("--arms must include random-full: the other arms are judged against it")
+    if args.quick:
+        args.seeds, args.trials, args.epochs = args.seeds[:1], 4, 2
+    results = [one_seed(seed, args) for seed in args.seeds]
+    report(results, args)
+    print(json.dumps(results))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (driver)")
 
 

@@ -78,21 +78,34 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 image [3,H,W], uint8 class-id mask [H,W]), checked."""
         img_path, mask_path = self.samples[index]
-        image, raw = read_image(img_path), read_mask(mask_path)
-        if image.shape[-2:] != raw.shape:
+        image, mask = read_image(img_path), self._mask(mask_path)
+        if image.shape[-2:] != mask.shape:
             raise DatasetError(
-                f"{mask_path}: mask size {tuple(raw.shape)} differs from image "
+                f"{mask_path}: mask size {tuple(mask.shape)} differs from image "
                 f"{img_path.name} size {tuple(image.shape[-2:])}"
             )
-        # uint8 wraps 255 (void) to 0: one add and one max check every pixel of the mask.
-        if int((raw + 1).max()) > self.max_label + 1:
-            values = [v for v in raw.unique().tolist() if v > self.max_label and v != 255]
-            raise DatasetError(f"{mask_path}: unexpected label values {values[:10]}")
-        mask = self.lut[raw.long()] if self.lut is not None else raw
         # uint8 through the transforms (a quarter of the memory traffic); int64 at the end.
         return image, mask
 
+    def load_encoded(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the image file's bytes, uint8 class-id mask [H,W]): for a transform that decodes
+        images on the training device (its sizes are compared there)."""
+        img_path, mask_path = self.samples[index]
+        # A copy: the tensor read_file returns could not be sent from a loader worker (seen
+        # here: "Bad file descriptor" in the worker's sender thread, and the loader hangs).
+        return _read_bytes(img_path, "image").clone(), self._mask(mask_path)
+
+    def _mask(self, path: Path) -> torch.Tensor:
+        raw = read_mask(path)
+        # uint8 wraps 255 (void) to 0: one add and one max check every pixel of the mask.
+        if int((raw + 1).max()) > self.max_label + 1:
+            values = [v for v in raw.unique().tolist() if v > self.max_label and v != 255]
+            raise DatasetError(f"{path}: unexpected label values {values[:10]}")
+        return self.lut[raw.long()] if self.lut is not None else raw
+
     def __getitem__(self, index: int):
+        if getattr(self.transform, "encoded", False):
+            return self.transform(*self.load_encoded(index))
         image, mask = self.load(index)
         return self.transform(image, mask) if self.transform else (image, mask.long())
 

@@ -27,7 +27,10 @@ class RandomScaleCrop(v2.Transform):
         self.crop, self.lo, self.hi = crop, lo, hi
 
     def make_params(self, flat_inputs):
-        h, w = v2.query_size(flat_inputs)
+        return self.draw(*v2.query_size(flat_inputs))
+
+    def draw(self, h: int, w: int) -> dict:
+        """The window for an `h` x `w` image: the only random draws of this transform."""
         s = self.lo + (self.hi - self.lo) * float(torch.rand(()))
         sh, sw = max(1, round(h * s)), max(1, round(w * s))  # the scaled image's size
         ch, cw = min(self.crop, sh), min(self.crop, sw)  # the part of the window it covers
@@ -54,7 +57,7 @@ class RandomScaleCrop(v2.Transform):
 
 class _Finish(v2.Transform):
     """uint8 image -> normalised float32 (one multiply-subtract, not to_dtype + normalize);
-    mask -> int64 [H, W]."""
+    mask -> int64 [H, W]. On the image's own device."""
 
     _scale = (1.0 / (255.0 * torch.tensor(STD))).view(3, 1, 1)
     _shift = (torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
@@ -63,8 +66,59 @@ class _Finish(v2.Transform):
         if isinstance(inpt, tv_tensors.Mask):
             return inpt.as_subclass(torch.Tensor).long()
         if isinstance(inpt, tv_tensors.Image):
-            return inpt.as_subclass(torch.Tensor).float().mul_(self._scale).sub_(self._shift)
+            x = inpt.as_subclass(torch.Tensor).float()
+            return x.mul_(self._scale.to(x.device)).sub_(self._shift.to(x.device))
         return inpt
+
+
+FLIP_P = 0.5
+
+
+class DeviceTrainAugment:
+    """The train augmentation split in two, for training on a GPU. In the loader's workers, as
+    the CPU path draws them (the same random calls in the same order, so the same seeds give the
+    same crops, flips and scales), only the parameters are drawn; the loader hands over the
+    image's encoded bytes and the (small, palette-decoded) mask. `apply` then decodes the JPEGs
+    as a batch on the training device and crops, scales, flips and normalises there: the CPU
+    reads bytes. Datasets see `encoded` and skip decoding the image."""
+
+    encoded = True
+
+    def __init__(self, crop: int, lo: float, hi: float):
+        self.scale_crop = RandomScaleCrop(crop, lo, hi)
+        self.finish = _Finish()
+
+    def __call__(self, data: torch.Tensor, mask: torch.Tensor) -> tuple:
+        params = self.scale_crop.draw(*mask.shape)
+        flip = bool(torch.rand(1) < FLIP_P)  # as v2.RandomHorizontalFlip draws it
+        return data, mask, params, flip
+
+    def apply(self, batch: list[tuple], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = [], []
+        for image, (_, mask, params, flip) in zip(decode_images([b[0] for b in batch], device), batch, strict=True):
+            if image.shape[-2:] != mask.shape:
+                raise ValueError(f"image size {tuple(image.shape[-2:])} differs from its mask's {tuple(mask.shape)}")
+            pair = [tv_tensors.Image(image), tv_tensors.Mask(mask.to(device, non_blocking=True))]
+            pair = [self.scale_crop.transform(x, params) for x in pair]
+            if flip:
+                pair = [F.horizontal_flip(x) for x in pair]
+            images.append(self.finish.transform(pair[0], {}))
+            masks.append(self.finish.transform(pair[1], {}))
+        return torch.stack(images), torch.stack(masks)
+
+
+def decode_images(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """uint8 [3, H, W] images on `device`: JPEGs decoded there as one batch (nvJPEG on a GPU),
+    anything else (Cityscapes' PNGs) decoded on the CPU and moved."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    is_jpeg = [len(d) > 2 and int(d[0]) == 0xFF and int(d[1]) == 0xD8 for d in data]
+    jpegs = [d for d, j in zip(data, is_jpeg, strict=True) if j]
+    decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+    return [
+        next(decoded) if j else decode_image(d, mode=ImageReadMode.RGB).to(device)
+        for d, j in zip(data, is_jpeg, strict=True)
+    ]
 
 
 class JointTransform:
@@ -85,7 +139,7 @@ def train_transform(crop_size: int, scale_min: float = 0.5, scale_max: float = 2
         v2.Compose(
             [
                 RandomScaleCrop(crop_size, scale_min, scale_max),
-                v2.RandomHorizontalFlip(),
+                v2.RandomHorizontalFlip(FLIP_P),
                 _Finish(),
             ]
         )

@@ -19,7 +19,7 @@ from deeplab_sweep.datasets.catalog import build_dataset
 from deeplab_sweep.datasets.cityscapes import Cityscapes
 from deeplab_sweep.datasets.download import fetch, prepare_cityscapes, safe_extract
 from deeplab_sweep.datasets.labels import CITYSCAPES_LABELS, voc_palette
-from deeplab_sweep.datasets.transforms import MEAN_PIXEL, train_transform, val_transform
+from deeplab_sweep.datasets.transforms import MEAN_PIXEL, DeviceTrainAugment, train_transform, val_transform
 from deeplab_sweep.datasets.verify import verify
 from deeplab_sweep.datasets.voc import VOCSegmentation
 from deeplab_sweep.errors import DatasetError
@@ -129,6 +129,29 @@ def test_flip_happens_and_is_joint():
         seen.add(left)
         assert left == bool((x[0, :, :8] > x[0, :, -8:]).all())
     assert seen == {True, False}
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes"])  # JPEG images, PNG images
+def test_device_augment_equals_the_cpu_path_on_fixed_seeds(dataset, synth_voc_root, synth_cityscapes_root):
+    """The GPU path's code run on the CPU: bytes read in the loader, the crop, scale and flip
+    drawn there, decoding and pixels on the device; the same seeds give exactly what the CPU
+    pipeline (torchvision's Compose with its own flip) gives."""
+    root, load = (synth_voc_root, VOCSegmentation) if dataset == "voc" else (synth_cityscapes_root, Cityscapes)
+    cpu = load(root, "train", transform=train_transform(64, 0.5, 2.0))
+    device = load(root, "train", transform=DeviceTrainAugment(64, 0.5, 2.0))
+    n, flips, windows = min(4, len(cpu)), set(), set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = [cpu[i] for i in range(n)]
+        torch.manual_seed(seed)
+        raw = [device[i] for i in range(n)]
+        assert all(r[0].dim() == 1 for r in raw)  # the loader handed over bytes, not pixels
+        images, masks = device.transform.apply(raw, torch.device("cpu"))
+        assert torch.equal(images, torch.stack([e[0] for e in expected]))
+        assert torch.equal(masks, torch.stack([e[1] for e in expected]))
+        flips |= {r[3] for r in raw}
+        windows |= {r[2]["box"] for r in raw}
+    assert flips == {True, False} and len(windows) > n  # the draws varied: the test compared something
 
 
 def test_val_transform_whole_and_centre_crop():

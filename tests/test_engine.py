@@ -107,6 +107,7 @@ def test_batch_larger_than_data_is_explained(synth_voc_root):
     [
         ["train.amp=bf16", "train.channels_last=true"],  # the GPU recipe's code path, run on CPU
         ["train.grad_clip=1.0", "model.separable=true", "data.val_crop=64"],
+        ["data.device_augment=true", "data.loader_workers=1"],  # the GPU data path's code, on CPU
     ],
 )
 def test_training_options_run_and_report(synth_voc_root, options):

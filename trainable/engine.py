@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from deeplab_sweep.datasets.labels import IGNORE_INDEX
-from deeplab_sweep.datasets.transforms import list_collate, train_transform, val_transform
+from deeplab_sweep.datasets.transforms import DeviceTrainAugment, list_collate, train_transform, val_transform
 from deeplab_sweep.trainable.checkpoint import save_checkpoint
 from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
@@ -100,9 +100,8 @@ def seed_everything(seed: int, epoch: int, rank: int) -> int:
 
 def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
     d = cfg.data
-    train_ds = d.spec.build(
-        d.root, "train", train_transform(d.crop_size, d.scale_min, d.scale_max), limit=d.max_train_images
-    )
+    augment = (DeviceTrainAugment if d.device_augment else train_transform)(d.crop_size, d.scale_min, d.scale_max)
+    train_ds = d.spec.build(d.root, "train", augment, limit=d.max_train_images)
     sampler = DistributedSampler(
         train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
@@ -120,6 +119,7 @@ def build_loaders(cfg: RunConfig, rank: int, world_size: int, pin: bool):
         pin_memory=pin,
         drop_last=True,
         persistent_workers=False,
+        collate_fn=list_collate if d.device_augment else None,
     )
     return train, sampler, val_loader(cfg, rank, world_size, pin=pin)
 
@@ -168,9 +168,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
     total, n_img, n_it = torch.zeros((), device=device), 0, 0
     start = time.perf_counter()
     previous = None  # the last step's (loss, iteration, global step): checked one step late
-    for it, (images, masks) in enumerate(loader):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=mem)
-        masks = masks.to(device, non_blocking=True)
+    on_device = getattr(loader.dataset.transform, "apply", None)  # DeviceTrainAugment
+    for it, batch in enumerate(loader):
+        images, masks = on_device(batch, device) if on_device else (t.to(device, non_blocking=True) for t in batch)
+        images = images.contiguous(memory_format=mem)
         with _autocast(cfg, device):
             loss = F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,10 @@ class DataConfig(Strict):
     batch_size: int = Field(16, strict=True, ge=1)
     val_batch_size: int = Field(4, strict=True, ge=1)
     loader_workers: int = Field(2, strict=True, ge=0)
+    # Decode JPEGs and run the train augmentation on the training device (on a GPU: nvJPEG,
+    # the loader's CPU workers only read bytes and draw the crops); the same crops, flips and
+    # scales as the CPU path for the same seeds.
+    device_augment: bool = False
     # Limit the number of images per split (smoke tests, quick sweeps); None = all.
     max_train_images: int | None = Field(None, strict=True, ge=1)
     max_val_images: int | None = Field(None, strict=True, ge=1)
