@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deeplab_sweep.datasets.synth import synth_voc  # noqa: E402
-from tests.conftest import CONF  # noqa: E402
+from tests.conftest import sweep_command  # noqa: E402
 from tests.test_cluster import TINY, cluster_env, start_autoscaling_cluster  # noqa: E402
 
 
@@ -48,21 +48,15 @@ def main() -> None:
         cluster = start_autoscaling_cluster(tmp)
         events: dict[str, float] = {}
         try:
-            cmd = [
-                sys.executable,
-                "-m",
-                "deeplab_sweep.cli",
-                "sweep",
-                str(cfg),
-                "--conf-dir",
-                str(CONF),
-                f"data.root={data}",
+            cmd = sweep_command(
+                cfg,
+                data,
                 f"storage.path={tmp / 'shared'}",
                 "--address",
                 cluster.address,
                 "--cluster-config",
                 str(cluster.config),
-            ]
+            )
             t0 = time.monotonic()
             proc = subprocess.Popen(
                 cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster_env()

@@ -6,12 +6,29 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+
+
+def sweep_command(cfg: Path, data_root: Path, *overrides: str) -> list[str]:
+    """`deeplab sweep CFG` as a new process runs it, on the repository's conf/ and the given data."""
+    return [
+        sys.executable,
+        "-m",
+        "deeplab_sweep.cli",
+        "sweep",
+        str(cfg),
+        "--conf-dir",
+        str(CONF),
+        f"data.root={data_root}",
+        *overrides,
+    ]
+
 
 # Quiet, small, bounded: tests must never swap this 2-core machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")

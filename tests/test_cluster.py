@@ -30,7 +30,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import CONF, REPO, free_port, pids_naming, stop_processes_naming
+from tests.conftest import REPO, free_port, pids_naming, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
@@ -189,20 +189,7 @@ def autoscaling_cluster(tmp_path_factory):
 
 
 def _sweep(cfg: Path, tmp_path: Path, cluster: _Cluster, *extra: str, data_root: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "deeplab_sweep.cli",
-        "sweep",
-        str(cfg),
-        "--conf-dir",
-        str(CONF),
-        f"data.root={data_root}",
-        f"storage.path={tmp_path / 'shared'}",
-        "--address",
-        cluster.address,
-        *extra,
-    ]
+    cmd = sweep_command(cfg, data_root, f"storage.path={tmp_path / 'shared'}", "--address", cluster.address, *extra)
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=cluster_env(), timeout=600)
 
 

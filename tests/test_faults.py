@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.cli import main
-from tests.conftest import CONF, MlflowServer, stop_processes_naming
+from tests.conftest import CONF, MlflowServer, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
@@ -364,18 +363,7 @@ def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdi
         "sweep: {num_samples: 3, seed: 3, asha: {enabled: false}, name: k}\n"
         "space:\n  train.lr: {type: loguniform, low: 0.003, high: 0.3}\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "deeplab_sweep.cli",
-        "sweep",
-        str(cfg),
-        "--conf-dir",
-        str(CONF),
-        f"data.root={synth_voc_root}",
-        "cluster.num_cpus=2",
-        "cluster.object_store_memory=100000000",
-    ]
+    cmd = sweep_command(cfg, synth_voc_root, "cluster.num_cpus=2", "cluster.object_store_memory=100000000")
     env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     sweep_dir = tmp_path / "runs" / "ray" / "k"

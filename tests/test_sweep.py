@@ -23,7 +23,7 @@ from deeplab_sweep.search.best import fetch_best
 from deeplab_sweep.search.compose import load_job
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.trainable.inference import evaluate_checkpoint
-from tests.conftest import CONF, REPO
+from tests.conftest import CONF, REPO, sweep_command
 
 pytestmark = pytest.mark.slow
 
@@ -212,15 +212,9 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
     bucket = f"s3://{s3_server.bucket}"
     for var, value in s3_server.env.items():  # this process reads MLflow's S3 artifacts too
         monkeypatch.setenv(var, value)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deeplab_sweep.cli",
-        "sweep",
-        str(cfg),
-        "--conf-dir",
-        str(CONF),
-        f"data.root={synth_voc_root}",
+    cmd = sweep_command(
+        cfg,
+        synth_voc_root,
         "sweep.name=r1",
         "sweep.asha.enabled=false",
         "train.epochs=4",
@@ -228,7 +222,7 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
         "cluster.object_store_memory=100000000",
         f"storage.path={bucket}/ray",
         f"mlflow.artifact_location={bucket}/mlartifacts",
-    ]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **s3_server.env}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
