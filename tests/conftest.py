@@ -137,6 +137,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answering(url: str, server, timeout_s: float, what: str) -> None:
+    """Poll `url` until it answers; a server whose process exits, or that stays silent past
+    `timeout_s`, is stopped and the test fails saying which."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or server.proc.poll() is not None:
+                server.stop()
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.3)
+
+
 class MlflowServer:
     """A real `mlflow server` process on 127.0.0.1 over a sqlite store in `folder`; it can be
     stopped and started again on the same port and store (a tracking server outage)."""
@@ -150,8 +168,6 @@ class MlflowServer:
     def start(self, timeout_s: float = 90) -> None:
         import subprocess
         import sys
-        import time
-        import urllib.request
 
         self.proc = subprocess.Popen(
             [
@@ -174,16 +190,7 @@ class MlflowServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
+        wait_until_answering(f"{self.url}/health", self, timeout_s, "mlflow server")
 
     def stop(self) -> None:
         import signal
@@ -212,8 +219,6 @@ class S3Server:
     def __init__(self, folder: Path):
         import subprocess
         import sys
-        import time
-        import urllib.request
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -223,16 +228,7 @@ class S3Server:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.url, timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.3)
+        wait_until_answering(self.url, self, 60, "moto server")
         self.env = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
