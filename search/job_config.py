@@ -59,6 +59,18 @@ class AshaConfig(Strict):
     reduction_factor: int = Field(2, strict=True, ge=2)
 
 
+class TpeConfig(Strict):
+    """Optuna's TPESampler settings (`search: tpe`)."""
+
+    # Random trials before TPE models the results; None: min(4, num_samples).
+    startup_trials: int | None = Field(None, strict=True, ge=1)
+    # One joint density over all parameters (grouped by the conditional space's branches)
+    # instead of one per parameter.
+    multivariate: bool = False
+    # Running trials count as bad results, so trials side by side spread out.
+    constant_liar: bool = False
+
+
 class SweepConfig(Strict):
     search: Literal["tpe", "random", "grid"] = "tpe"
     # Trials to run; with `grid`, how many times the whole grid is repeated.
@@ -67,6 +79,7 @@ class SweepConfig(Strict):
     mode: Literal["max", "min"] = "max"
     seed: int = Field(0, strict=True, ge=0)
     asha: AshaConfig = AshaConfig()
+    tpe: TpeConfig = TpeConfig()
     # None: as many trials at once as the cluster's resources fit.
     max_concurrent: int | None = Field(None, strict=True, ge=1)
     name: str | None = None

@@ -57,6 +57,17 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
     return out
 
 
+def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
+    s, t = job.sweep, job.sweep.tpe
+    return optuna.samplers.TPESampler(
+        seed=s.seed,
+        n_startup_trials=t.startup_trials or min(4, s.num_samples),
+        multivariate=t.multivariate,
+        group=t.multivariate,  # the conditional space's branches get their own densities
+        constant_liar=t.constant_liar,
+    )
+
+
 def build_searcher(job: JobConfig, study_name: str):
     """(search_alg or None, param_space) for the sweep's `search` setting; Optuna's study is
     `study_name` in `sweep.optuna_storage`."""
@@ -66,11 +77,7 @@ def build_searcher(job: JobConfig, study_name: str):
         raise ConfigError("space: the sweep has no search space (add `space:` entries, e.g. train.lr)")
     if s.search == "grid":
         return None, grid_param_space(job.space)
-    sampler = (
-        optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=min(4, s.num_samples))
-        if s.search == "tpe"
-        else optuna.samplers.RandomSampler(seed=s.seed)
-    )
+    sampler = tpe_sampler(job) if s.search == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
     searcher = OptunaSearcher(
         OptunaSpace(job.space), s.metric, s.mode, sampler, s.optuna_storage, study_name, job.train.epochs
     )
