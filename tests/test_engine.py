@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +153,45 @@ def test_validation_runs_in_fp32_unless_eval_amp(synth_voc_root, tmp_path, eval_
                 keep = target != 255
                 np.add.at(expected, (target[keep], pred[keep]), 1)
     assert logged == metrics_from_confusion(torch.from_numpy(expected))["mIoU"]
+
+
+def test_each_evaluation_reports_what_the_model_costs(synth_voc_root, tmp_path):
+    """Parameters and GFLOPs against the reference implementation's own model; latency against a
+    stopwatch here; peak memory of this run alone, not of what the process did before it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deeplab_sweep.trainable.inference import load_model
+    from tests.reference_deeplab import DeepLabV3Plus
+
+    crop = 64
+    cfg = _cfg(
+        synth_voc_root,
+        "train.epochs=1",
+        "data.max_train_images=8",
+        "data.max_val_images=2",
+        f"data.val_crop={crop}",
+        "model.backbone=mobilenet_v2_reference",  # padded as the reference pads: the same FLOPs
+    )
+    before = torch.ones(2**28)  # 1 GiB resident, then given back: not this run's peak
+    del before
+    worker = LocalWorker(checkpoint_root=tmp_path / "ckpt")
+    (report,) = fit(cfg, worker)
+
+    reference = DeepLabV3Plus("mobilenet_v2", cfg.data.num_classes, 16, False).eval()
+    assert report["model/params"] == sum(p.numel() for p in reference.parameters())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        reference(torch.empty(1, 3, crop, crop))
+    assert report["model/gflops"] == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-3)
+
+    model, _, _ = load_model(Path(worker.reports[-1]["checkpoint_path"]))
+    x = torch.randn(1, 3, crop, crop)
+    times = []
+    with torch.no_grad():
+        for _ in range(23):
+            t = time.perf_counter()
+            model.eval()(x)
+            times.append(time.perf_counter() - t)
+    stopwatch_ms = statistics.median(times[3:]) * 1e3
+    assert 0.25 < report["model/latency_ms"] / stopwatch_ms < 4, (report["model/latency_ms"], stopwatch_ms)
+
+    assert 100 < report["model/peak_mem_mb"] < 1024, report["model/peak_mem_mb"]

@@ -27,6 +27,7 @@ from deeplab_sweep.datasets.transforms import DeviceTrainAugment, list_collate, 
 from deeplab_sweep.trainable.checkpoint import save_checkpoint
 from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
+from deeplab_sweep.trainable.profile import MODEL_METRICS, PeakMemory, latency_ms, profile_crop, static_costs
 from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig, redacted
 
 
@@ -241,7 +242,7 @@ VAL_METRICS = ("val/mIoU", "val/overall_acc", "val/mean_acc")
 
 def reported_metrics(class_names: tuple[str, ...]) -> tuple[str, ...]:
     """Every metric a run reports at each evaluated epoch: what a sweep can optimise."""
-    return TRAIN_METRICS + VAL_METRICS + tuple(f"val/iou/{name}" for name in class_names)
+    return TRAIN_METRICS + VAL_METRICS + MODEL_METRICS + tuple(f"val/iou/{name}" for name in class_names)
 
 
 def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
@@ -264,6 +265,12 @@ def _write_visuals(
         samples = predict_samples(model, dataset, cfg.train.visuals, device)
     spec = cfg.data.spec
     write_visuals(out, epoch, samples, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])
+
+
+def _latency(model: nn.Module, cfg: RunConfig, device) -> float:
+    """Batch-1 inference as validation runs it (its precision, its memory format)."""
+    autocast = _autocast(cfg, device, evaluating=True)
+    return latency_ms(model, profile_crop(cfg), device, cfg.train.channels_last, autocast)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -305,7 +312,10 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         worker.replay({k: (math.nan if v is None else v) for k, v in state["metrics"].items()})
+    costs = static_costs(cfg, model) if worker.rank == 0 else {}
     model = worker.prepare_model(model)
+    peak = PeakMemory(device)
+    peak.reset()
 
     reports = []
     for epoch in range(start_epoch, t.epochs + 1):
@@ -319,6 +329,9 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
             continue
         cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg)
         metrics.update(val_metrics(cm, cfg.data.spec.class_names))
+        if worker.rank == 0:
+            costs.setdefault("model/latency_ms", _latency(_unwrap(model), cfg, device))
+            metrics.update(costs, **{"model/peak_mem_mb": peak.read_mb()})
         with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
             ckpt_dir = None
             if worker.rank == 0:
