@@ -223,18 +223,14 @@ def pin(space: dict, key: str, value: Any) -> dict:
 
 
 def check_sweep(job: JobConfig) -> None:
-    """What a sweep needs beyond a valid job, said before Ray starts: a metric its trials
-    report, a space whose every value validates, an ASHA grace period within the epochs."""
-    from deeplab_sweep.trainable.engine import reported_metrics
-
+    """What a sweep needs beyond a valid job, said before Ray starts: objectives and
+    constraints its trials report, a space whose every value validates, an ASHA grace period
+    within the epochs, a budget in the unit its trials hold."""
     s = job.sweep
-    allowed = reported_metrics(job.data.spec.class_names)
-    if s.metric not in allowed:
-        shown = [m for m in allowed if not m.startswith("val/iou/")]
-        raise ConfigError(
-            f"sweep.metric = {s.metric!r}: no trial reports it; allowed: {', '.join(shown)}, "
-            f"or val/iou/<class> for a class of {job.data.name}"
-        )
+    for metric, _ in s.objective_list:
+        _check_reported(job, metric, "sweep.metric" if s.objectives is None else f"sweep.objectives.{metric}")
+    for c in s.constraint_list():
+        _check_reported(job, c.metric, f"sweep.constraints.{c.metric}")
     check_space(job)
     fewest = job.epoch_bounds()[0]
     if s.asha.enabled and fewest < s.asha.grace_period:
@@ -242,6 +238,39 @@ def check_sweep(job: JobConfig) -> None:
             f"sweep.asha.grace_period = {s.asha.grace_period} is more than train.epochs = {fewest}: "
             "lower the grace period, raise train.epochs, or set sweep.asha.enabled=false"
         )
+    _check_completion(job)
+
+
+def _check_reported(job: JobConfig, metric: str, key: str) -> None:
+    from deeplab_sweep.trainable.engine import reported_metrics
+
+    allowed = reported_metrics(job.data.spec.class_names)
+    if metric not in allowed:
+        shown = [m for m in allowed if not m.startswith("val/iou/")]
+        raise ConfigError(
+            f"{key} = {metric!r}: no trial reports it; allowed: {', '.join(shown)}, "
+            f"or val/iou/<class> for a class of {job.data.name}"
+        )
+
+
+def _check_completion(job: JobConfig) -> None:
+    s = job.sweep
+    b = s.budget
+    used = "gpu_hours" if job.train.use_gpu else "cpu_hours"
+    unused = "cpu_hours" if job.train.use_gpu else "gpu_hours"
+    if getattr(b, unused) is not None:
+        raise ConfigError(
+            f"sweep.budget.{unused} = {getattr(b, unused)}: trials hold "
+            f"{'GPUs' if job.train.use_gpu else 'no GPU (train.use_gpu=false)'}; budget them in sweep.budget.{used}"
+        )
+    if s.search == "grid":
+        for key, value in (
+            ("budget", b != type(b)()),
+            ("stop_when", s.stop_when != type(s.stop_when)()),
+            ("warm_start", bool(s.warm_start)),
+        ):
+            if value:
+                raise ConfigError(f"sweep.{key}: needs search: tpe or random (a grid runs every point)")
 
 
 def check_space(job: JobConfig) -> None:

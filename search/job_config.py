@@ -71,12 +71,37 @@ class TpeConfig(Strict):
     constant_liar: bool = False
 
 
+class BudgetConfig(Strict):
+    """No new trial starts once one is spent; running trials finish."""
+
+    # Resources held x wall time, over finished and running trials (GPUs when train.use_gpu).
+    gpu_hours: float | None = Field(None, gt=0)
+    cpu_hours: float | None = Field(None, gt=0)
+    # Wall time of the sweep's drivers (a resumed sweep counts on from where it stopped).
+    wall_time_s: float | None = Field(None, gt=0)
+
+
+class StopWhenConfig(Strict):
+    # This many trials in a row end without improving the best (with several objectives:
+    # without joining the Pareto front).
+    no_improvement_trials: int | None = Field(None, strict=True, ge=1)
+
+
 class SweepConfig(Strict):
     search: Literal["tpe", "random", "grid"] = "tpe"
     # Trials to run; with `grid`, how many times the whole grid is repeated.
     num_samples: int = Field(8, strict=True, ge=1)
     metric: str = DEFAULT_METRIC
     mode: Literal["max", "min"] = "max"
+    # Several objectives, {metric: max|min, ...}: Optuna searches for their Pareto front. The
+    # first is `metric` (what ASHA stops by and what picks a trial's best checkpoint).
+    objectives: dict[str, Literal["max", "min"]] | None = None
+    # {metric: "<= 20000", ...}: a trial that breaks one is never best nor on the front.
+    constraints: dict[str, str] = {}
+    budget: BudgetConfig = BudgetConfig()
+    stop_when: StopWhenConfig = StopWhenConfig()
+    # Earlier sweeps (by name, in this MLflow experiment) whose trials seed the searcher.
+    warm_start: list[str] = []
     seed: int = Field(0, strict=True, ge=0)
     asha: AshaConfig = AshaConfig()
     tpe: TpeConfig = TpeConfig()
@@ -86,6 +111,36 @@ class SweepConfig(Strict):
     # Optuna's RDB storage, one study per sweep (optuna-dashboard opens it). None: optuna.db
     # beside a local MLflow store, else runs/optuna.db.
     optuna_storage: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_objective_is_the_metric(cls, data):
+        objectives = data.get("objectives") if isinstance(data, dict) else None
+        if not objectives or not isinstance(objectives, dict):
+            return data
+        metric, mode = next(iter(objectives.items()))
+        if data.get("metric", metric) != metric or data.get("mode", mode) != mode:
+            raise ValueError(
+                f"metric/mode ({data.get('metric', metric)}, {data.get('mode', mode)}) differ from the first "
+                f"of objectives ({metric}: {mode}): drop them, or list that objective first"
+            )
+        return {**data, "metric": metric, "mode": mode}
+
+    @property
+    def objective_list(self) -> list[tuple[str, str]]:
+        return list(self.objectives.items()) if self.objectives else [(self.metric, self.mode)]
+
+    @property
+    def also_best(self) -> tuple[str, ...]:
+        """Metrics a trial's run records at its best checkpoint besides `metric`: the other
+        objectives and the constrained ones (what the Pareto front is made of)."""
+        others = [m for m, _ in self.objective_list[1:]] + list(self.constraints)
+        return tuple(dict.fromkeys(m for m in others if m != self.metric))
+
+    def constraint_list(self) -> list:
+        from deeplab_sweep.search.objectives import parse_constraint
+
+        return [parse_constraint(text, f"sweep.constraints.{m}", m) for m, text in self.constraints.items()]
 
 
 class ClusterConfig(Strict):

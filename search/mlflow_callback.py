@@ -22,6 +22,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from deeplab_sweep.search import tracking
+from deeplab_sweep.search.objectives import TrialCost
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
 from deeplab_sweep.trainable.storage import Storage
@@ -41,11 +42,16 @@ class MlflowTrialCallback(Callback):
         mode: str,
         max_epochs: int,
         sweep_uri: str,
+        also: tuple[str, ...] = (),
+        cost: tuple[str, float] = ("cost/cpu_hours", 1.0),
         retry_s: float = 15.0,
     ):
+        """`also`: further metrics logged as best/<name> (RunWriter); `cost`: the cost metric's
+        name and the units a trial holds, logged with each result and at the end."""
         self.cfg, self.experiment_id, self.parent_run_id = mlflow_cfg, experiment_id, parent_run_id
         self.sweep_name, self.base, self.metric, self.mode = sweep_name, base_config, metric, mode
         self.max_epochs, self.sweep_uri, self.retry_s = max_epochs, sweep_uri, retry_s
+        self.also, self.cost_metric, self.cost = also, cost[0], TrialCost(cost[1])
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -68,6 +74,9 @@ class MlflowTrialCallback(Callback):
             "mode",
             "max_epochs",
             "sweep_uri",
+            "also",
+            "cost_metric",
+            "cost",
             "retry_s",
         )
         return {k: self.__dict__[k] for k in keep}
@@ -82,15 +91,20 @@ class MlflowTrialCallback(Callback):
         self._enqueue(trial.trial_id, ("start", dict(trial.config)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._enqueue(trial.trial_id, ("result", dict(trial.config), dict(result)))
+        hours = self.cost.on_result(trial.trial_id, result)
+        self._enqueue(trial.trial_id, ("result", dict(trial.config), {**result, self.cost_metric: hours}))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = (trial.last_result or {}).get("epoch", 0)
         status = tracking.end_status(None, last, trial_epochs(trial.config, self.max_epochs))
-        self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, None))
+        self._finish(trial, status, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._enqueue(trial.trial_id, ("finish", dict(trial.config), tracking.FAILED, _error_reason(trial)))
+        self._finish(trial, tracking.FAILED, _error_reason(trial))
+
+    def _finish(self, trial, status: str, reason: str | None) -> None:
+        hours = self.cost.on_result(trial.trial_id, trial.last_result or {})
+        self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, reason, {self.cost_metric: hours}))
 
     def on_experiment_end(self, trials, **info):
         self.close()
@@ -157,6 +171,8 @@ class MlflowTrialCallback(Callback):
         elif kind == "finish":
             # What a previous driver, killed, never wrote is in storage: reconcile first.
             writer.reconcile()
+            for name, value in op[4].items():
+                writer.c.log_metric(writer.run_id, name, value)
             writer.finish(op[2], op[3], self._trial_config(config), again=True)
 
     def _trial_config(self, config: dict) -> dict:
@@ -176,7 +192,7 @@ class MlflowTrialCallback(Callback):
             )
             storage = Storage(self.sweep_uri)
             self._writers[trial_id] = RunWriter(
-                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id)
+                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id), self.also
             )
         return self._writers[trial_id]
 

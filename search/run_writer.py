@@ -22,8 +22,19 @@ from deeplab_sweep.trainable.storage import Storage
 
 
 class RunWriter:
-    def __init__(self, c: MlflowClient, run_id: str, metric: str, mode: str, storage: Storage, run_dir: str):
-        self.c, self.run_id, self.metric, self.mode = c, run_id, metric, mode
+    def __init__(
+        self,
+        c: MlflowClient,
+        run_id: str,
+        metric: str,
+        mode: str,
+        storage: Storage,
+        run_dir: str,
+        also: tuple[str, ...] = (),
+    ):
+        # `also`: metrics logged as best/<name> too, at the best checkpoint's epoch (a sweep's
+        # other objectives and constrained metrics: what its Pareto front is made of).
+        self.c, self.run_id, self.metric, self.mode, self.also = c, run_id, metric, mode, also
         self.storage, self.run_dir = storage, run_dir
         self._steps: set[int] | None = None  # epochs already in MLflow, read once
         self._visuals: set[str] | None = None  # PNGs already in MLflow, listed once
@@ -81,7 +92,9 @@ class RunWriter:
         if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != uri:
             with self.storage.local_copy(best["checkpoint_path"]) as folder:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
-            self.c.log_metric(self.run_id, f"best/{self.metric}", float(best[self.metric]), step=best["epoch"])
+            for name in (self.metric, *self.also):
+                if isinstance(best.get(name), (int, float)):
+                    self.c.log_metric(self.run_id, f"best/{name}", float(best[name]), step=best["epoch"])
             self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, uri)
         tracking.finish_run(self.c, self.run_id, status, reason)
         return True

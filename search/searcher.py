@@ -11,7 +11,10 @@ reported at all. Here:
 - a trial that ends before its last epoch without an error gets its last value reported at
   its epoch, then is told PRUNED: TPE ranks it by what it reached, and knows it was stopped;
 - the study lives in Optuna's RDB storage (one study per sweep, named after it), so it
-  survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it.
+  survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it;
+- with several objectives it is told each trial's values (no intermediate values: Optuna
+  prunes by one), and constraints through a trial attribute Optuna's `constraints_func` reads;
+- its `Completion` decides when no new trial starts (budget, wall time, no improvement).
 """
 
 from __future__ import annotations
@@ -24,26 +27,44 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from deeplab_sweep.search import tracking
+from deeplab_sweep.search.completion import Completion
+from deeplab_sweep.search.objectives import Constraint
 from deeplab_sweep.search.overrides import trial_epochs
+
+CONSTRAINTS_ATTR = "constraints"  # a trial's constraint violations (<= 0: met), Optuna's convention
 
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class StoredConstraints:
+    """Optuna's `constraints_func`: the violations the searcher stored on the trial (a class,
+    not a closure: Tune pickles the sampler with the searcher)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+        return tuple(trial.user_attrs.get(CONSTRAINTS_ATTR, (math.inf,) * self.n))
+
+
 class OptunaSearcher(Searcher):
     def __init__(
         self,
         space,
-        metric: str,
-        mode: str,
+        objectives: list[tuple[str, str]],
+        constraints: list[Constraint],
         sampler: optuna.samplers.BaseSampler,
         storage_url: str,
         study_name: str,
         max_epochs: int,
+        completion: Completion,
     ):
-        super().__init__(metric=metric, mode=mode)
+        # Tune's own view (ASHA, its progress) is the first objective.
+        super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.space, self.sampler, self.storage_url, self.study_name = space, sampler, storage_url, study_name
+        self.objectives, self.constraints, self.completion = objectives, constraints, completion
         self.max_epochs = max_epochs
         self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self.configs: dict[str, dict] = {}  # what was suggested (a searched train.epochs is in it)
@@ -66,19 +87,20 @@ class OptunaSearcher(Searcher):
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            direction = "maximize" if self.mode == "max" else "minimize"
             self._study = optuna.create_study(
                 storage=self.storage,
                 study_name=self.study_name,
                 sampler=self.sampler,
-                direction=direction,
+                directions=["maximize" if mode == "max" else "minimize" for _, mode in self.objectives],
                 load_if_exists=True,
             )
         return self._study
 
     # -- Tune's calls ---------------------------------------------------------------------------------
 
-    def suggest(self, trial_id: str) -> dict:
+    def suggest(self, trial_id: str) -> dict | str:
+        if self.completion.check() is not None:
+            return Searcher.FINISHED
         trial = self.study.ask()
         self.space(trial)
         self.numbers[trial_id] = trial.number
@@ -86,6 +108,7 @@ class OptunaSearcher(Searcher):
         return dict(trial.params)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.completion.on_result(trial_id, result)
         self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -97,23 +120,40 @@ class OptunaSearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL)
             return
         # The stopping result never reached on_trial_result (Ray skips it for stopped trials).
+        self.completion.on_result(trial_id, result)
         self._report(trial_id, result)
         epochs = trial_epochs(self.configs.get(trial_id, {}), self.max_epochs)
-        if tracking.end_status(None, result.get("epoch") or 0, epochs) == tracking.PRUNED:
+        pruned = tracking.end_status(None, result.get("epoch") or 0, epochs) == tracking.PRUNED
+        values = [result.get(m) for m, _ in self.objectives]
+        if self.constraints:
+            violations = [c.violation(result.get(c.metric)) for c in self.constraints]
+            self.storage.set_trial_user_attr(self._storage_id(trial_id), CONSTRAINTS_ATTR, violations)
+        if pruned:
             self.study.tell(number, state=TrialState.PRUNED)
-        elif _number(result.get(self.metric)):
-            self.study.tell(number, result[self.metric])
+        elif all(_number(v) for v in values):
+            self.study.tell(number, values if len(values) > 1 else values[0])
         else:
             self.study.tell(number, state=TrialState.FAIL)
-
-    def _report(self, trial_id: str, result: dict) -> None:
-        value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
-        if trial_id not in self.numbers or not _number(value) or epoch <= self.reported.get(trial_id, 0):
             return
+        self.completion.on_finished({m: result.get(m) for m in self.completion_metrics}, on_front_possible=not pruned)
+
+    @property
+    def completion_metrics(self) -> list[str]:
+        return [m for m, _ in self.objectives] + [c.metric for c in self.constraints]
+
+    def _storage_id(self, trial_id: str) -> int:
         # Through the storage API: a trial resumed by a later driver has no optuna.Trial object.
         study_id = self.storage.get_study_id_from_name(self.study_name)
-        storage_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
-        self.storage.set_trial_intermediate_value(storage_id, epoch, float(value))
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        """The first objective by epoch, when it is the only one (Optuna prunes by one value)."""
+        value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
+        if len(self.objectives) > 1 or trial_id not in self.numbers or not _number(value):
+            return
+        if epoch <= self.reported.get(trial_id, 0):
+            return
+        self.storage.set_trial_intermediate_value(self._storage_id(trial_id), epoch, float(value))
         self.reported[trial_id] = epoch
 
     # -- Tune saves the searcher with the experiment, and restores it on resume -------------------
@@ -124,6 +164,9 @@ class OptunaSearcher(Searcher):
         "storage_url",
         "study_name",
         "max_epochs",
+        "objectives",
+        "constraints",
+        "completion",
         "numbers",
         "configs",
         "reported",

@@ -8,9 +8,11 @@ import optuna
 from ray import tune
 
 from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.search.completion import Completion
 from deeplab_sweep.search.job_config import JobConfig, SearchParam
+from deeplab_sweep.search.objectives import cost_metric, units_held
 from deeplab_sweep.search.overrides import COND_SEP
-from deeplab_sweep.search.searcher import OptunaSearcher
+from deeplab_sweep.search.searcher import OptunaSearcher, StoredConstraints
 
 
 def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
@@ -59,12 +61,27 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
 
 def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
     s, t = job.sweep, job.sweep.tpe
+    n_constraints = len(s.constraints)
     return optuna.samplers.TPESampler(
         seed=s.seed,
         n_startup_trials=t.startup_trials or min(4, s.num_samples),
         multivariate=t.multivariate,
         group=t.multivariate,  # the conditional space's branches get their own densities
         constant_liar=t.constant_liar,
+        constraints_func=StoredConstraints(n_constraints) if n_constraints else None,
+    )
+
+
+def completion(job: JobConfig) -> Completion:
+    s = job.sweep
+    return Completion(
+        s.objective_list,
+        s.constraint_list(),
+        units_held(job.train),
+        cost_metric(job.train),
+        budget_hours=s.budget.gpu_hours if job.train.use_gpu else s.budget.cpu_hours,
+        wall_time_s=s.budget.wall_time_s,
+        patience=s.stop_when.no_improvement_trials,
     )
 
 
@@ -79,6 +96,13 @@ def build_searcher(job: JobConfig, study_name: str):
         return None, grid_param_space(job.space)
     sampler = tpe_sampler(job) if s.search == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
     searcher = OptunaSearcher(
-        OptunaSpace(job.space), s.metric, s.mode, sampler, s.optuna_storage, study_name, job.train.epochs
+        OptunaSpace(job.space),
+        s.objective_list,
+        s.constraint_list(),
+        sampler,
+        s.optuna_storage,
+        study_name,
+        job.train.epochs,
+        completion(job),
     )
     return searcher, {}

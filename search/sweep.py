@@ -26,7 +26,9 @@ from deeplab_sweep.search.cluster import cluster_address, ray_session
 from deeplab_sweep.search.compose import check_sweep, dump_yaml
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, MlflowTrialCallback
+from deeplab_sweep.search.objectives import cost_metric, feasible, pareto_front, units_held
 from deeplab_sweep.search.overrides import trial_epochs, trial_overrides
+from deeplab_sweep.search.pareto import log_pareto
 from deeplab_sweep.search.placement import Plan
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.progress import ProgressTable
@@ -37,6 +39,7 @@ from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
 from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
 from deeplab_sweep.trainable.storage import Storage
 
+STOP_REASON_TAG = "stop_reason"  # on a sweep's parent run: which criterion ended it
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -208,7 +211,17 @@ def _tuner(
             storage.uri(storage.root), trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     callback = MlflowTrialCallback(
-        job.mlflow, exp_id, parent, name, base, s.metric, s.mode, job.train.epochs, sweep_uri=storage.uri(storage.root)
+        job.mlflow,
+        exp_id,
+        parent,
+        name,
+        base,
+        s.metric,
+        s.mode,
+        job.train.epochs,
+        sweep_uri=storage.uri(storage.root),
+        also=s.also_best,
+        cost=(cost_metric(job.train), units_held(job.train)),
     )
     scheduler = (
         ASHAScheduler(
@@ -259,12 +272,13 @@ def _finish(results, c, exp_id: str, job: JobConfig, storage: Storage, parent: s
     except Exception as e:  # noqa: BLE001 - any client/transport error
         mlflow_error = tracking.one_line(e)
     summary = _summarise(results, None if mlflow_error else c, exp_id, job, storage, parent, records)
+    summary["stop_reason"] = stop_reason(searcher, len(results))
     study = getattr(searcher, "study", None)
     if study is not None:  # what Optuna was told: ASHA-stopped trials must be PRUNED
         states = [t.state.name for t in study.trials]
         summary["optuna_states"] = {st: states.count(st) for st in sorted(set(states))}
     if mlflow_error is None:
-        _log_parent_summary(c, parent, summary, searcher, job.sweep.metric)
+        _log_parent_summary(c, parent, summary, searcher, job)
         tracking.finish_run(c, parent, tracking.COMPLETED)
     else:
         summary["mlflow_error"] = mlflow_error
@@ -284,8 +298,8 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
     trial's best metric and checkpoint, also for trials finished before a resume (the callback
     that logged them may have been a previous process's). Without MLflow (`c` None: it did not
     answer), the same comes from Ray's results in the sweep folder (`records`)."""
-    metric = job.sweep.metric
-    name = storage.root.rsplit("/", 1)[-1]
+    s = job.sweep
+    metric, name = s.metric, storage.root.rsplit("/", 1)[-1]
     runs = (
         {}
         if c is None
@@ -295,27 +309,7 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
         }
     )
     records = {rec.trial_id: rec for rec in records}
-    rows = []
-    for r in results:
-        trial_id = (r.metrics or {}).get("trial_id")
-        run = runs.get(trial_id)
-        value = run.data.metrics.get(f"best/{metric}") if run else None
-        checkpoint = run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) if run else None
-        if run is None and trial_id in records:
-            kept = stored_checkpoints(storage, storage.join(TRAIN_DIR, trial_id))
-            best = best_report(kept, metric, job.sweep.mode)
-            value, checkpoint = (best[metric], best["checkpoint_path"]) if best else (None, None)
-        rows.append(
-            {
-                "trial_id": trial_id,
-                "params": trial_overrides(r.config or {}),
-                "epochs": (r.metrics or {}).get("epoch"),
-                metric: value,
-                "error": str(r.error).splitlines()[0][:200] if r.error else None,
-                "run_id": run.info.run_id if run else None,
-                "checkpoint": checkpoint,
-            }
-        )
+    rows = [_trial_row(r, runs, records, job, storage) for r in results]
     full = sum(trial_epochs(r.config or {}, job.train.epochs) for r in results)
     trained = sum(row["epochs"] or 0 for row in rows)
     # What early stopping saved: every trial run to its last epoch would have cost `full`.
@@ -323,16 +317,25 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
         "epochs_trained": trained,
         "epochs_if_all_ran_in_full": full,
         "saved": 1 - trained / full if full else 0.0,
+        cost_metric(job.train): sum(row["cost"] or 0.0 for row in rows),
     }
-    # A failed trial keeps its checkpoints for inspection but is not a candidate for best.
-    scored = [row for row in rows if row[metric] is not None and not row["error"]]
-    pick = max if job.sweep.mode == "max" else min
+    constraints = s.constraint_list()
+    # A failed trial keeps its checkpoints for inspection but is not a candidate for best, nor
+    # is one that breaks a constraint.
+    scored = [row for row in rows if row[metric] is not None and not row["error"] and feasible(row, constraints)]
+    pick = max if s.mode == "max" else min
     best_row = pick(scored, key=lambda r: r[metric]) if scored else None
+    front = (
+        pareto_front([r for r in rows if r["status"] == tracking.COMPLETED], s.objective_list, constraints)
+        if s.objectives
+        else None
+    )
     return {
         "sweep": name,
         "parent_run_id": parent,
         "trials": rows,
         "best": best_row,
+        "pareto_front": front,
         "compute": compute,
         "experiment": job.mlflow.experiment,
         "tracking_uri": job.mlflow.tracking_uri,
@@ -340,17 +343,60 @@ def _summarise(results, c, exp_id: str, job: JobConfig, storage: Storage, parent
     }
 
 
-def _log_parent_summary(c, parent: str, summary: dict, searcher, metric: str) -> None:
+def _trial_row(r, runs: dict, records: dict, job: JobConfig, storage: Storage) -> dict:
+    """One trial: its params, epochs, end, cost and its best checkpoint's metric values (from
+    its MLflow run, else from its stored checkpoints)."""
+    s = job.sweep
+    trial_id = (r.metrics or {}).get("trial_id")
+    run = runs.get(trial_id)
+    names = (s.metric, *s.also_best)
+    values = {m: run.data.metrics.get(f"best/{m}") for m in names} if run else dict.fromkeys(names)
+    checkpoint = run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) if run else None
+    if run is None and trial_id in records:
+        kept = stored_checkpoints(storage, storage.join(TRAIN_DIR, trial_id))
+        best = best_report(kept, s.metric, s.mode)
+        if best:
+            values, checkpoint = {m: best.get(m) for m in names}, best["checkpoint_path"]
+    epochs = (r.metrics or {}).get("epoch")
+    error = str(r.error).splitlines()[0][:200] if r.error else None
+    cost = run.data.metrics.get(cost_metric(job.train)) if run else None
+    return {
+        "trial_id": trial_id,
+        "params": trial_overrides(r.config or {}),
+        "epochs": epochs,
+        **values,
+        "status": tracking.end_status(error, epochs or 0, trial_epochs(r.config or {}, job.train.epochs)),
+        "cost": cost,
+        "error": error,
+        "run_id": run.info.run_id if run else None,
+        "checkpoint": checkpoint,
+    }
+
+
+def stop_reason(searcher, trials: int) -> str:
+    """Which criterion ended the sweep: a budget, no improvement, or every trial asked for ran."""
+    completion = getattr(searcher, "completion", None)
+    reason = completion.reason if completion is not None else None
+    return reason or f"num_samples: all {trials} trials ran"
+
+
+def _log_parent_summary(c, parent: str, summary: dict, searcher, job: JobConfig) -> None:
+    metric = job.sweep.metric
     c.log_dict(parent, summary, "summary.json")
+    c.set_tag(parent, STOP_REASON_TAG, summary["stop_reason"])
     compute = summary["compute"]
     c.log_metric(parent, "compute/epochs_trained", compute["epochs_trained"])
     c.log_metric(parent, "compute/epochs_if_all_ran_in_full", compute["epochs_if_all_ran_in_full"])
     c.log_metric(parent, "compute/saved_by_early_stopping", compute["saved"])
+    unit = cost_metric(job.train)
+    c.log_metric(parent, f"compute/{unit.split('/', 1)[1]}", compute[unit])
     best = summary["best"]
     if best:
         c.log_metric(parent, f"best/{metric}", float(best[metric]))
         c.set_tag(parent, tracking.BEST_TRIAL_TAG, best["trial_id"])
         c.set_tag(parent, tracking.BEST_RUN_TAG, best["run_id"] or "")
+    if summary["pareto_front"] is not None:
+        log_pareto(c, parent, summary, job.sweep.objective_list)
     study = getattr(searcher, "study", None)
     if study is None:
         return
@@ -366,9 +412,11 @@ def _log_importances(c, parent: str, study) -> None:
     import matplotlib
     import optuna
 
+    # With several objectives: importances for the first (the sweep's metric).
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
     try:
         importances = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+            study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(), target=target
         )
         c.log_dict(parent, importances, "param_importances.json")
         for k, v in importances.items():
@@ -380,7 +428,7 @@ def _log_importances(c, parent: str, study) -> None:
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
     try:
-        ax = plot_parallel_coordinate(study)
+        ax = plot_parallel_coordinate(study, target=target)
     except (ValueError, RuntimeError):
         return
     c.log_figure(parent, ax.figure, "parallel_coordinates.png")
@@ -397,10 +445,14 @@ def summary_table(summary: dict, metric: str) -> str:
             + (f"  FAILED: {r['error']}" if r["error"] else "")
         )
     compute = summary["compute"]
+    cost = next((f"{v:.4g} {k.split('/', 1)[1]}" for k, v in compute.items() if k.startswith("cost/")), "")
     lines.append(
         f"compute: {compute['epochs_trained']} of {compute['epochs_if_all_ran_in_full']} epochs "
-        f"({compute['saved']:.0%} saved by early stopping)"
+        f"({compute['saved']:.0%} saved by early stopping), {cost}"
     )
+    if summary.get("pareto_front") is not None:
+        lines.append(f"Pareto front: {', '.join(r['trial_id'] for r in summary['pareto_front']) or 'empty'}")
+    lines.append(f"stopped by {summary['stop_reason']}")
     return "\n".join(lines)
 
 

@@ -133,7 +133,7 @@ def sync_runs(
         run_id, created = trial_run(c, exp_id, sweep, rec.trial_id, parent_run_id, cfg, reopen=False)
         stats["runs_created"] += created
         run_dir = storage.join(TRAIN_DIR, rec.trial_id)
-        writer = RunWriter(c, run_id, metric, mode, storage, run_dir)
+        writer = RunWriter(c, run_id, metric, mode, storage, run_dir, job.sweep.also_best)
         stats["epochs_logged"] += writer.reconcile()
         if rec.finished:
             last = max((e["epoch"] for e in stored_epochs(storage, run_dir)), default=0)

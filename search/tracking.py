@@ -36,6 +36,7 @@ SWEEP_TAG = "deeplab.sweep"
 TRIAL_TAG = "deeplab.trial_id"
 STATUS_TAG = "deeplab.status"
 BEST_CHECKPOINT_TAG = "deeplab.best_checkpoint"
+PARETO_TAG = "deeplab.pareto_front"  # "true" on the runs of a multi-objective sweep's front
 BEST_TRIAL_TAG = "best_trial_id"  # on a sweep's parent run
 BEST_RUN_TAG = "best_run_id"
 

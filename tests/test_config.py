@@ -182,7 +182,24 @@ SWEEP = CONF / "sweep" / "demo.yaml"
             "sweep.metric=val/not_a_metric",
             "error: sweep.metric = 'val/not_a_metric': no trial reports it; allowed: train/loss, train/lr, "
             "train/images_per_s, train/epoch_time_s, val/mIoU, val/overall_acc, val/mean_acc, "
-            "or val/iou/<class> for a class of voc",
+            "model/params, model/gflops, model/latency_ms, model/peak_mem_mb, or val/iou/<class> for a class of voc",
+        ),
+        (
+            "sweep.objectives={val/mIoU: max, val/nope: min}",
+            "error: sweep.objectives.val/nope = 'val/nope': no trial reports it",
+        ),
+        (
+            "sweep.objectives={model/latency_ms: min, val/mIoU: max}",
+            "error: sweep: metric/mode (val/mIoU, max) differ from the first of objectives (model/latency_ms: min)",
+        ),
+        (
+            "sweep.constraints={model/peak_mem_mb: '< 5'}",
+            "error: sweep.constraints.model/peak_mem_mb = '< 5': expected METRIC<=NUMBER or METRIC>=NUMBER",
+        ),
+        (
+            "sweep.budget.gpu_hours=10",
+            "error: sweep.budget.gpu_hours = 10.0: trials hold no GPU (train.use_gpu=false); "
+            "budget them in sweep.budget.cpu_hours",
         ),
         ("sweep.metric=val/iou/nope", "error: sweep.metric = 'val/iou/nope': no trial reports it"),
         (

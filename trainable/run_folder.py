@@ -33,11 +33,11 @@ def better(value, best, mode: str) -> bool:
 
 
 def best_report(reports: Iterable[dict], metric: str, mode: str) -> dict | None:
-    """The report with the best `metric` that has a checkpoint, as {metric, checkpoint_path, epoch}."""
+    """The report with the best `metric` that has a checkpoint: its metrics, checkpoint_path, epoch."""
     best = None
     for r in reports:
         if r.get("checkpoint_path") and better(r.get(metric), best[metric] if best else None, mode):
-            best = {metric: r[metric], "checkpoint_path": r["checkpoint_path"], "epoch": int(r.get("epoch") or 0)}
+            best = {**r, "epoch": int(r.get("epoch") or 0)}
     return best
 
 

@@ -1,0 +1,101 @@
+"""What a sweep optimises: one or more objectives, constraints on reported metrics, the Pareto
+front, and what a trial costs. Shared by the searcher (what Optuna is told, when to stop), the
+sweep's summary and `deeplab best`, so all three judge trials the same way."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from deeplab_sweep.errors import ConfigError
+
+_CONSTRAINT = re.compile(r"^\s*(?P<metric>[^<>=\s]+)?\s*(?P<op><=|>=)\s*(?P<bound>[-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: str
+    op: str  # "<=" or ">="
+    bound: float
+
+    def violation(self, value) -> float:
+        """Optuna's convention: <= 0 when met; a missing or non-finite value never meets it."""
+        if not finite(value):
+            return math.inf
+        return float(value) - self.bound if self.op == "<=" else self.bound - float(value)
+
+    def met(self, value) -> bool:
+        return self.violation(value) <= 0
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
+def parse_constraint(text: str, where: str, metric: str | None = None) -> Constraint:
+    """`val/mIoU>=0.7`, or `<= 20000` when the metric is given apart (a YAML key)."""
+    m = _CONSTRAINT.match(text if metric is None else f"{metric} {text}")
+    if m is None or not m["metric"]:
+        raise ConfigError(f"{where} = {text!r}: expected METRIC<=NUMBER or METRIC>=NUMBER, e.g. val/mIoU>=0.7")
+    return Constraint(m["metric"], m["op"], float(m["bound"]))
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def feasible(point: dict, constraints: list[Constraint]) -> bool:
+    return all(c.met(point.get(c.metric)) for c in constraints)
+
+
+def dominates(a: dict, b: dict, objectives: list[tuple[str, str]]) -> bool:
+    """`a` is at least as good as `b` in every objective and better in one."""
+    signs = [(1 if mode == "max" else -1, metric) for metric, mode in objectives]
+    at_least = all(s * a[m] >= s * b[m] for s, m in signs)
+    return at_least and any(s * a[m] > s * b[m] for s, m in signs)
+
+
+def pareto_front(points: list[dict], objectives: list[tuple[str, str]], constraints: list[Constraint]) -> list[dict]:
+    """The feasible points with every objective reported that no other such point dominates
+    (equal points are all on it)."""
+    ok = [p for p in points if all(finite(p.get(m)) for m, _ in objectives) and feasible(p, constraints)]
+    return [p for p in ok if not any(dominates(q, p, objectives) for q in ok if q is not p)]
+
+
+# -- what a trial costs: the resources it holds, for as long as Tune has run it ----------------------
+
+
+def cost_metric(train) -> str:
+    return "cost/gpu_hours" if train.use_gpu else "cost/cpu_hours"
+
+
+def units_held(train) -> float:
+    """GPUs (or CPUs, on CPU) a trial holds while it runs: its workers' (a worker group's driver
+    holds memory only)."""
+    return float(train.num_workers * (1 if train.use_gpu else train.cpus_per_worker))
+
+
+class TrialCost:
+    """Hours of resources each trial has held: Tune's `time_total_s` x the units a trial holds.
+    A restarted trial's clock starts again from 0: the time before the restart is kept."""
+
+    def __init__(self, units: float):
+        self.units = units
+        self.seconds: dict[str, tuple[float, float]] = {}  # trial -> (before its restart, last seen)
+
+    def on_result(self, trial_id: str, result: dict) -> float:
+        t = result.get("time_total_s")
+        before, last = self.seconds.get(trial_id, (0.0, 0.0))
+        if finite(t):
+            if t < last:
+                before += last
+            last = float(t)
+            self.seconds[trial_id] = (before, last)
+        return self.hours(trial_id)
+
+    def hours(self, trial_id: str) -> float:
+        before, last = self.seconds.get(trial_id, (0.0, 0.0))
+        return (before + last) * self.units / 3600
+
+    def total(self) -> float:
+        return sum(self.hours(t) for t in self.seconds)
