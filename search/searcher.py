@@ -13,7 +13,8 @@ reported at all. Here:
 - the study lives in Optuna's RDB storage (one study per sweep, named after it), so it
   survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it;
 - with several objectives it is told each trial's values (no intermediate values: Optuna
-  prunes by one), and constraints through a trial attribute Optuna's `constraints_func` reads;
+  prunes by one); constraints are set on the trial (`set_constraint`), where its samplers
+  read them;
 - its `Completion` decides when no new trial starts (budget, wall time, no improvement).
 """
 
@@ -31,22 +32,9 @@ from deeplab_sweep.search.completion import Completion
 from deeplab_sweep.search.objectives import Constraint
 from deeplab_sweep.search.overrides import trial_epochs
 
-CONSTRAINTS_ATTR = "constraints"  # a trial's constraint violations (<= 0: met), Optuna's convention
-
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-class StoredConstraints:
-    """Optuna's `constraints_func`: the violations the searcher stored on the trial (a class,
-    not a closure: Tune pickles the sampler with the searcher)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
-        return tuple(trial.user_attrs.get(CONSTRAINTS_ATTR, (math.inf,) * self.n))
 
 
 class OptunaSearcher(Searcher):
@@ -125,9 +113,10 @@ class OptunaSearcher(Searcher):
         epochs = trial_epochs(self.configs.get(trial_id, {}), self.max_epochs)
         pruned = tracking.end_status(None, result.get("epoch") or 0, epochs) == tracking.PRUNED
         values = [result.get(m) for m, _ in self.objectives]
-        if self.constraints:
-            violations = [c.violation(result.get(c.metric)) for c in self.constraints]
-            self.storage.set_trial_user_attr(self._storage_id(trial_id), CONSTRAINTS_ATTR, violations)
+        if self.constraints:  # Optuna's samplers read them from the trial (<= 0: met)
+            trial = optuna.Trial(self.study, self._storage_id(trial_id))
+            for c in self.constraints:
+                trial.set_constraint(str(c), c.violation(result.get(c.metric)))
         if pruned:
             self.study.tell(number, state=TrialState.PRUNED)
         elif all(_number(v) for v in values):

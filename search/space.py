@@ -12,7 +12,7 @@ from deeplab_sweep.search.completion import Completion
 from deeplab_sweep.search.job_config import JobConfig, SearchParam
 from deeplab_sweep.search.objectives import cost_metric, units_held
 from deeplab_sweep.search.overrides import COND_SEP
-from deeplab_sweep.search.searcher import OptunaSearcher, StoredConstraints
+from deeplab_sweep.search.searcher import OptunaSearcher
 
 
 def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
@@ -61,14 +61,12 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
 
 def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
     s, t = job.sweep, job.sweep.tpe
-    n_constraints = len(s.constraints)
     return optuna.samplers.TPESampler(
         seed=s.seed,
         n_startup_trials=t.startup_trials or min(4, s.num_samples),
         multivariate=t.multivariate,
         group=t.multivariate,  # the conditional space's branches get their own densities
         constant_liar=t.constant_liar,
-        constraints_func=StoredConstraints(n_constraints) if n_constraints else None,
     )
 
 

@@ -35,11 +35,13 @@ from deeplab_sweep.search.progress import ProgressTable
 from deeplab_sweep.search.space import build_searcher
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.trial import sweep_trial
+from deeplab_sweep.search.warm_start import read_warm_start, seed_searcher
 from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
 from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
 from deeplab_sweep.trainable.storage import Storage
 
 STOP_REASON_TAG = "stop_reason"  # on a sweep's parent run: which criterion ended it
+WARM_START_TAG = "warm_start"  # on a sweep's parent run: the sweeps that seeded its searcher
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -162,7 +164,12 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     _quiet_mlflow_retries()
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)
+    # Read before the parent run exists: a sweep named wrongly is refused with nothing logged.
+    warm = read_warm_start(c, exp_id, job) if job.sweep.warm_start and not resume else None
     parent = _parent_run(c, exp_id, job, name, resume)
+    if warm is not None:
+        seed_searcher(searcher, warm)
+        _log_warm_start(c, parent, warm)
     try:
         with ray_session(job.cluster, address, verbose):
             tuner = _tuner(job, name, storage, searcher, param_space, exp_id, parent, resume, verbose, plan)
@@ -174,6 +181,17 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         with contextlib.suppress(Exception):  # MLflow down must not hide the real error
             tracking.finish_run(c, parent, tracking.FAILED, f"{type(e).__name__}: {str(e)[:300]}")
         raise
+
+
+def _log_warm_start(c, parent: str, warm) -> None:
+    c.set_tag(parent, WARM_START_TAG, ",".join(warm.per_sweep))
+    c.log_metric(parent, "warm_start/trials", len(warm.trials))
+    c.log_metric(parent, "warm_start/skipped_outside_space", warm.outside_space)
+    c.log_dict(
+        parent,
+        {"per_sweep": warm.per_sweep, "outside_space": warm.outside_space, "failed": warm.failed},
+        "warm_start.json",
+    )
 
 
 def _quiet_mlflow_retries() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search.compose import check_space, load_job, validate
@@ -108,3 +109,103 @@ def test_resumed_searcher_closes_orphans_and_counts_no_epoch_twice(tmp_path):
     a, b = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials
     assert a.state == TrialState.PRUNED and a.intermediate_values == {1: 0.3, 2: 0.5}
     assert b.state == TrialState.FAIL
+
+
+def _multi_objective(tmp_path, *overrides: str):
+    objectives = "sweep.objectives={val/mIoU: max, model/latency_ms: min}"
+    return load_job(
+        DEMO,
+        [
+            "train.epochs=4",
+            "sweep.metric=val/mIoU",
+            objectives,
+            f"sweep.optuna_storage=sqlite:///{tmp_path}/o.db",
+            *overrides,
+        ],
+    )
+
+
+def test_multi_objective_trial_stopped_early_is_pruned_and_off_the_front(tmp_path):
+    """ASHA stops by the first objective; Optuna then hears the trial as PRUNED (no values, no
+    intermediate values: it prunes by one), so it is never on the front."""
+    searcher, _ = build_searcher(_multi_objective(tmp_path), "s")
+    for trial_id, values, latency, stopped in (("a", [0.3, 0.5], 20.0, False), ("b", [0.9], 1.0, True)):
+        searcher.suggest(trial_id)
+        epochs = [{"val/mIoU": v, "model/latency_ms": latency, "epoch": e} for e, v in enumerate(values, 1)]
+        epochs[-1]["epoch"] = 4 if not stopped else 1
+        for r in epochs[:-1]:
+            searcher.on_trial_result(trial_id, r)
+        searcher.on_trial_complete(trial_id, epochs[-1])
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db")
+    a, b = study.trials
+    assert a.state == TrialState.COMPLETE and a.values == [0.5, 20.0] and a.intermediate_values == {}
+    assert b.state == TrialState.PRUNED and b.values is None
+    assert [t.number for t in study.best_trials] == [a.number]
+
+
+def test_no_new_trial_after_n_trials_without_improvement(tmp_path):
+    job = load_job(
+        DEMO,
+        [
+            "train.epochs=2",
+            "sweep.stop_when.no_improvement_trials=2",
+            f"sweep.optuna_storage=sqlite:///{tmp_path}/o.db",
+        ],
+    )
+    searcher, _ = build_searcher(job, "s")
+    for trial_id, value in (("a", 0.5), ("b", 0.6), ("c", 0.4)):
+        _like_tune(searcher, trial_id, [value / 2, value], stopped=False)
+    assert searcher.suggest("d") != Searcher.FINISHED  # one trial without improvement
+    _like_tune(searcher, "d", [0.1, 0.6], stopped=False)  # equal is no improvement
+    assert searcher.suggest("e") == Searcher.FINISHED
+    assert searcher.completion.reason == "stop_when.no_improvement_trials: 2 trials without improvement"
+
+
+def test_front_and_improvement_with_two_objectives():
+    """Against Optuna's own Pareto front of the same points."""
+    import random
+
+    from deeplab_sweep.search.completion import Completion
+    from deeplab_sweep.search.objectives import pareto_front
+
+    objectives = [("val/mIoU", "max"), ("model/latency_ms", "min")]
+    rng = random.Random(0)
+    points = [{"val/mIoU": rng.random(), "model/latency_ms": rng.choice([1.0, 2.0, 3.0, 4.0])} for _ in range(40)]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for p in points:
+        study.add_trial(optuna.trial.create_trial(values=[p["val/mIoU"], p["model/latency_ms"]]))
+    expected = {(t.values[0], t.values[1]) for t in study.best_trials}
+    assert {(p["val/mIoU"], p["model/latency_ms"]) for p in pareto_front(points, objectives, [])} == expected
+
+    completion = Completion(objectives, [], 1.0, "cost/cpu_hours", patience=2)
+    completion.seed(points)
+    best = max(points, key=lambda p: p["val/mIoU"])
+    completion.on_finished({"val/mIoU": best["val/mIoU"], "model/latency_ms": 9.0}, on_front_possible=True)  # dominated
+    completion.on_finished({"val/mIoU": 2.0, "model/latency_ms": 9.0}, on_front_possible=False)  # stopped early
+    assert completion.check() == "stop_when.no_improvement_trials: 2 trials without improvement"
+    completion.without_improvement, completion.reason = 0, None
+    completion.on_finished({"val/mIoU": 0.0, "model/latency_ms": 0.5}, on_front_possible=True)  # fastest: joins
+    assert completion.without_improvement == 0
+
+
+def test_budget_counts_every_restart_and_the_wall_time_of_earlier_drivers():
+    import pickle
+    import time
+
+    from deeplab_sweep.search.completion import Completion
+
+    completion = Completion([("val/mIoU", "max")], [], 2.0, "cost/cpu_hours", budget_hours=0.02, wall_time_s=3600)
+    for t in (10.0, 20.0, 5.0, 15.0):  # Tune's clock starts again from 0 when a trial restarts
+        completion.on_result("a", {"time_total_s": t})
+    completion.on_result("b", {"time_total_s": 0.5})
+    assert completion.hours() == pytest.approx((20 + 15 + 0.5) * 2 / 3600)
+    assert completion.check() is None
+    completion.on_result("b", {"time_total_s": 5.0})  # 40 s x 2 CPUs = 80 s > 72 s
+    assert completion.check() == "budget.cpu_hours spent: 0.02222 of 0.02"
+
+    later = Completion([("val/mIoU", "max")], [], 1.0, "cost/cpu_hours", wall_time_s=0.5)
+    time.sleep(0.3)
+    resumed = pickle.loads(pickle.dumps(later))  # a resumed sweep's searcher
+    assert 0.3 <= resumed.wall_s() < 0.5 and resumed.check() is None
+    time.sleep(0.25)
+    assert resumed.check().startswith("budget.wall_time_s passed")

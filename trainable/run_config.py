@@ -169,6 +169,9 @@ class MlflowConfig(Strict):
     # None: runs/mlartifacts for a local store, the server's own default for an http(s) server.
     artifact_location: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) of the node each sweep trial
+    # trains on, sampled this often and logged with each epoch; None: off.
+    system_metrics_interval_s: float | None = Field(5.0, gt=0)
 
 
 class StorageConfig(Strict):

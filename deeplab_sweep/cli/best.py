@@ -29,7 +29,10 @@ def add(sub) -> None:
         deeplab best --experiment deeplab
         deeplab best --experiment deeplab --sweep lr-study --out best/ --json
         deeplab best --experiment deeplab --register deeplabv3plus-voc      # alias "best"
-        deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000""",
+        deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000
+        deeplab best --pareto --sweep pareto-demo                          # a multi-objective sweep's front
+        deeplab best --sweep pareto-demo --objective model/latency_ms --constraint "val/mIoU>=0.7"
+        """,
     )
     b.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     b.add_argument("--metric", default=DEFAULT_METRIC)
@@ -40,13 +43,40 @@ def add(sub) -> None:
     b.add_argument("--register", default=None, metavar="MODEL", help="register in the MLflow model registry")
     b.add_argument("--alias", default="best")
     b.add_argument("--json", action="store_true")
+    b.add_argument(
+        "--pareto",
+        action="store_true",
+        help="list the Pareto front of a multi-objective sweep (the latest, or --sweep)",
+    )
+    b.add_argument(
+        "--objective",
+        default=None,
+        help="with a multi-objective sweep: the front trial best on this objective that meets every --constraint",
+    )
+    b.add_argument(
+        "--constraint", action="append", default=[], metavar="METRIC<=N|METRIC>=N", help="repeatable; with --objective"
+    )
 
 
 def run(args) -> int:
+    from deeplab_sweep.errors import ConfigError
     from deeplab_sweep.search.best import fetch_best
 
+    if args.pareto:
+        return _front(args)
+    if args.constraint and args.objective is None:
+        raise ConfigError("--constraint: picks from a Pareto front, so it needs --objective (or use --pareto)")
     info = fetch_best(
-        args.tracking_uri, args.experiment, args.out, args.metric, args.mode, args.sweep, args.register, args.alias
+        args.tracking_uri,
+        args.experiment,
+        args.out,
+        args.metric,
+        args.mode,
+        args.sweep,
+        args.register,
+        args.alias,
+        args.objective,
+        tuple(args.constraint),
     )
     if args.json:
         print(json.dumps(json_safe(info), indent=2))
@@ -64,4 +94,24 @@ def run(args) -> int:
         r = info["registered"]
         print(f"  registered: models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
+    return 0
+
+
+def _front(args) -> int:
+    from deeplab_sweep.search.best import list_front
+
+    front = list_front(args.tracking_uri, args.experiment, args.sweep)
+    if args.json:
+        print(json.dumps(json_safe(front), indent=2))
+        return 0
+    names = list(front["objectives"])
+    print(f"Pareto front of sweep {front['sweep']!r}: {len(front['front'])} trials, best first on {names[0]}")
+    print(f"{'trial':<10} " + " ".join(f"{n:>18}" for n in names) + "  run                               params")
+    for row in front["front"]:
+        values = " ".join(f"{row[n]:>18.4f}" if row[n] is not None else f"{'-':>18}" for n in names)
+        params = " ".join(f"{k}={v}" for k, v in row["params"].items())
+        print(f"{row['trial_id'] or '?':<10} {values}  {row['run_id']}  {params}")
+    print(
+        "pick one: deeplab best --sweep " + front["sweep"] + f' --objective {names[-1]} --constraint "{names[0]}>=..."'
+    )
     return 0
