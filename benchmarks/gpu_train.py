@@ -20,18 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from deeplab_sweep.search.compose import load_job
-from deeplab_sweep.trainable.engine import _autocast, build_optimizer, poly_scheduler, train_one_epoch
+from deeplab_sweep.trainable.engine import _autocast, build_optimizer, compiled, poly_scheduler, train_one_epoch
 from deeplab_sweep.trainable.models import build_from_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 VARIANTS = {
-    # name: (amp, channels_last, cudnn.benchmark, norm)
-    "fp32": ("none", False, False, "bn"),
-    "bf16+cl+bench": ("bf16", True, True, "bn"),
-    "fp16+cl+bench": ("fp16", True, True, "bn"),
-    "bf16+cl+bench gn": ("bf16", True, True, "gn"),
-    "bf16+bench gn": ("bf16", False, True, "gn"),  # GroupNorm in NCHW: no channels_last conversions
+    # name: (amp, channels_last, cudnn.benchmark, norm, train.compile)
+    "fp32": ("none", False, False, "bn", "off"),
+    "bf16+cl+bench": ("bf16", True, True, "bn", "off"),
+    "fp16+cl+bench": ("fp16", True, True, "bn", "off"),
+    "bf16+cl+bench gn": ("bf16", True, True, "gn", "off"),
+    "bf16+bench gn": ("bf16", False, True, "gn", "off"),  # GroupNorm in NCHW: no channels_last conversions
+    "bf16+cl compile": ("bf16", True, True, "bn", "default"),
+    "bf16+cl compile-cg": ("bf16", True, True, "bn", "reduce-overhead"),  # + CUDA graphs
 }
 
 
@@ -53,7 +55,7 @@ def setup(cfg, device):
     opt = build_optimizer(model, cfg)
     sched = poly_scheduler(opt, 10_000, cfg.train.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
-    return model, opt, sched, scaler
+    return compiled(model, cfg), opt, sched, scaler
 
 
 def bare_epoch(model, data, opt, cfg, device) -> None:
@@ -81,8 +83,11 @@ def measure(cfg, device, data, warmup: int, iters: int, bare: bool) -> tuple[flo
         else:
             train_one_epoch(model, batches, opt, sched, scaler, cfg, device, epoch=1)
 
-    run(timed[:warmup])  # cudnn.benchmark picks its algorithms here
+    t = time.perf_counter()
+    run(timed[:warmup])  # cudnn.benchmark picks its algorithms here; torch.compile compiles
     torch.cuda.synchronize()
+    if cfg.train.compile != "off":
+        print(f"  compile + {warmup} warm-up steps: {time.perf_counter() - t:.1f} s", flush=True)
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     run(timed)
@@ -114,7 +119,7 @@ def main():
     for backbone in args.backbones:
         base = None
         for name in args.variants:
-            amp, cl, bench, norm = VARIANTS[name]
+            amp, cl, bench, norm, compile_mode = VARIANTS[name]
             torch.backends.cudnn.benchmark = bench
             cfg = load_job(
                 CONF / "train" / "demo.yaml",
@@ -125,10 +130,12 @@ def main():
                     f"model.norm={norm}",
                     f"train.amp={amp}",
                     f"train.channels_last={str(cl).lower()}",
+                    f"train.compile={compile_mode}",
                     "train.lr=0.01",
                 ],
             ).run
-            loops = ("bare", "engine") if norm == "bn" and amp != "fp16" else ("engine",)
+            plain = norm == "bn" and amp != "fp16" and compile_mode == "off"
+            loops = ("bare", "engine") if plain else ("engine",)
             for loop in loops:
                 ips, peak = measure(cfg, device, data, args.warmup, args.iters, bare=loop == "bare")
                 base = base or ips

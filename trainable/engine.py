@@ -27,7 +27,14 @@ from deeplab_sweep.datasets.transforms import DeviceTrainAugment, list_collate, 
 from deeplab_sweep.trainable.checkpoint import save_checkpoint
 from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
-from deeplab_sweep.trainable.profile import MODEL_METRICS, PeakMemory, latency_ms, profile_crop, static_costs
+from deeplab_sweep.trainable.profile import (
+    MODEL_METRICS,
+    PeakMemory,
+    latency_ms,
+    profile_crop,
+    static_costs,
+    sync_device,
+)
 from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig, redacted
 
 
@@ -168,6 +175,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
     mem = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     total, n_img, n_it = torch.zeros((), device=device), 0, 0
     start = time.perf_counter()
+    first_step_s = 0.0
     previous = None  # the last step's (loss, iteration, global step): checked one step late
     on_device = getattr(loader.dataset.transform, "apply", None)  # DeviceTrainAugment
     for it, batch in enumerate(loader):
@@ -192,6 +200,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
         total += loss.detach()
         n_img += images.shape[0]
         n_it += 1
+        if it == 0:  # with train.compile, the run's first step compiles
+            sync_device(device)
+            first_step_s = time.perf_counter() - start
     if previous is not None:
         _check_finite(*previous, epoch)
     elapsed = time.perf_counter() - start
@@ -200,7 +211,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: RunConfig,
         "train/lr": optimizer.param_groups[-1]["lr"],
         "train/images_per_s": n_img / elapsed if elapsed > 0 else 0.0,
         "train/epoch_time_s": elapsed,
+        "train/first_step_s": first_step_s,
     }
+
+
+def compiled(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The model the training steps run: torch.compile'd when `train.compile` asks (it shares
+    the parameters; checkpoints and evaluation use the eager model)."""
+    if cfg.train.compile == "off":
+        return model
+    mode = None if cfg.train.compile == "default" else cfg.train.compile
+    return torch.compile(model, mode=mode, backend=cfg.train.compile_backend)
 
 
 def _check_finite(loss: torch.Tensor, it: int, step: int, epoch: int) -> None:
@@ -236,7 +257,7 @@ def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
         yield torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
 
 
-TRAIN_METRICS = ("train/loss", "train/lr", "train/images_per_s", "train/epoch_time_s")
+TRAIN_METRICS = ("train/loss", "train/lr", "train/images_per_s", "train/epoch_time_s", "train/first_step_s")
 VAL_METRICS = ("val/mIoU", "val/overall_acc", "val/mean_acc")
 
 
@@ -316,6 +337,7 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
     model = worker.prepare_model(model)
     peak = PeakMemory(device)
     peak.reset()
+    train_model = compiled(model, cfg)
 
     reports = []
     for epoch in range(start_epoch, t.epochs + 1):
@@ -323,7 +345,7 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         sampler.set_epoch(epoch)
         metrics = {
             "epoch": epoch,
-            **train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch),
+            **train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, cfg, device, epoch),
         }
         if epoch % t.eval_every and epoch != t.epochs:
             continue

@@ -48,10 +48,10 @@ def latency_ms(
     try:
         with autocast:
             for i in range(LATENCY_WARMUP + LATENCY_RUNS):
-                _sync(device)
+                sync_device(device)
                 t = time.perf_counter()
                 model(x)
-                _sync(device)
+                sync_device(device)
                 if i >= LATENCY_WARMUP:
                     times.append(time.perf_counter() - t)
     finally:
@@ -59,7 +59,7 @@ def latency_ms(
     return statistics.median(times) * 1e3
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

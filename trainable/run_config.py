@@ -141,6 +141,11 @@ class TrainConfig(Strict):
     # Validation in fp32 (the logged mIoU from an fp32 argmax, as the reference's) unless true.
     eval_amp: bool = False
     channels_last: bool = False
+    # torch.compile the training step's model (evaluation stays eager: whole images vary in
+    # size). "reduce-overhead" adds CUDA graphs; the first step of a run pays the compile,
+    # reported as train/first_step_s. `compile_backend` is torch's (tests use "eager").
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile_backend: str = "inductor"
     seed: int = Field(0, strict=True, ge=0)
     eval_every: int = Field(1, strict=True, ge=1)
     # Each evaluation renders this many fixed validation images (image | truth | prediction)
