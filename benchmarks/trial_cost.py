@@ -68,6 +68,8 @@ def main():
 
         local = Path(c.download_artifacts(run.info.run_id, "checkpoint", str(tmp / "best")))
         model, cfg, _ = load_model(local)
+        if cfg.train.torch_threads:  # as the trial ran it
+            torch.set_num_threads(cfg.train.torch_threads)
         crop = cfg.data.val_crop or cfg.data.crop_size
         x = torch.randn(1, 3, crop, crop)
         times = []

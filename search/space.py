@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
@@ -61,13 +62,15 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
 
 def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
     s, t = job.sweep, job.sweep.tpe
-    return optuna.samplers.TPESampler(
-        seed=s.seed,
-        n_startup_trials=t.startup_trials or min(4, s.num_samples),
-        multivariate=t.multivariate,
-        group=t.multivariate,  # the conditional space's branches get their own densities
-        constant_liar=t.constant_liar,
-    )
+    with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=s.seed,
+            n_startup_trials=t.startup_trials or min(4, s.num_samples),
+            multivariate=t.multivariate,
+            group=t.multivariate,  # the conditional space's branches get their own densities
+            constant_liar=t.constant_liar,
+        )
 
 
 def completion(job: JobConfig) -> Completion:
