@@ -6,6 +6,7 @@ them (`sweep.objectives`, `sweep.constraints`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import resource
 import statistics
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from deeplab_sweep.trainable.cost import flops_per_image
+from deeplab_sweep.trainable.run_config import ModelConfig
 
 MODEL_METRICS = ("model/params", "model/gflops", "model/latency_ms", "model/peak_mem_mb")
 LATENCY_WARMUP, LATENCY_RUNS = 3, 20
@@ -29,8 +31,16 @@ def profile_crop(cfg) -> int:
 
 def static_costs(cfg, model: nn.Module) -> dict[str, float]:
     """What the config alone decides: parameters and forward GFLOPs at the profile crop."""
-    flops = flops_per_image(cfg.model, cfg.data.num_classes, profile_crop(cfg), train=False)
-    return {"model/params": float(sum(p.numel() for p in model.parameters())), "model/gflops": flops / 1e9}
+    gflops = _forward_gflops(cfg.model.model_dump_json(), cfg.data.num_classes, profile_crop(cfg))
+    return {"model/params": float(sum(p.numel() for p in model.parameters())), "model/gflops": gflops}
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_gflops(model_json: str, num_classes: int, crop: int) -> float:
+    """Counted once per model in a process: a reused Tune actor's next trial with the same
+    architecture (only its lr differs, say) does not count again."""
+    model_cfg = ModelConfig.model_validate_json(model_json)
+    return flops_per_image(model_cfg, num_classes, crop, train=False) / 1e9
 
 
 @torch.no_grad()
