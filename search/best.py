@@ -86,11 +86,6 @@ def read_front(c: MlflowClient, experiment: str, sweep: str | None) -> tuple[obj
     return parent, objectives_of(parent), runs
 
 
-def run_value(run, metric: str):
-    """A run's value of `metric` at its best checkpoint, else its last logged value."""
-    return run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
-
-
 def pick_from_front(c: MlflowClient, experiment: str, sweep: str | None, objective: str, constraints: list[Constraint]):
     """The front trial best in `objective` among those that meet `constraints`."""
     parent, objectives, runs = read_front(c, experiment, sweep)
@@ -99,16 +94,20 @@ def pick_from_front(c: MlflowClient, experiment: str, sweep: str | None, objecti
             f"--objective {objective!r}: not an objective of sweep {parent.data.tags[tracking.SWEEP_TAG]!r} "
             f"(its objectives: {', '.join(objectives)})"
         )
-    ok = [r for r in runs if run_value(r, objective) is not None and feasible(_values(r, constraints), constraints)]
+    ok = [
+        r
+        for r in runs
+        if tracking.run_value(r, objective) is not None and feasible(_values(r, constraints), constraints)
+    ]
     if not ok:
         shown = " and ".join(map(str, constraints)) or "(none)"
         raise ConfigError(f"--constraint {shown}: no trial of the Pareto front meets it ({len(runs)} on the front)")
     sign = 1 if objectives[objective] == "max" else -1
-    return max(ok, key=lambda r: sign * run_value(r, objective)), objectives[objective]
+    return max(ok, key=lambda r: sign * tracking.run_value(r, objective)), objectives[objective]
 
 
 def _values(run, constraints: list[Constraint]) -> dict:
-    return {c.metric: run_value(run, c.metric) for c in constraints}
+    return {c.metric: tracking.run_value(run, c.metric) for c in constraints}
 
 
 def fetch_best(
@@ -146,7 +145,7 @@ def fetch_best(
         "run_name": run.info.run_name,
         "experiment": experiment,
         "metric": metric,
-        "value": run_value(run, metric),
+        "value": tracking.run_value(run, metric),
         "checkpoint_epoch": ckpt["epoch"],
         "checkpoint_metric": ckpt["metrics"].get(metric),
         "local_path": str(local / "checkpoint.pt"),
@@ -193,7 +192,7 @@ def list_front(tracking_uri: str, experiment: str, sweep: str | None) -> dict:
         {
             "run_id": r.info.run_id,
             "trial_id": r.data.tags.get(tracking.TRIAL_TAG),
-            **{m: run_value(r, m) for m in objectives},
+            **{m: tracking.run_value(r, m) for m in objectives},
             "params": {k: v for k, v in sorted(r.data.params.items()) if k in searched},
             "checkpoint": r.data.tags.get(tracking.BEST_CHECKPOINT_TAG),
         }

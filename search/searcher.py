@@ -20,7 +20,6 @@ reported at all. Here:
 
 from __future__ import annotations
 
-import math
 import pickle
 
 import optuna
@@ -29,12 +28,8 @@ from ray.tune.search import Searcher
 
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.completion import Completion
-from deeplab_sweep.search.objectives import Constraint
+from deeplab_sweep.search.objectives import Constraint, finite
 from deeplab_sweep.search.overrides import trial_epochs
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class OptunaSearcher(Searcher):
@@ -119,7 +114,7 @@ class OptunaSearcher(Searcher):
                 trial.set_constraint(str(c), c.violation(result.get(c.metric)))
         if pruned:
             self.study.tell(number, state=TrialState.PRUNED)
-        elif all(_number(v) for v in values):
+        elif all(finite(v) for v in values):
             self.study.tell(number, values if len(values) > 1 else values[0])
         else:
             self.study.tell(number, state=TrialState.FAIL)
@@ -138,7 +133,7 @@ class OptunaSearcher(Searcher):
     def _report(self, trial_id: str, result: dict) -> None:
         """The first objective by epoch, when it is the only one (Optuna prunes by one value)."""
         value, epoch = result.get(self.metric), int(result.get("epoch") or 0)
-        if len(self.objectives) > 1 or trial_id not in self.numbers or not _number(value):
+        if len(self.objectives) > 1 or trial_id not in self.numbers or not finite(value):
             return
         if epoch <= self.reported.get(trial_id, 0):
             return

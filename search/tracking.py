@@ -55,6 +55,11 @@ def end_status(error: str | None, last_epoch: int, epochs: int) -> str:
     return COMPLETED if last_epoch >= epochs else PRUNED
 
 
+def run_value(run, metric: str):
+    """A run's value of `metric` at its best checkpoint (best/<metric>), else its last logged one."""
+    return run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
+
+
 def sweep_filter(sweep: str, kind: str) -> str:
     return f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = '{kind}'"
 

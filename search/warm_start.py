@@ -68,26 +68,25 @@ def _trial(c, run, job: JobConfig, metrics: list[str], constraints, out: WarmSta
         out.outside_space += 1
         return None
     params, distributions = drawn
-    values = [_value(run, m) for m in metrics]
+    values = [tracking.run_value(run, m) for m in metrics]
     common = {
         "params": params,
         "distributions": distributions,
         "user_attrs": {"warm_start_run": run.info.run_id},
-        "constraints": {str(c): c.violation(_value(run, c.metric)) for c in constraints},
+        "constraints": {str(c): c.violation(tracking.run_value(run, c.metric)) for c in constraints},
     }
     if status == tracking.COMPLETED and all(finite(v) for v in values):
         out.points.append(
-            {**dict(zip(metrics, values, strict=True)), **{c.metric: _value(run, c.metric) for c in constraints}}
+            {
+                **dict(zip(metrics, values, strict=True)),
+                **{c.metric: tracking.run_value(run, c.metric) for c in constraints},
+            }
         )
         return optuna.trial.create_trial(values=values, **common)
     last = _last_epoch(c, run, metrics[0])
     if len(metrics) > 1 or last is None:  # Optuna prunes by one value
         return optuna.trial.create_trial(state=TrialState.PRUNED, **common)
     return optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values={last[0]: last[1]}, **common)
-
-
-def _value(run, metric: str):
-    return run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
 
 
 def _last_epoch(c, run, metric: str) -> tuple[int, float] | None:
