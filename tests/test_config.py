@@ -196,6 +196,7 @@ SWEEP = CONF / "sweep" / "demo.yaml"
             "sweep.constraints={model/peak_mem_mb: '< 5'}",
             "error: sweep.constraints.model/peak_mem_mb = '< 5': expected METRIC<=NUMBER or METRIC>=NUMBER",
         ),
+        ("sweep.warm_start=[nope]", "error: sweep.warm_start: no sweep named 'nope' in MLflow experiment 'deeplab'"),
         (
             "sweep.budget.gpu_hours=10",
             "error: sweep.budget.gpu_hours = 10.0: trials hold no GPU (train.use_gpu=false); "
