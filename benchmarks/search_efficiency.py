@@ -209,7 +209,10 @@ def main():
         p.error("--arms must include random-full: the other arms are judged against it")
     if args.quick:
         args.seeds, args.trials, args.epochs = args.seeds[:1], 4, 2
-    results = [one_seed(seed, args) for seed in args.seeds]
+    results = []
+    for seed in args.seeds:
+        results.append(one_seed(seed, args))
+        print(json.dumps(results[-1]), flush=True)  # kept if a later seed dies
     report(results, args)
     print(json.dumps(results))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (driver)")
