@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from deeplab_sweep.search.objectives import Constraint, TrialCost, dominates, feasible, finite
+from deeplab_sweep.search.objectives import Constraint, TrialCost, dominates, scorable
 
 
 class Completion:
@@ -53,13 +53,9 @@ class Completion:
         self.points.extend(points)
 
     def _improves(self, point: dict, on_front_possible: bool) -> bool:
-        if not feasible(point, self.constraints) or not all(finite(point.get(m)) for m, _ in self.objectives):
+        if not scorable(point, self.objectives, self.constraints):
             return False
-        known = [
-            p
-            for p in self.points
-            if feasible(p, self.constraints) and all(finite(p.get(m)) for m, _ in self.objectives)
-        ]
+        known = [p for p in self.points if scorable(p, self.objectives, self.constraints)]
         if len(self.objectives) == 1:
             ((metric, mode),) = self.objectives
             sign = 1 if mode == "max" else -1

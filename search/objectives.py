@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from deeplab_sweep.errors import ConfigError
 
-_CONSTRAINT = re.compile(r"^\s*(?P<metric>[^<>=\s]+)?\s*(?P<op><=|>=)\s*(?P<bound>[-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
+_CONSTRAINT = re.compile(
+    r"^\s*(?P<metric>[^<>=\s]+)?\s*(?P<op><=|>=)\s*(?P<bound>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ def feasible(point: dict, constraints: list[Constraint]) -> bool:
     return all(c.met(point.get(c.metric)) for c in constraints)
 
 
+def scorable(point: dict, objectives: list[tuple[str, str]], constraints: list[Constraint]) -> bool:
+    """Every objective reported and every constraint met: a point a front or a best can hold."""
+    return all(finite(point.get(m)) for m, _ in objectives) and feasible(point, constraints)
+
+
 def dominates(a: dict, b: dict, objectives: list[tuple[str, str]]) -> bool:
     """`a` is at least as good as `b` in every objective and better in one."""
     signs = [(1 if mode == "max" else -1, metric) for metric, mode in objectives]
@@ -58,7 +65,7 @@ def dominates(a: dict, b: dict, objectives: list[tuple[str, str]]) -> bool:
 def pareto_front(points: list[dict], objectives: list[tuple[str, str]], constraints: list[Constraint]) -> list[dict]:
     """The feasible points with every objective reported that no other such point dominates
     (equal points are all on it)."""
-    ok = [p for p in points if all(finite(p.get(m)) for m, _ in objectives) and feasible(p, constraints)]
+    ok = [p for p in points if scorable(p, objectives, constraints)]
     return [p for p in ok if not any(dominates(q, p, objectives) for q in ok if q is not p)]
 
 
