@@ -197,4 +197,64 @@ def test_each_evaluation_reports_what_the_model_costs(synth_voc_root, tmp_path):
     stopwatch_ms = statistics.median(times[3:]) * 1e3
     assert 0.25 < report["model/latency_ms"] / stopwatch_ms < 4, (report["model/latency_ms"], stopwatch_ms)
 
-    assert resident_mb <= report["model/peak_mem_mb"] < resident_mb + 700, (resident_mb, report["model/peak_mem_mb"])
+    # The run's peak starts from what the process holds when the run resets it; a few pages
+    # the process gives back after `resident_mb` was read may leave it just under that.
+    peak = report["model/peak_mem_mb"]
+    assert resident_mb - 16 <= peak < resident_mb + 700, (resident_mb, peak)
+
+
+def test_eval_grid_shows_the_checkpoints_predictions(synth_voc_root, tmp_path):
+    """Each row of the epoch's grid is a validation image, its mask and what the stored model
+    predicts for it, computed here image by image from the checkpoint (the run keeps the
+    evaluation's own predictions rather than predicting twice)."""
+    import torch.nn.functional as F
+    from torchvision.io import read_image
+
+    from deeplab_sweep.trainable.engine import val_loader
+    from deeplab_sweep.trainable.inference import load_model
+
+    cfg = _cfg(synth_voc_root, "train.epochs=1", "data.max_train_images=8", "data.max_val_images=4", "train.visuals=3")
+    fit(cfg, LocalWorker(checkpoint_root=tmp_path))
+    grid = read_image(str(tmp_path / "epoch_0001" / "visuals" / "val_images_epoch_0001.png"))
+    model, _, _ = load_model(tmp_path / "epoch_0001")
+    colours = torch.tensor(cfg.data.spec.palette, dtype=torch.uint8)  # VOC's 256 colours
+    colours[255] = 0  # void in black
+    dataset = val_loader(cfg).dataset
+    assert grid.shape[1] == 3 * 160 + 2 * 4
+    for row in range(3):
+        image, mask = dataset[row]
+        with torch.no_grad():
+            pred = model(image[None]).argmax(1)[0]
+        width = round(mask.shape[1] * 160 / mask.shape[0])
+        top = row * (160 + 4)
+        for col, labels in ((1, mask), (2, pred)):
+            tile = colours[labels.long()].permute(2, 0, 1)[None].float()
+            expected = F.interpolate(tile, size=[160, width], mode="nearest")[0].to(torch.uint8)
+            left = col * (width + 4)
+            assert torch.equal(grid[:, top : top + 160, left : left + width], expected), (row, col)
+
+
+def test_confusion_figure_is_what_a_full_draw_gives(tmp_path):
+    """The figure is redrawn each epoch from a cached drawing of what does not change: the PNG
+    must be, pixel for pixel, what matplotlib draws from scratch for the same matrix and title;
+    and a second epoch's matrix must show, not the first's."""
+    from torchvision.io import read_image
+
+    from deeplab_sweep.trainable import visuals
+
+    names = tuple(f"class {i}" for i in range(5))
+    first, second = (
+        torch.eye(5, dtype=torch.int64) * 7,
+        torch.randint(0, 9, (5, 5), generator=torch.Generator().manual_seed(0)),
+    )
+    for epoch, mat in ((1, first), (2, second)):
+        visuals.confusion_figure(mat, names, tmp_path / f"{epoch}.png", f"epoch {epoch}: val mIoU 0.5")
+    scratch = visuals._ConfusionCanvas(names)
+    for artist in scratch.changing:
+        artist.set_animated(False)
+    rows = second.double() / second.double().sum(1, keepdim=True).clamp(min=1)
+    scratch.image.set_data(rows.numpy())
+    scratch.heading.set_text("epoch 2: val mIoU 0.5")
+    scratch.canvas.draw()
+    assert torch.equal(read_image(str(tmp_path / "2.png")), scratch.rgb())
+    assert not torch.equal(read_image(str(tmp_path / "1.png")), scratch.rgb())

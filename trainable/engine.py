@@ -232,29 +232,56 @@ def _check_finite(loss: torch.Tensor, it: int, step: int, epoch: int) -> None:
         )
 
 
+@dataclass
+class Samples:
+    """The first `count` images of a rank's evaluation share with their predictions, kept
+    while evaluating, so the epoch's picture costs no second forward pass."""
+
+    count: int
+    _kept: dict[int, tuple] = field(default_factory=dict)
+
+    def add(self, positions: list[int], images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
+        for i, pos in enumerate(positions):
+            if pos < self.count:
+                self._kept[pos] = (images[i], masks[i], preds[i])
+
+    @property
+    def items(self) -> list[tuple]:
+        return [self._kept[p] for p in sorted(self._kept)]
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, device, cfg: RunConfig | None = None) -> ConfusionMatrix:
-    """Confusion matrix over this rank's share of `loader`, summed across ranks."""
+def evaluate(
+    model: nn.Module, loader, num_classes: int, device, cfg: RunConfig | None = None, samples: Samples | None = None
+) -> ConfusionMatrix:
+    """Confusion matrix over this rank's share of `loader`, summed across ranks; `samples`, if
+    given, keeps the first images of this rank's share with their predictions."""
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
     ctx = _autocast(cfg, device, evaluating=True) if cfg is not None else contextlib.nullcontext()
+    seen = 0
     for batch in loader:
-        for images, masks in _same_size_groups(batch):
+        for positions, images, masks in _same_size_groups(batch):
             images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             with ctx:
                 logits = model(images)
-            cm.update(masks, logits.argmax(1))
+            preds = logits.argmax(1)
+            cm.update(masks, preds)
+            if samples is not None:
+                samples.add([seen + p for p in positions], images, masks, preds)
+        seen += len(batch)
     cm.all_reduce()
     return cm
 
 
 def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Stack the images of a validation batch that share a size (all of them when centre-cropped)."""
+    """Stack the images of a validation batch that share a size (all of them when centre-cropped),
+    with their positions in the batch."""
     groups: dict[tuple, list] = {}
-    for image, mask in batch:
-        groups.setdefault(tuple(image.shape), []).append((image, mask))
+    for pos, (image, mask) in enumerate(batch):
+        groups.setdefault(tuple(image.shape), []).append((pos, image, mask))
     for items in groups.values():
-        yield torch.stack([i for i, _ in items]), torch.stack([m for _, m in items])
+        yield [p for p, _, _ in items], torch.stack([i for _, i, _ in items]), torch.stack([m for _, _, m in items])
 
 
 TRAIN_METRICS = ("train/loss", "train/lr", "train/images_per_s", "train/epoch_time_s", "train/first_step_s")
@@ -277,21 +304,27 @@ def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
 VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
 
 
-def _write_visuals(
-    out: Path, epoch: int, model: nn.Module, dataset, cm: ConfusionMatrix, cfg: RunConfig, device
-) -> None:
-    from deeplab_sweep.trainable.visuals import predict_samples, write_visuals
+def _write_visuals(out: Path, epoch: int, samples: Samples, cm: ConfusionMatrix, cfg: RunConfig) -> None:
+    from deeplab_sweep.trainable.visuals import write_visuals
 
-    with _autocast(cfg, device, evaluating=True):
-        samples = predict_samples(model, dataset, cfg.train.visuals, device)
     spec = cfg.data.spec
-    write_visuals(out, epoch, samples, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])
+    write_visuals(out, epoch, samples.items, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])
+
+
+_LATENCIES: dict[tuple, float] = {}
 
 
 def _latency(model: nn.Module, cfg: RunConfig, device) -> float:
-    """Batch-1 inference as validation runs it (its precision, its memory format)."""
-    autocast = _autocast(cfg, device, evaluating=True)
-    return latency_ms(model, profile_crop(cfg), device, cfg.train.channels_last, autocast)
+    """Batch-1 inference as validation runs it (its precision, its memory format). Measured once
+    per architecture and setting in a process: a Tune actor's next trial of the same model on
+    the same device would measure the same thing again."""
+    t = cfg.train
+    key = (cfg.model.model_dump_json(), cfg.data.num_classes, profile_crop(cfg), str(device))
+    key += (t.channels_last, t.amp if t.eval_amp else "none")
+    if key not in _LATENCIES:
+        autocast = _autocast(cfg, device, evaluating=True)
+        _LATENCIES[key] = latency_ms(model, profile_crop(cfg), device, t.channels_last, autocast)
+    return _LATENCIES[key]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -349,11 +382,12 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         }
         if epoch % t.eval_every and epoch != t.epochs:
             continue
-        cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg)
+        samples = Samples(t.visuals) if worker.rank == 0 and t.visuals else None
+        cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg, samples)
         metrics.update(val_metrics(cm, cfg.data.spec.class_names))
         if worker.rank == 0:
-            costs.setdefault("model/latency_ms", _latency(_unwrap(model), cfg, device))
-            metrics.update(costs, **{"model/peak_mem_mb": peak.read_mb()})
+            latency = _latency(_unwrap(model), cfg, device)
+            metrics.update(costs, **{"model/latency_ms": latency, "model/peak_mem_mb": peak.read_mb()})
         with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
             ckpt_dir = None
             if worker.rank == 0:
@@ -367,8 +401,8 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
                     scheduler_state=scheduler.state_dict(),
                     scaler_state=scaler.state_dict(),
                 )
-                if t.visuals:
-                    _write_visuals(Path(tmp) / VISUALS_DIR, epoch, _unwrap(model), val_loader.dataset, cm, cfg, device)
+                if samples is not None:
+                    _write_visuals(Path(tmp) / VISUALS_DIR, epoch, samples, cm, cfg)
                 ckpt_dir = tmp
             worker.report(metrics, ckpt_dir)
         reports.append(metrics)
