@@ -4,6 +4,7 @@ a real sqlite MLflow store, and `deeplab eval` reproducing the logged metric."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from deeplab_sweep.search.compose import load_job
 from deeplab_sweep.trainable.engine import LocalWorker, evaluate, fit, val_loader
 from deeplab_sweep.trainable.inference import load_model
 from deeplab_sweep.trainable.metrics import metrics_from_confusion
-from deeplab_sweep.trainable.ray_train import evaluate_distributed
+from deeplab_sweep.trainable.ray_train import InProcessWorker, evaluate_distributed
 from tests.conftest import CONF
 
 pytestmark = pytest.mark.slow
@@ -114,3 +115,54 @@ def test_eval_rejects_foreign_checkpoint(tmp_path, capsys):
     torch.save({"model_state": {}, "cur_itrs": 3}, p)
     assert main(["eval", "--checkpoint", str(p)]) == 2
     assert "not a deeplab checkpoint" in capsys.readouterr().err
+
+
+class _InodeProbe(InProcessWorker):
+    """Notes the inode of each checkpoint.pt as the engine wrote it, before it is stored."""
+
+    written: list[int]
+
+    def report(self, metrics, checkpoint_dir):
+        if checkpoint_dir:
+            self.written.append(os.stat(f"{checkpoint_dir}/checkpoint.pt").st_ino)
+        super().report(metrics, checkpoint_dir)
+
+
+def test_in_process_run_writes_each_checkpoint_once_and_resumes_past_a_torn_one(synth_voc_root, tmp_path):
+    """A one-worker run on local storage writes its checkpoint in its own folder and stores it
+    by renaming (the file is not copied); what a process killed mid-write left there is cleared
+    on resume, which continues from the last whole checkpoint."""
+    run = tmp_path / "storage" / "trial_1"
+    job = load_job(
+        CONF / "train" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+            "train.keep_checkpoints=10",
+        ],
+    )
+    reports: list[dict] = []
+
+    def worker(epochs: int) -> _InodeProbe:
+        cfg = job.run.model_copy(update={"train": job.run.train.model_copy(update={"epochs": epochs})})
+        probe = _InodeProbe(cfg, str(run), "val/mIoU", "max", reports.append)
+        probe.written = []
+        return probe
+
+    first = worker(2)
+    fit(first.cfg, first)
+    stored = [os.stat(run / f"checkpoint_epoch_{e:04d}" / "checkpoint.pt").st_ino for e in (1, 2)]
+    assert stored == first.written
+
+    torn = run / ".deeplab-ckpt-killed"
+    torn.mkdir()
+    (torn / "checkpoint.pt").write_bytes(b"cut short")
+    second = worker(3)
+    fit(second.cfg, second)
+    assert [r["epoch"] for r in reports] == [1, 2, 2, 3] and reports[2].get("replayed")
+    assert sorted(p.name for p in run.iterdir()) == [
+        *(f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)),
+        "epochs",
+        "visuals",
+    ]

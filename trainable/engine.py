@@ -55,6 +55,10 @@ class Worker:
     def resume_state(self) -> dict | None:
         return None
 
+    def checkpoint_scratch(self) -> contextlib.AbstractContextManager[str]:
+        """A temporary folder that an epoch's checkpoint is written in before `report` stores it."""
+        return tempfile.TemporaryDirectory(prefix="deeplab-ckpt-")
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         raise NotImplementedError
 
@@ -388,7 +392,7 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         if worker.rank == 0:
             latency = _latency(_unwrap(model), cfg, device)
             metrics.update(costs, **{"model/latency_ms": latency, "model/peak_mem_mb": peak.read_mb()})
-        with tempfile.TemporaryDirectory(prefix="deeplab-ckpt-") as tmp:
+        with worker.checkpoint_scratch() as tmp:
             ckpt_dir = None
             if worker.rank == 0:
                 save_checkpoint(

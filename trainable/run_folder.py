@@ -75,8 +75,9 @@ def write_epoch_files(storage: Storage, run_dir: str, metrics: dict, checkpoint_
 
 
 def store_checkpoint(storage: Storage, run_dir: str, checkpoint_dir: str | Path, epoch: int) -> str:
-    """Copy a local checkpoint folder to `<run>/checkpoint_epoch_NNNN/`; its checkpoint.json
-    goes last, so a copy cut short is never taken for a whole checkpoint. Returns its path."""
+    """Put a local checkpoint folder's files into `<run>/checkpoint_epoch_NNNN/` (moved where
+    the storage is the same filesystem, `Storage.put`); its checkpoint.json goes last, so a
+    copy cut short is never taken for a whole checkpoint. Returns its path."""
     dest = f"{run_dir}/{CHECKPOINT_PREFIX}epoch_{epoch:04d}"
     storage.fs.create_dir(dest)
     src = Path(checkpoint_dir)
@@ -84,7 +85,7 @@ def store_checkpoint(storage: Storage, run_dir: str, checkpoint_dir: str | Path,
         if f.is_file():
             target = f"{dest}/{f.relative_to(src).as_posix()}"
             storage.fs.create_dir(target.rsplit("/", 1)[0])
-            pafs.copy_files(str(f), target, destination_filesystem=storage.fs)
+            storage.put(f, target)
     return dest
 
 

@@ -8,6 +8,7 @@ Ray reports as a checkpoint's path). `uri()` turns one back into what a user can
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import uuid
@@ -96,6 +97,18 @@ class Storage:
     def write_bytes(self, path: str, data: bytes) -> None:
         with self.fs.open_output_stream(path) as f:
             f.write(data)
+
+    def put(self, local: Path, path: str) -> None:
+        """A local file into storage at `path`: renamed when the storage is local and on the
+        same filesystem (nothing is copied), else copied."""
+        if self.local:
+            try:
+                os.replace(local, path)
+                return
+            except OSError as e:
+                if e.errno != errno.EXDEV:  # another filesystem: copied below
+                    raise
+        pafs.copy_files(str(local), path, destination_filesystem=self.fs)
 
     def list(self, path: str) -> list[pafs.FileInfo]:
         """What a folder holds (nothing when it does not exist)."""
