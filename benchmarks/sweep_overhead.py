@@ -36,12 +36,14 @@ def trial_times(tracking_uri: str, experiment: str) -> list[dict]:
     for run in c.search_runs([exp.experiment_id], f"tags.{tracking.KIND_TAG} = '{tracking.KIND_TRIAL}'"):
         arrivals = sorted((m.step, m.timestamp / 1000) for m in c.get_metric_history(run.info.run_id, "val/mIoU"))
         train = dict((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/epoch_time_s"))
+        evaluation = [m.value for m in c.get_metric_history(run.info.run_id, "val/time_s")]
         start, end = run.info.start_time / 1000, run.info.end_time / 1000
         gaps = [t - prev_t - train[step] for (_, prev_t), (step, t) in zip(arrivals, arrivals[1:], strict=False)]
         rows.append(
             {
                 "life": end - start,
                 "train": sum(train.values()),
+                "eval": sum(evaluation),
                 "start_up": arrivals[0][1] - start - train[arrivals[0][0]],
                 "per_epoch": sum(gaps) / len(gaps) if gaps else 0.0,
                 "tail": end - arrivals[-1][1],
@@ -79,11 +81,12 @@ def main():
         rows = trial_times(job.mlflow.tracking_uri, job.mlflow.experiment)
     n = len(rows)
     mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
-    total_trial, train = mean("life") * n, mean("train") * n
+    total_trial, train, evaluation = mean("life") * n, mean("train") * n, mean("eval") * n
     print(f"{n} trials x {args.epochs} epochs (16 images/epoch, mobilenet_v2 demo config), 2 trials at a time")
     print(f"sweep wall time           {wall:7.1f} s (includes Ray start/stop, MLflow set-up, importances)")
     print(
-        f"sum of trial lifetimes    {total_trial:7.1f} s; of which training {train:.1f} s ({train / total_trial:.0%})"
+        f"sum of trial lifetimes    {total_trial:7.1f} s; of which training {train:.1f} s ({train / total_trial:.0%}), "
+        f"evaluation {evaluation:.1f} s ({evaluation / total_trial:.0%})"
     )
     print(
         f"per-trial start-up + first eval/checkpoint: mean {mean('start_up'):.1f} s "

@@ -182,7 +182,8 @@ SWEEP = CONF / "sweep" / "demo.yaml"
             "sweep.metric=val/not_a_metric",
             "error: sweep.metric = 'val/not_a_metric': no trial reports it; allowed: train/loss, train/lr, "
             "train/images_per_s, train/epoch_time_s, train/first_step_s, val/mIoU, val/overall_acc, val/mean_acc, "
-            "model/params, model/gflops, model/latency_ms, model/peak_mem_mb, or val/iou/<class> for a class of voc",
+            "val/time_s, model/params, model/gflops, model/latency_ms, model/peak_mem_mb, "
+            "or val/iou/<class> for a class of voc",
         ),
         (
             "sweep.objectives={val/mIoU: max, val/nope: min}",

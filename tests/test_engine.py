@@ -178,7 +178,10 @@ def test_each_evaluation_reports_what_the_model_costs(synth_voc_root, tmp_path):
     before = torch.ones(2**28)  # 1 GiB resident, then given back: not this run's peak
     del before
     worker = LocalWorker(checkpoint_root=tmp_path / "ckpt")
+    start = time.perf_counter()
     (report,) = fit(cfg, worker)
+    # Evaluation comes after the epoch's training, inside the run.
+    assert 0 < report["val/time_s"] < time.perf_counter() - start - report["train/epoch_time_s"]
 
     reference = DeepLabV3Plus("mobilenet_v2", cfg.data.num_classes, 16, False).eval()
     assert report["model/params"] == sum(p.numel() for p in reference.parameters())

@@ -27,14 +27,7 @@ from deeplab_sweep.datasets.transforms import DeviceTrainAugment, list_collate, 
 from deeplab_sweep.trainable.checkpoint import save_checkpoint
 from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
-from deeplab_sweep.trainable.profile import (
-    MODEL_METRICS,
-    PeakMemory,
-    latency_ms,
-    profile_crop,
-    static_costs,
-    sync_device,
-)
+from deeplab_sweep.trainable.profile import MODEL_METRICS, PeakMemory, forward_profile, profile_crop, sync_device
 from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig, redacted
 
 
@@ -289,7 +282,7 @@ def _same_size_groups(batch: list[tuple[torch.Tensor, torch.Tensor]]):
 
 
 TRAIN_METRICS = ("train/loss", "train/lr", "train/images_per_s", "train/epoch_time_s", "train/first_step_s")
-VAL_METRICS = ("val/mIoU", "val/overall_acc", "val/mean_acc")
+VAL_METRICS = ("val/mIoU", "val/overall_acc", "val/mean_acc", "val/time_s")
 
 
 def reported_metrics(class_names: tuple[str, ...]) -> tuple[str, ...]:
@@ -315,20 +308,20 @@ def _write_visuals(out: Path, epoch: int, samples: Samples, cm: ConfusionMatrix,
     write_visuals(out, epoch, samples.items, cm.mat, spec.class_names, spec.palette, cm.compute()["mIoU"])
 
 
-_LATENCIES: dict[tuple, float] = {}
+_PROFILES: dict[tuple, dict[str, float]] = {}
 
 
-def _latency(model: nn.Module, cfg: RunConfig, device) -> float:
-    """Batch-1 inference as validation runs it (its precision, its memory format). Measured once
-    per architecture and setting in a process: a Tune actor's next trial of the same model on
-    the same device would measure the same thing again."""
+def _model_costs(model: nn.Module, cfg: RunConfig, device) -> dict[str, float]:
+    """Parameters, GFLOPs and batch-1 latency as validation runs the model (its precision, its
+    memory format). Measured once per architecture and setting in a process: a Tune actor's
+    next trial of the same model on the same device would measure the same thing again."""
     t = cfg.train
     key = (cfg.model.model_dump_json(), cfg.data.num_classes, profile_crop(cfg), str(device))
     key += (t.channels_last, t.amp if t.eval_amp else "none")
-    if key not in _LATENCIES:
+    if key not in _PROFILES:
         autocast = _autocast(cfg, device, evaluating=True)
-        _LATENCIES[key] = latency_ms(model, profile_crop(cfg), device, t.channels_last, autocast)
-    return _LATENCIES[key]
+        _PROFILES[key] = forward_profile(model, profile_crop(cfg), device, t.channels_last, autocast)
+    return _PROFILES[key]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -370,7 +363,6 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         worker.replay({k: (math.nan if v is None else v) for k, v in state["metrics"].items()})
-    costs = static_costs(cfg, model) if worker.rank == 0 else {}
     model = worker.prepare_model(model)
     peak = PeakMemory(device)
     peak.reset()
@@ -387,11 +379,11 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         if epoch % t.eval_every and epoch != t.epochs:
             continue
         samples = Samples(t.visuals) if worker.rank == 0 and t.visuals else None
+        start = time.perf_counter()
         cm = evaluate(model, val_loader, cfg.data.num_classes, device, cfg, samples)
-        metrics.update(val_metrics(cm, cfg.data.spec.class_names))
+        metrics.update(val_metrics(cm, cfg.data.spec.class_names), **{"val/time_s": time.perf_counter() - start})
         if worker.rank == 0:
-            latency = _latency(_unwrap(model), cfg, device)
-            metrics.update(costs, **{"model/latency_ms": latency, "model/peak_mem_mb": peak.read_mb()})
+            metrics.update(_model_costs(_unwrap(model), cfg, device), **{"model/peak_mem_mb": peak.read_mb()})
         with worker.checkpoint_scratch() as tmp:
             ckpt_dir = None
             if worker.rank == 0:

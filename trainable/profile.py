@@ -6,7 +6,6 @@ them (`sweep.objectives`, `sweep.constraints`)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 import resource
 import statistics
@@ -15,9 +14,7 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
-
-from deeplab_sweep.trainable.cost import flops_per_image
-from deeplab_sweep.trainable.run_config import ModelConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 MODEL_METRICS = ("model/params", "model/gflops", "model/latency_ms", "model/peak_mem_mb")
 LATENCY_WARMUP, LATENCY_RUNS = 3, 20
@@ -29,44 +26,37 @@ def profile_crop(cfg) -> int:
     return cfg.data.val_crop or cfg.data.crop_size
 
 
-def static_costs(cfg, model: nn.Module) -> dict[str, float]:
-    """What the config alone decides: parameters and forward GFLOPs at the profile crop."""
-    gflops = _forward_gflops(cfg.model.model_dump_json(), cfg.data.num_classes, profile_crop(cfg))
-    return {"model/params": float(sum(p.numel() for p in model.parameters())), "model/gflops": gflops}
-
-
-@functools.lru_cache(maxsize=16)
-def _forward_gflops(model_json: str, num_classes: int, crop: int) -> float:
-    """Counted once per model in a process: a reused Tune actor's next trial with the same
-    architecture (only its lr differs, say) does not count again."""
-    model_cfg = ModelConfig.model_validate_json(model_json)
-    return flops_per_image(model_cfg, num_classes, crop, train=False) / 1e9
-
-
 @torch.no_grad()
-def latency_ms(
+def forward_profile(
     model: nn.Module, crop: int, device: torch.device, channels_last: bool, autocast: AbstractContextManager
-) -> float:
-    """Median wall time of one batch-1 forward pass in eval mode, after warm-up; the model is
-    put back in the mode it was in."""
+) -> dict[str, float]:
+    """Parameters, GFLOPs and latency of one batch-1 forward pass in eval mode, on the model's
+    device as validation runs it: FLOPs counted by FlopCounterMode on the first warm-up pass
+    (a real pass, faster than tracing on the meta device), latency the median wall time of the
+    passes after warm-up. The model is put back in the mode it was in."""
     was_training = model.training
     model.eval()
     x = torch.randn(1, 3, crop, crop, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times = []
+    counter, times = FlopCounterMode(display=False), []
     try:
         with autocast:
             for i in range(LATENCY_WARMUP + LATENCY_RUNS):
                 sync_device(device)
                 t = time.perf_counter()
-                model(x)
+                with counter if i == 0 else contextlib.nullcontext():
+                    model(x)
                 sync_device(device)
                 if i >= LATENCY_WARMUP:
                     times.append(time.perf_counter() - t)
     finally:
         model.train(was_training)
-    return statistics.median(times) * 1e3
+    return {
+        "model/params": float(sum(p.numel() for p in model.parameters())),
+        "model/gflops": counter.get_total_flops() / 1e9,
+        "model/latency_ms": statistics.median(times) * 1e3,
+    }
 
 
 def sync_device(device: torch.device) -> None:
