@@ -35,16 +35,16 @@ def overfit_root(synth_voc_root, tmp_path) -> Path:
 def test_tiny_model_overfits_generated_voc(overfit_root):
     cfg = _cfg(
         overfit_root,
-        "train.epochs=40",
-        "train.eval_every=40",
+        "train.epochs=30",
+        "train.eval_every=30",
         "data.max_train_images=16",
         "data.max_val_images=16",
         "data.scale_min=1.0",
         "data.scale_max=1.0",
-        "data.crop_size=128",
+        "data.crop_size=96",
     )
     reports = fit(cfg, LocalWorker())
-    assert reports[-1]["epoch"] == 40
+    assert reports[-1]["epoch"] == 30
     assert reports[-1]["val/mIoU"] > 0.9, reports[-1]
 
 
