@@ -36,15 +36,16 @@ def trial_times(tracking_uri: str, experiment: str) -> list[dict]:
     for run in c.search_runs([exp.experiment_id], f"tags.{tracking.KIND_TAG} = '{tracking.KIND_TRIAL}'"):
         arrivals = sorted((m.step, m.timestamp / 1000) for m in c.get_metric_history(run.info.run_id, "val/mIoU"))
         train = dict((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train/epoch_time_s"))
-        evaluation = [m.value for m in c.get_metric_history(run.info.run_id, "val/time_s")]
+        evaluation = dict((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "val/time_s"))
         start, end = run.info.start_time / 1000, run.info.end_time / 1000
         gaps = [t - prev_t - train[step] for (_, prev_t), (step, t) in zip(arrivals, arrivals[1:], strict=False)]
         rows.append(
             {
                 "life": end - start,
                 "train": sum(train.values()),
-                "eval": sum(evaluation),
+                "eval": sum(evaluation.values()),
                 "start_up": arrivals[0][1] - start - train[arrivals[0][0]],
+                "first_eval": evaluation[arrivals[0][0]],
                 "per_epoch": sum(gaps) / len(gaps) if gaps else 0.0,
                 "tail": end - arrivals[-1][1],
             }
@@ -92,6 +93,7 @@ def main():
         f"per-trial start-up + first eval/checkpoint: mean {mean('start_up'):.1f} s "
         f"(min {min(r['start_up'] for r in rows):.1f}, max {max(r['start_up'] for r in rows):.1f})"
     )
+    print(f"  of which the first evaluation: mean {mean('first_eval'):.1f} s")
     print(f"each later epoch's eval + checkpoint + report: mean {mean('per_epoch'):.1f} s")
     print(f"last report to the trial's end (best checkpoint to MLflow): mean {mean('tail'):.1f} s")
     print(f"per-trial overhead beyond training: {(total_trial - train) / n:.1f} s")

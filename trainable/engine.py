@@ -239,8 +239,8 @@ class Samples:
 
     def add(self, positions: list[int], images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> None:
         for i, pos in enumerate(positions):
-            if pos < self.count:
-                self._kept[pos] = (images[i], masks[i], preds[i])
+            if pos < self.count:  # copied out: a view would keep the whole batch (on the GPU) alive
+                self._kept[pos] = tuple(t[i].to("cpu", copy=True) for t in (images, masks, preds))
 
     @property
     def items(self) -> list[tuple]:
