@@ -83,7 +83,11 @@ def main():
     n = len(rows)
     mean = lambda key: sum(r[key] for r in rows) / n  # noqa: E731
     total_trial, train, evaluation = mean("life") * n, mean("train") * n, mean("eval") * n
-    print(f"{n} trials x {args.epochs} epochs (16 images/epoch, mobilenet_v2 demo config), 2 trials at a time")
+    t = job.train
+    print(
+        f"{n} trials x {args.epochs} epochs of 16 images, the demo sweep's space, "
+        f"{t.num_workers} worker(s) of {t.cpus_per_worker:g} CPU per trial on a 2-CPU local Ray"
+    )
     print(f"sweep wall time           {wall:7.1f} s (includes Ray start/stop, MLflow set-up, importances)")
     print(
         f"sum of trial lifetimes    {total_trial:7.1f} s; of which training {train:.1f} s ({train / total_trial:.0%}), "
