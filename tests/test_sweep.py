@@ -208,7 +208,7 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
     Ctrl-C the sweep once a trial has finished, then --resume: finished trials are not rerun,
     interrupted ones continue from their last checkpoint, in the same MLflow runs; `deeplab
     best` then downloads the best checkpoint from S3, and it reproduces its metric."""
-    cfg = _write_sweep(tmp_path, 4)
+    cfg = _write_sweep(tmp_path, 3)  # two at a time: one unstarted at Ctrl-C, whatever the timing
     bucket = f"s3://{s3_server.bucket}"
     for var, value in s3_server.env.items():  # this process reads MLflow's S3 artifacts too
         monkeypatch.setenv(var, value)
@@ -251,7 +251,7 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
     parents, after = _runs(c)
     assert len(parents) == 1, "the same parent run continues"
     ids = [r.data.tags["deeplab.trial_id"] for r in after]
-    assert len(ids) == len(set(ids)) == 4, "one child run per trial, none duplicated"
+    assert len(ids) == len(set(ids)) == 3, "one child run per trial, none duplicated"
     assert all(r.data.tags["deeplab.status"] == "completed" for r in after)
     for r in after:
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")]
@@ -263,11 +263,11 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
         c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
         and (tmp_path / "s" / "summary.json").read_text()
     )
-    assert len(summary["trials"]) == 4
+    assert len(summary["trials"]) == 3
     # The summary after a resume covers the trials finished before it too.
     assert all(t["run_id"] and t["val/mIoU"] is not None for t in summary["trials"])
     assert summary["best"]["run_id"] in {r.info.run_id for r in after}
-    assert summary["optuna_states"] == {"COMPLETE": 4}
+    assert summary["optuna_states"] == {"COMPLETE": 3}
     assert summary["best"]["checkpoint"].startswith(f"{bucket}/ray/r1/train/")
     assert all(r.info.artifact_uri.startswith(f"{bucket}/mlartifacts/") for r in after)
     assert not (tmp_path / "runs" / "ray").exists() and not (tmp_path / "runs" / "mlartifacts").exists()
