@@ -82,7 +82,7 @@ def confusion_figure(mat: torch.Tensor, class_names: tuple[str, ...], path: Path
 class _ConfusionCanvas:
     """The figure laid out and drawn once, without what changes from epoch to epoch (the
     matrix, the frame drawn over it, the title); each epoch restores that drawing and draws
-    only those (matplotlib's blitting): the same pixels as a full draw, in a tenth of its time
+    only those (matplotlib's blitting): the same pixels as a full draw, in about a sixth of its time
     (tests/test_engine.py). Matplotlib's object API, not pyplot: no global figure registry, no
     GUI backend."""
 
