@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.search.sync import read_trials
-from deeplab_sweep.trainable.storage import Storage
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_TPE = "{}"
@@ -95,7 +95,7 @@ def sweep(tmp: Path, name: str, arm: str, seed: int, args) -> list[dict]:
     run_sweep(job)
     rows = [
         {**r, "trial_id": rec.trial_id}
-        for rec in read_trials(Storage(str(tmp / "ray" / name)))
+        for rec in read_trials(SweepFolder(str(tmp / "ray" / name)))
         for r in rec.rows
         if not r.get("replayed")
     ]

@@ -59,16 +59,15 @@ def engine_local(cfg) -> float:
 def engine_ray(cfg, workers: int) -> float:
     import ray
 
-    from deeplab_sweep.search.cluster import runtime_env
     from deeplab_sweep.trainable.ray_train import build_trainer
 
     cfg = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"num_workers": workers, "cpus_per_worker": 1.0})}
     )
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, runtime_env=runtime_env(), include_dashboard=True)
+        ray.init(num_cpus=2, log_to_driver=False, include_dashboard=True)
     with tempfile.TemporaryDirectory() as storage:
-        result = build_trainer(cfg, f"bench-{workers}", storage).fit()
+        result = build_trainer(cfg, f"bench-{workers}", storage, "val/mIoU", "max").fit()
         rates = []
         for _ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
             rates.append(metrics["train/images_per_s"])

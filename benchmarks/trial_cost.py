@@ -54,12 +54,12 @@ def main():
         summary = run_sweep(job)
         sweep_s = time.perf_counter() - t
         c = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-        run = c.get_run(summary["trials"][0]["run_id"])
+        run = c.get_run(summary.trials[0].run_id)
         m = run.data.metrics
         held = job.train.cpus_per_worker * job.train.num_workers
         run_s = (run.info.end_time - run.info.start_time) / 1e3
         cost_s = m["cost/cpu_hours"] * 3600 / held
-        print(f"trial {summary['trials'][0]['trial_id']}: {args.epochs} epochs, {held:g} CPU held")
+        print(f"trial {summary.trials[0].trial_id}: {args.epochs} epochs, {held:g} CPU held")
         print(f"  cost/cpu_hours {m['cost/cpu_hours']:.5f} = {cost_s:.1f} s x {held:g} CPU")
         print(
             f"  stopwatch: the trial's MLflow run {run_s:.1f} s (ratio {cost_s / run_s:.2f}); "

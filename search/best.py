@@ -14,6 +14,7 @@ from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.objectives import Constraint, feasible, parse_constraint
 from deeplab_sweep.search.tracking import check_server, resolve_tracking_uri
+from deeplab_sweep.trainable.credentials import credentials_to_env
 from deeplab_sweep.trainable.inference import load_model
 from deeplab_sweep.trainable.run_config import DEFAULT_METRIC
 
@@ -29,13 +30,14 @@ def find_best_run(
     runs = c.search_runs(
         [exp_id],
         filter_string=" and ".join(filters),
-        order_by=[f"metrics.`best/{metric}` {order}"],
+        order_by=[f"metrics.`{tracking.best_metric(metric)}` {order}"],
         max_results=50,
     )
-    runs = [r for r in runs if f"best/{metric}" in r.data.metrics]
+    runs = [r for r in runs if tracking.best_metric(metric) in r.data.metrics]
     if not runs:
         raise ConfigError(
-            f"--metric {metric!r}: no run in experiment {experiment!r} logged best/{metric} with a checkpoint"
+            f"--metric {metric!r}: no run in experiment {experiment!r} logged {tracking.best_metric(metric)} "
+            "with a checkpoint"
         )
     return runs[0]
 
@@ -121,11 +123,13 @@ def fetch_best(
     alias: str = "best",
     objective: str | None = None,
     constraints: tuple[str, ...] = (),
+    model_factory: str | None = None,
 ) -> dict:
     """The best run by `metric`; or, with `objective`, the best on it of a multi-objective
-    sweep's Pareto front that meets `constraints` (METRIC<=N / METRIC>=N)."""
+    sweep's Pareto front that meets `constraints` (METRIC<=N / METRIC>=N). `model_factory`:
+    the user's own model the checkpoint may name (`inference.load_model`)."""
     parsed = [parse_constraint(text, "--constraint") for text in constraints]
-    tracking_uri = tracking.credentials_to_env(tracking_uri)
+    tracking_uri = credentials_to_env(tracking_uri)
     check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))
     try:
@@ -139,7 +143,8 @@ def fetch_best(
         local = Path(c.download_artifacts(run.info.run_id, "checkpoint", str(dest)))
     except MlflowException as e:
         raise ConfigError(f"--tracking-uri {tracking_uri!r}: {str(e).splitlines()[0][:300]}") from None
-    model, cfg, ckpt = load_model(local)  # proves the checkpoint loads, not only that it downloaded
+    # Proves the checkpoint loads, not only that it downloaded (its own model code only if named).
+    model, cfg, ckpt = load_model(local, model_factory=model_factory)
     info = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -182,7 +187,7 @@ def _register(c: MlflowClient, run_id: str, name: str, alias: str) -> dict:
 def list_front(tracking_uri: str, experiment: str, sweep: str | None) -> dict:
     """`deeplab best --pareto`: the front of a multi-objective sweep, best first on its first
     objective, each trial with its objectives, run, params and checkpoint."""
-    tracking_uri = tracking.credentials_to_env(tracking_uri)
+    tracking_uri = credentials_to_env(tracking_uri)
     check_server(tracking_uri)
     c = MlflowClient(resolve_tracking_uri(tracking_uri))
     parent, objectives, runs = read_front(c, experiment, sweep)

@@ -5,20 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import tempfile
+import threading
 
 import ray
 
 from deeplab_sweep.errors import ServiceUnreachable
+from deeplab_sweep.search.internals import job_working_dir
 from deeplab_sweep.search.job_config import ClusterConfig
-
-# Ray Train polls worker health every 2 s by default, and a report waits for the next poll:
-# with short epochs that is most of a trial's overhead. Polling at 0.2 s costs nothing visible.
-RUNTIME_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-
-
-def runtime_env() -> dict:
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}}
 
 
 def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str | None:
@@ -42,9 +38,11 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
 @contextlib.contextmanager
 def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False):
     """Quiet by default: the workers' logs stay in Ray's log folder (errors still surface
-    with the failed run); `verbose` streams them to this terminal."""
+    with the failed run); `verbose` streams them to this terminal. No runtime env is given:
+    under `ray job submit` the job's own (its `--working-dir` on every node) must stay the
+    driver's; one given here would replace it."""
     address = cluster_address(cluster, address)
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose, "runtime_env": runtime_env()}
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose}
     if address:
         kwargs["address"] = address
     else:
@@ -56,13 +54,52 @@ def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: boo
             include_dashboard=True,
         )
     started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(**kwargs)
-        except ConnectionError as e:
-            raise ServiceUnreachable(f"cluster.address = {address!r}: cannot reach a Ray cluster there ({e})") from None
+    with _out_of_the_job_folder():
+        if started:
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as e:
+                raise ServiceUnreachable(
+                    f"cluster.address = {address!r}: cannot reach a Ray cluster there ({e})"
+                ) from None
+        with _sigterm_as_ctrl_c():
+            try:
+                yield
+            finally:
+                if started:
+                    ray.shutdown()
+
+
+@contextlib.contextmanager
+def _out_of_the_job_folder():
+    """Under `ray job submit --working-dir` the driver starts in the uploaded folder, and Ray
+    unpacks it again (a new folder at the same path) as soon as the driver joins, on each node
+    that shares this machine's temp folder (several `ray start` on one machine): the driver's
+    working directory is then gone, and Tune, which needs one, fails at the end of the sweep.
+    Every path the sweep uses is absolute by now: the driver works from the temp folder
+    meanwhile, and goes back by path."""
+    folder = job_working_dir()
+    if folder is None:
+        yield
+        return
+    os.chdir(tempfile.gettempdir())
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        with contextlib.suppress(OSError):
+            os.chdir(folder)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (what `ray job stop` and most schedulers send) stops the command as Ctrl-C does: a
+    sweep ends gracefully through Tune's own handler, its state kept for --resume. Installed
+    after ray.init(), which sets a handler of its own that aborts the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

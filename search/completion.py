@@ -1,8 +1,9 @@
-"""When a sweep stops starting trials: its compute budget is spent (`sweep.budget.gpu_hours`
-or `cpu_hours`, counted over finished and running trials), its wall time is up
-(`sweep.budget.wall_time_s`, counted while a driver runs it), or N trials in a row finished
-without improving on the best (`sweep.stop_when.no_improvement_trials`; with several
-objectives: without joining the Pareto front). Trials already running always finish.
+"""When a sweep stops starting trials: its compute budget is spent (`sweep.budget.gpu_hours` or
+`cpu_hours`: resources held x the wall time of every attempt; `sweep.budget.epochs`: epochs
+trained; both over finished and running trials), its wall time is up (`budget.wall_time_s`,
+counted while a driver runs it), or N trials in a row finished without improving on the best
+(`sweep.stop_when.no_improvement_trials`; with several objectives: without joining the Pareto
+front). Trials already running always finish.
 
 Kept by the searcher (Tune consults it in `suggest`, pickles it with the experiment and
 restores it on resume)."""
@@ -17,19 +18,23 @@ from deeplab_sweep.search.objectives import Constraint, TrialCost, dominates, sc
 class Completion:
     def __init__(
         self,
+        *,
         objectives: list[tuple[str, str]],
         constraints: list[Constraint],
         units_per_trial: float,
         cost_metric: str,
         budget_hours: float | None = None,
+        budget_epochs: int | None = None,
         wall_time_s: float | None = None,
         patience: int | None = None,
     ):
         self.objectives, self.constraints = objectives, constraints
         self.cost_metric = cost_metric
-        self.budget_hours, self.wall_time_s, self.patience = budget_hours, wall_time_s, patience
-        self.cost = TrialCost(units_per_trial)
-        self.points: list[dict] = []  # finished trials' objective values, warm-started ones too
+        self.budget_hours, self.budget_epochs = budget_hours, budget_epochs
+        self.wall_time_s, self.patience = wall_time_s, patience
+        self.cost = TrialCost(units_per_trial)  # told each attempt's start and end (SearcherClock)
+        self.epochs: dict[str, int] = {}  # trial -> the last epoch it trained
+        self.points: list[dict] = []  # finished trials' values (at their best epoch), warm-started ones too
         self.without_improvement = 0
         self.elapsed_s = 0.0  # wall time of earlier drivers of this sweep
         self.reason: str | None = None
@@ -37,22 +42,25 @@ class Completion:
 
     # -- what trials report -------------------------------------------------------------------
 
-    def on_result(self, trial_id: str, result: dict) -> float:
-        """Count the trial's time so far; returns its cost in hours."""
-        return self.cost.on_result(trial_id, result)
+    def on_result(self, trial_id: str, result: dict) -> None:
+        """An epoch trained (a replayed one, after a restart, is not trained again)."""
+        self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(result.get("epoch") or 0))
 
-    def on_finished(self, point: dict, on_front_possible: bool) -> None:
-        """A trial ended with these values (`on_front_possible`: it ran in full; a stopped
-        trial can still be the best single value, never on a front of several)."""
-        improved = self._improves(point, on_front_possible)
+    def on_finished(self, point: dict, ran_in_full: bool) -> None:
+        """A trial ended with these values. One that was stopped early is never on a front of
+        several objectives, so there it neither improves nor joins the points; with one
+        objective its best value counts like any other."""
+        multi = len(self.objectives) > 1
+        improved = (ran_in_full or not multi) and self._improves(point)
         self.without_improvement = 0 if improved else self.without_improvement + 1
-        self.points.append(point)
+        if ran_in_full or not multi:
+            self.points.append(point)
 
     def seed(self, points: list[dict]) -> None:
         """Earlier sweeps' results (warm start): the best to improve on."""
         self.points.extend(points)
 
-    def _improves(self, point: dict, on_front_possible: bool) -> bool:
+    def _improves(self, point: dict) -> bool:
         if not scorable(point, self.objectives, self.constraints):
             return False
         known = [p for p in self.points if scorable(p, self.objectives, self.constraints)]
@@ -60,8 +68,6 @@ class Completion:
             ((metric, mode),) = self.objectives
             sign = 1 if mode == "max" else -1
             return all(sign * point[metric] > sign * p[metric] for p in known)
-        if not on_front_possible:
-            return False
         same = [p for p in known if all(p[m] == point[m] for m, _ in self.objectives)]
         return not same and not any(dominates(p, point, self.objectives) for p in known)
 
@@ -69,6 +75,9 @@ class Completion:
 
     def hours(self) -> float:
         return self.cost.total()
+
+    def epochs_trained(self) -> int:
+        return sum(self.epochs.values())
 
     def wall_s(self) -> float:
         return self.elapsed_s + time.monotonic() - self._since
@@ -79,6 +88,8 @@ class Completion:
             unit = self.cost_metric.split("/", 1)[1]
             if self.budget_hours is not None and self.hours() >= self.budget_hours:
                 self.reason = f"budget.{unit} spent: {self.hours():.4g} of {self.budget_hours:g}"
+            elif self.budget_epochs is not None and self.epochs_trained() >= self.budget_epochs:
+                self.reason = f"budget.epochs spent: {self.epochs_trained()} of {self.budget_epochs}"
             elif self.wall_time_s is not None and self.wall_s() >= self.wall_time_s:
                 self.reason = f"budget.wall_time_s passed: {self.wall_s():.0f} s of {self.wall_time_s:g}"
             elif self.patience is not None and self.without_improvement >= self.patience:

@@ -20,9 +20,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.job_config import JobConfig, SearchParam
 from deeplab_sweep.search.overrides import set_dotted
-from deeplab_sweep.trainable.run_config import RunConfig, redacted
+from deeplab_sweep.trainable.credentials import redacted
+from deeplab_sweep.trainable.run_config import RunConfig
 
 GROUPS = ("data", "model", "train", "sweep", "cluster", "mlflow", "space", "storage")
 
@@ -87,7 +88,7 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _compose(path: Path, conf_root: Path, swaps: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+def _compose(path: Path, conf_root: Path, swaps: dict[str, str], used: set[str], seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: defaults form a cycle")
@@ -97,17 +98,21 @@ def _compose(path: Path, conf_root: Path, swaps: dict[str, str], seen: tuple[Pat
         raise ConfigError(f"{path}: `defaults` must be a list of names like data/voc")
     merged: dict = {}
     for entry in defaults:
-        group = entry.split("/", 1)[0]
+        folder = entry.rpartition("/")[0]
+        group = folder.rsplit("/", 1)[-1]  # sweep/space/demo is of the group `space`
         if group in swaps:
-            entry = f"{group}/{swaps[group]}"
+            entry = f"{folder}/{swaps[group]}"
+            used.add(group)
         dep = conf_root / f"{entry}.yaml"
         if not dep.exists():
-            options = sorted(p.stem for p in (conf_root / group).glob("*.yaml")) if (conf_root / group).is_dir() else []
+            options = (
+                sorted(p.stem for p in (conf_root / folder).glob("*.yaml")) if (conf_root / folder).is_dir() else []
+            )
             raise ConfigError(
                 f"{path}: default {entry!r} not found under {conf_root}"
                 + (f"; {group} options: {', '.join(options)}" if options else "")
             )
-        merged = deep_merge(merged, _compose(dep, conf_root, swaps, seen + (path,)))
+        merged = deep_merge(merged, _compose(dep, conf_root, swaps, used, seen + (path,)))
     return deep_merge(merged, raw)
 
 
@@ -147,10 +152,39 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[st
 def compose(path: str | Path, overrides: list[str] = (), conf_root: Path | None = None) -> dict:
     path = find_config(path)
     swaps, sets = parse_overrides(list(overrides))
-    merged = _compose(path, conf_root or default_conf_root(path), swaps)
+    used: set[str] = set()
+    merged = _compose(path, conf_root or default_conf_root(path), swaps, used)
+    for group in swaps.keys() - used:  # silently ignored, it would run the config unchanged
+        raise ConfigError(f"override {group}={swaps[group]}: {path.name} has no {group}/ default to swap")
     for key, value in sets:
-        set_dotted(merged, key, value)
+        if key.startswith("space."):
+            set_space(merged, key, value)
+        else:
+            set_dotted(merged, key, value)
     return merged
+
+
+SPACE_FIELDS = tuple(SearchParam.model_fields)
+
+
+def set_space(merged: dict, key: str, value: Any) -> None:
+    """`space.<config key>=ENTRY` sets a searched key (null drops it); `space.<config key>.<field>=V`
+    one field of a searched key, e.g. space.train.lr.high=0.1. Space keys are dotted config
+    paths themselves: the last part names a field only where the rest is searched."""
+    space = merged.setdefault("space", {})
+    path = key.removeprefix("space.")
+    head, _, field = path.rpartition(".")
+    if field in SPACE_FIELDS and head in space:
+        space[head] = {**space[head], field: value}
+    elif value is None and path in space:
+        del space[path]
+    elif isinstance(value, dict):
+        space[path] = value
+    else:
+        raise ConfigError(
+            f"override {key}={value!r}: give a whole entry (space.{path}={{type: choice, values: [...]}}) or one "
+            f"field ({', '.join(SPACE_FIELDS)}) of a searched key; searched: {', '.join(space) or 'none'}"
+        )
 
 
 def _loc_str(loc: tuple) -> str:
@@ -220,82 +254,6 @@ def pin(space: dict, key: str, value: Any) -> dict:
             entry = {"type": "choice", "values": cases[str(value)]}
         out[k] = entry
     return out
-
-
-def check_sweep(job: JobConfig) -> None:
-    """What a sweep needs beyond a valid job, said before Ray starts: objectives and
-    constraints its trials report, a space whose every value validates, an ASHA grace period
-    within the epochs, a budget in the unit its trials hold."""
-    s = job.sweep
-    for metric, _ in s.objective_list:
-        _check_reported(job, metric, "sweep.metric" if s.objectives is None else f"sweep.objectives.{metric}")
-    for c in s.constraint_list():
-        _check_reported(job, c.metric, f"sweep.constraints.{c.metric}")
-    check_space(job)
-    fewest = job.epoch_bounds()[0]
-    if s.asha.enabled and fewest < s.asha.grace_period:
-        raise ConfigError(
-            f"sweep.asha.grace_period = {s.asha.grace_period} is more than train.epochs = {fewest}: "
-            "lower the grace period, raise train.epochs, or set sweep.asha.enabled=false"
-        )
-    _check_completion(job)
-
-
-def _check_reported(job: JobConfig, metric: str, key: str) -> None:
-    from deeplab_sweep.trainable.engine import reported_metrics
-
-    allowed = reported_metrics(job.data.spec.class_names)
-    if metric not in allowed:
-        shown = [m for m in allowed if not m.startswith("val/iou/")]
-        raise ConfigError(
-            f"{key} = {metric!r}: no trial reports it; allowed: {', '.join(shown)}, "
-            f"or val/iou/<class> for a class of {job.data.name}"
-        )
-
-
-def _check_completion(job: JobConfig) -> None:
-    s = job.sweep
-    b = s.budget
-    used = "gpu_hours" if job.train.use_gpu else "cpu_hours"
-    unused = "cpu_hours" if job.train.use_gpu else "gpu_hours"
-    if getattr(b, unused) is not None:
-        raise ConfigError(
-            f"sweep.budget.{unused} = {getattr(b, unused)}: trials hold "
-            f"{'GPUs' if job.train.use_gpu else 'no GPU (train.use_gpu=false)'}; budget them in sweep.budget.{used}"
-        )
-    if s.search == "grid":
-        for key, value in (
-            ("budget", b != type(b)()),
-            ("stop_when", s.stop_when != type(s.stop_when)()),
-            ("warm_start", bool(s.warm_start)),
-        ):
-            if value:
-                raise ConfigError(f"sweep.{key}: needs search: tpe or random (a grid runs every point)")
-
-
-def check_space(job: JobConfig) -> None:
-    """Every searched key must be a config key, and every value it can take must validate."""
-    base = job.to_dict()
-    for key, param in job.space.items():
-        section, _, field = key.partition(".")
-        model = JobConfig.model_fields.get(section)
-        field = field.split(".", 1)[0]  # model.options.<name>: a key of your own model's options
-        if (
-            not field
-            or model is None
-            or section in ("sweep", "space", "cluster")
-            or field not in model.annotation.model_fields
-        ):
-            raise ConfigError(f"space.{key}: not a config key (use section.key, e.g. train.lr)")
-        if param.depends_on is not None and param.depends_on not in job.space:
-            raise ConfigError(f"space.{key}.depends_on: {param.depends_on!r} is not searched")
-        for value in param.candidates():
-            trial = copy.deepcopy(base)
-            set_dotted(trial, key, value)
-            try:
-                JobConfig.model_validate(trial)
-            except ValidationError as err:
-                raise ConfigError(f"space.{key}: value {value!r} is invalid: {format_validation_error(err)}") from None
 
 
 def dump_yaml(job: JobConfig | RunConfig) -> str:

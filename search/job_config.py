@@ -57,6 +57,15 @@ class AshaConfig(Strict):
     enabled: bool = True
     grace_period: int = Field(1, strict=True, ge=1)
     reduction_factor: int = Field(2, strict=True, ge=2)
+    # ASHA's brackets (asynchronous Hyperband): bracket k first stops trials at grace_period x
+    # reduction_factor^k; with enough of them the last never stops a trial early.
+    brackets: int = Field(1, strict=True, ge=1)
+    # The self-check: the first `check_trials` trials run in full, and every trial that runs in
+    # full measures how well each rung's ranking predicts the last epoch's (Spearman); a rung
+    # whose correlation falls below `min_rank_corr` stops no more trials for the rest of the
+    # sweep. None: no check, no trial run in full on purpose.
+    min_rank_corr: float | None = Field(None, ge=-1, le=1)
+    check_trials: int = Field(8, strict=True, ge=3)
 
 
 class TpeConfig(Strict):
@@ -77,6 +86,9 @@ class BudgetConfig(Strict):
     # Resources held x wall time, over finished and running trials (GPUs when train.use_gpu).
     gpu_hours: float | None = Field(None, gt=0)
     cpu_hours: float | None = Field(None, gt=0)
+    # Epochs trained, over finished and running trials (an epoch replayed after a restart
+    # counts once): equal compute for searches that stop trials early and ones that do not.
+    epochs: int | None = Field(None, strict=True, ge=1)
     # Wall time of the sweep's drivers (a resumed sweep counts on from where it stopped).
     wall_time_s: float | None = Field(None, gt=0)
 
@@ -88,7 +100,8 @@ class StopWhenConfig(Strict):
 
 
 class SweepConfig(Strict):
-    search: Literal["tpe", "random", "grid"] = "tpe"
+    # tpe (Optuna's TPESampler), gp (its GPSampler: a Gaussian process), random, or grid.
+    search: Literal["tpe", "gp", "random", "grid"] = "tpe"
     # Trials to run; with `grid`, how many times the whole grid is repeated.
     num_samples: int = Field(8, strict=True, ge=1)
     metric: str = DEFAULT_METRIC
@@ -102,6 +115,9 @@ class SweepConfig(Strict):
     stop_when: StopWhenConfig = StopWhenConfig()
     # Earlier sweeps (by name, in this MLflow experiment) whose trials seed the searcher.
     warm_start: list[str] = []
+    # Configurations tried first, in order, before the sampler draws ({config key: value}, keys
+    # of the space; a key left out is drawn), e.g. the published recipe.
+    start_with: list[dict[str, Any]] = []
     seed: int = Field(0, strict=True, ge=0)
     asha: AshaConfig = AshaConfig()
     tpe: TpeConfig = TpeConfig()
@@ -124,7 +140,8 @@ class SweepConfig(Strict):
                 f"metric/mode ({data.get('metric', metric)}, {data.get('mode', mode)}) differ from the first "
                 f"of objectives ({metric}: {mode}): drop them, or list that objective first"
             )
-        return {**data, "metric": metric, "mode": mode}
+        # One objective is a single-objective sweep: no front, ASHA and Optuna on that metric.
+        return {**data, "metric": metric, "mode": mode, "objectives": objectives if len(objectives) > 1 else None}
 
     @property
     def objective_list(self) -> list[tuple[str, str]]:

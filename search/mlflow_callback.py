@@ -1,5 +1,5 @@
-"""Tune callback (in the sweep driver): one MLflow child run per trial under the sweep's parent
-run, written by `RunWriter`. Child runs are found again by their Ray trial id, so a resumed
+"""The Tune callback (in the sweep driver) that writes one MLflow child run per trial under
+the sweep's parent run, through `RunWriter`. Child runs are found again by their Ray trial id, so a resumed
 sweep continues the same runs instead of duplicating them.
 
 Tune calls its callbacks on its own event loop, which also moves every trial's results. The
@@ -12,8 +12,6 @@ again every `retry_s`; what is still queued when the sweep ends is in Ray's resu
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 import threading
 from collections import deque
@@ -22,35 +20,33 @@ from pathlib import Path
 from ray.tune import Callback
 
 from deeplab_sweep.search import tracking
+from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.objectives import TrialCost
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
-from deeplab_sweep.trainable.storage import Storage
-
-TRAIN_DIR = "train"  # under the sweep folder: the trials' Ray Train runs, named by trial id
 
 
 class MlflowTrialCallback(Callback):
     def __init__(
         self,
+        *,
         mlflow_cfg,
         experiment_id: str,
         parent_run_id: str,
-        sweep_name: str,
+        folder: SweepFolder,
         base_config: dict,
         metric: str,
         mode: str,
         max_epochs: int,
-        sweep_uri: str,
         also: tuple[str, ...] = (),
         cost: tuple[str, float] = ("cost/cpu_hours", 1.0),
         retry_s: float = 15.0,
     ):
-        """`also`: further metrics logged as best/<name> (RunWriter); `cost`: the cost metric's
-        name and the units a trial holds, logged with each result and at the end."""
+        """`also`: further metrics logged at the best checkpoint (RunWriter); `cost`: the cost
+        metric's name and the units a trial holds, logged with each result and at the end."""
         self.cfg, self.experiment_id, self.parent_run_id = mlflow_cfg, experiment_id, parent_run_id
-        self.sweep_name, self.base, self.metric, self.mode = sweep_name, base_config, metric, mode
-        self.max_epochs, self.sweep_uri, self.retry_s = max_epochs, sweep_uri, retry_s
+        self.folder, self.base, self.metric, self.mode = folder, base_config, metric, mode
+        self.max_epochs, self.retry_s = max_epochs, retry_s
         self.also, self.cost_metric, self.cost = also, cost[0], TrialCost(cost[1])
         self._init_runtime()
 
@@ -62,36 +58,34 @@ class MlflowTrialCallback(Callback):
         self._writers: dict[str, RunWriter] = {}
         self.outage: str | None = None  # the last MLflow error, while writes are queued
 
-    # Tune pickles its callbacks with the experiment state: the thread and queue stay behind.
+    # Tune pickles its callbacks with the experiment: the thread, its queue and the clients stay
+    # behind; the cost so far travels in Tune's callback state (`get_state`).
+    _LIVE = ("_ops", "_cv", "_thread", "_closing", "_writers", "outage")
+
     def __getstate__(self) -> dict:
-        keep = (
-            "cfg",
-            "experiment_id",
-            "parent_run_id",
-            "sweep_name",
-            "base",
-            "metric",
-            "mode",
-            "max_epochs",
-            "sweep_uri",
-            "also",
-            "cost_metric",
-            "cost",
-            "retry_s",
-        )
-        return {k: self.__dict__[k] for k in keep}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_runtime()
 
+    def get_state(self) -> dict:
+        return {"cost": self.cost}
+
+    def set_state(self, state: dict) -> None:
+        self.cost = state["cost"]
+
     # -- Tune's hooks (Tune's loop): snapshot what is needed, queue it -----------------------
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.cost.started(trial.trial_id)
         self._enqueue(trial.trial_id, ("start", dict(trial.config)))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.cost.ended(trial.trial_id)  # it starts again: the attempt that failed is counted
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        hours = self.cost.on_result(trial.trial_id, result)
+        hours = self.cost.hours(trial.trial_id)
         self._enqueue(trial.trial_id, ("result", dict(trial.config), {**result, self.cost_metric: hours}))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -103,7 +97,8 @@ class MlflowTrialCallback(Callback):
         self._finish(trial, tracking.FAILED, _error_reason(trial))
 
     def _finish(self, trial, status: str, reason: str | None) -> None:
-        hours = self.cost.on_result(trial.trial_id, trial.last_result or {})
+        self.cost.ended(trial.trial_id)
+        hours = self.cost.hours(trial.trial_id)
         self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, reason, {self.cost_metric: hours}))
 
     def on_experiment_end(self, trials, **info):
@@ -184,40 +179,24 @@ class MlflowTrialCallback(Callback):
             run_id, _ = trial_run(
                 c,
                 self.experiment_id,
-                self.sweep_name,
+                self.folder.name,
                 trial_id,
                 self.parent_run_id,
                 self._trial_config(config),
                 reopen=True,
             )
-            storage = Storage(self.sweep_uri)
             self._writers[trial_id] = RunWriter(
-                c, run_id, self.metric, self.mode, storage, storage.join(TRAIN_DIR, trial_id), self.also
+                c,
+                run_id,
+                metric=self.metric,
+                mode=self.mode,
+                storage=self.folder.storage,
+                run_dir=self.folder.trial_dir(trial_id),
+                also=self.also,
             )
         return self._writers[trial_id]
 
 
-def parse_results(text: str) -> list[dict]:
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a killed process: what follows it cannot be trusted
-    return rows
-
-
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
-
-
-def error_reason(text: str) -> str:
-    """The innermost exception line of a traceback ("pkg.mod.Error: message"): Ray wraps
-    worker errors, and the user wants the worker's own exception."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    found = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
-    return (found[-1] if found else lines[-1] if lines else "unknown error")[:500]
-
-
 def _error_reason(trial) -> str:
     path = getattr(trial, "error_file", None)
-    return error_reason(Path(path).read_text(errors="replace") if path and Path(path).is_file() else "")
+    return tracking.error_reason(Path(path).read_text(errors="replace") if path and Path(path).is_file() else "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 
 from deeplab_sweep.errors import ConfigError
@@ -83,26 +84,36 @@ def units_held(train) -> float:
 
 
 class TrialCost:
-    """Hours of resources each trial has held: Tune's `time_total_s` x the units a trial holds.
-    A restarted trial's clock starts again from 0: the time before the restart is kept."""
+    """Hours of resources each trial has held: the wall time of every attempt (from Tune
+    starting it to its end, its error or its restart) x the units a trial holds, on the
+    driver's clock. An attempt that dies before it reports counts as much as one that reports;
+    a running attempt counts up to now. Pickled (a resumed sweep), a running attempt counts up
+    to that moment: the driver that resumes does not know when it ended."""
 
     def __init__(self, units: float):
         self.units = units
-        self.seconds: dict[str, tuple[float, float]] = {}  # trial -> (before its restart, last seen)
+        self.closed_s: dict[str, float] = {}  # trial -> seconds of its attempts that ended
+        self._open: dict[str, float] = {}  # trial -> when its running attempt started (time.time())
 
-    def on_result(self, trial_id: str, result: dict) -> float:
-        t = result.get("time_total_s")
-        before, last = self.seconds.get(trial_id, (0.0, 0.0))
-        if finite(t):
-            if t < last:
-                before += last
-            last = float(t)
-            self.seconds[trial_id] = (before, last)
-        return self.hours(trial_id)
+    def started(self, trial_id: str) -> None:
+        self.ended(trial_id)  # a start without an end (a reused actor's reset) closes the last one
+        self._open[trial_id] = time.time()
+
+    def ended(self, trial_id: str) -> None:
+        start = self._open.pop(trial_id, None)
+        if start is not None:
+            self.closed_s[trial_id] = self.closed_s.get(trial_id, 0.0) + max(0.0, time.time() - start)
+
+    def seconds(self, trial_id: str) -> float:
+        start = self._open.get(trial_id)
+        return self.closed_s.get(trial_id, 0.0) + (max(0.0, time.time() - start) if start is not None else 0.0)
 
     def hours(self, trial_id: str) -> float:
-        before, last = self.seconds.get(trial_id, (0.0, 0.0))
-        return (before + last) * self.units / 3600
+        return self.seconds(trial_id) * self.units / 3600
 
     def total(self) -> float:
-        return sum(self.hours(t) for t in self.seconds)
+        return sum(self.hours(t) for t in self.closed_s.keys() | self._open.keys())
+
+    def __getstate__(self) -> dict:
+        trials = self.closed_s.keys() | self._open.keys()
+        return {"units": self.units, "closed_s": {t: self.seconds(t) for t in trials}, "_open": {}}

@@ -247,3 +247,64 @@ def cost_lines(job) -> list[str]:
         f"{' (ASHA)' if s.asha.enabled else ''} x {mean_flops / 1e9:.0f} GFLOP per image on average over "
         f"{len(variants)} variant(s) of the space = {sweep_hours:.1f} GPU-hours",
     ]
+
+
+# -- the plan of a sweep: refused before Ray when it cannot fit, the trials at once, `--plan` --------
+
+
+def plan_before_ray(job) -> Plan | None:
+    """The plan on the autoscaler's node types, when its config is known: a sweep that cannot
+    fit even the largest cluster is refused here, naming the key to change."""
+    path = autoscaler_config(job.cluster)
+    if path is None:
+        return None
+    plan = make_plan(job.train, node_types_from_config(path), str(path))
+    if plan.at_once_most < 1:
+        raise ConfigError(why_not(plan, job.train))
+    return plan
+
+
+def trials_at_once(job, plan: Plan | None) -> int:
+    """sweep.max_concurrent, else what the cluster can hold at its largest (the autoscaler's
+    maximum where known, else the nodes up now: Ray must be connected). Never refused because
+    nodes are not up yet: trials then wait for them."""
+    import sys
+
+    if job.sweep.max_concurrent:
+        return job.sweep.max_concurrent
+    if plan is None:
+        plan = make_plan(job.train, node_types_now(), "the nodes up now")
+    if plan.at_once_most < 1:
+        print(f"warning: {why_not(plan, job.train)}; one trial at a time, waiting for nodes", file=sys.stderr)
+    return max(1, plan.at_once_most)
+
+
+def plan_text(job, address: str | None = None) -> str:
+    """`deeplab sweep --plan`: per-trial resources, placement, trials at once now and at the
+    largest, expected GPU-hours; no trial starts. Raises ConfigError when it cannot fit."""
+    from deeplab_sweep.search.checks import check_sweep
+
+    check_sweep(job)
+    plan = plan_before_ray(job)
+    if plan is None:
+        plan = _plan_on_nodes_up(job, address)
+        if plan.at_once_most < 1:
+            raise ConfigError(why_not(plan, job.train))
+    return "\n".join([*describe(plan), *cost_lines(job)])
+
+
+def _plan_on_nodes_up(job, address: str | None) -> Plan:
+    """Without an autoscaler config: the cluster being joined as it is now, or this machine."""
+    from deeplab_sweep.search.cluster import cluster_address, ray_session
+
+    if cluster_address(job.cluster, address):
+        with ray_session(job.cluster, address):
+            return make_plan(job.train, node_types_now(), "the nodes up now")
+    import torch
+
+    res = {
+        "CPU": float(job.cluster.num_cpus or os.cpu_count() or 1),
+        "GPU": float(job.cluster.num_gpus if job.cluster.num_gpus is not None else torch.cuda.device_count()),
+    }
+    node = NodeType("this machine", {k: v for k, v in res.items() if v}, 1, 1)
+    return make_plan(job.train, [node], "a local Ray on this machine")

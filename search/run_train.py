@@ -12,7 +12,6 @@ from deeplab_sweep.errors import RunFailed
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.cluster import ray_session
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.search.mlflow_callback import error_reason
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.run_writer import RunWriter
 from deeplab_sweep.trainable.ray_train import build_trainer
@@ -36,7 +35,12 @@ class MlflowReportCallback(UserCallback):
             if self._writer is None:
                 storage = Storage(self.storage_uri)
                 self._writer = RunWriter(
-                    MlflowClient(self.tracking_uri), self.run_id, DEFAULT_METRIC, "max", storage, self.run_dir
+                    MlflowClient(self.tracking_uri),
+                    self.run_id,
+                    metric=DEFAULT_METRIC,
+                    mode="max",
+                    storage=storage,
+                    run_dir=self.run_dir,
                 )
             if self._down:  # back: everything stored since it went down
                 self._writer.reconcile()
@@ -61,13 +65,13 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
     with ray_session(job.cluster, address, verbose):
         # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
         run_id = tracking.start_run(c, exp_id, name, job.run.to_dict(), tags={tracking.KIND_TAG: tracking.KIND_TRAIN})
-        writer = RunWriter(c, run_id, DEFAULT_METRIC, "max", storage, run_dir)
+        writer = RunWriter(c, run_id, metric=DEFAULT_METRIC, mode="max", storage=storage, run_dir=run_dir)
         callback = MlflowReportCallback(job.mlflow.tracking_uri, run_id, job.storage.path, run_dir)
         trainer = build_trainer(job.run, name, job.storage.path, DEFAULT_METRIC, "max", callbacks=[callback])
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # the workers' own error in one line; every stored epoch is logged
-            reason = error_reason(str(e))
+            reason = tracking.error_reason(str(e))
             writer.reconcile()
             writer.finish(tracking.FAILED, reason, job.run.to_dict(), again=True)
             raise RunFailed(

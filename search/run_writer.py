@@ -26,14 +26,15 @@ class RunWriter:
         self,
         c: MlflowClient,
         run_id: str,
+        *,
         metric: str,
         mode: str,
         storage: Storage,
         run_dir: str,
         also: tuple[str, ...] = (),
     ):
-        # `also`: metrics logged as best/<name> too, at the best checkpoint's epoch (a sweep's
-        # other objectives and constrained metrics: what its Pareto front is made of).
+        # `also`: metrics logged at the best checkpoint's epoch too (a sweep's other objectives
+        # and constrained metrics: what its Pareto front is made of).
         self.c, self.run_id, self.metric, self.mode, self.also = c, run_id, metric, mode, also
         self.storage, self.run_dir = storage, run_dir
         self._steps: set[int] | None = None  # epochs already in MLflow, read once
@@ -94,7 +95,7 @@ class RunWriter:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
             for name in (self.metric, *self.also):
                 if isinstance(best.get(name), (int, float)):
-                    self.c.log_metric(self.run_id, f"best/{name}", float(best[name]), step=best["epoch"])
+                    self.c.log_metric(self.run_id, tracking.best_metric(name), float(best[name]), step=best["epoch"])
             self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, uri)
         tracking.finish_run(self.c, self.run_id, status, reason)
         return True

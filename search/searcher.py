@@ -1,5 +1,5 @@
 """Optuna behind Ray Tune's `Searcher` interface, through Optuna's public ask/tell and storage
-APIs only.
+APIs only; and `build_searcher`, which makes it from a job.
 
 Ray's own OptunaSearch keeps its study private, reports intermediate values by Tune's
 iteration counter, and tells a trial that ASHA stopped as COMPLETE. Worse, Ray never passes a
@@ -8,34 +8,48 @@ reported at all. Here:
 
 - intermediate values are reported by epoch (a replayed epoch after a resume is not counted
   twice);
-- a trial that ends before its last epoch without an error gets its last value reported at
-  its epoch, then is told PRUNED: TPE ranks it by what it reached, and knows it was stopped;
+- a trial is judged by its best epoch (by the first objective), the epoch of its best
+  checkpoint: what MLflow's `best/<metric>`, the summary, the front and `deeplab best` hold;
+  Optuna is told that epoch's objectives and constraints;
+- a trial that ends before its last epoch without an error is told PRUNED (its intermediate
+  values say how far it got): TPE knows it was stopped;
 - the study lives in Optuna's RDB storage (one study per sweep, named after it), so it
-  survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it;
+  survives the driver, `optuna-dashboard` opens it, and a resumed sweep goes on in it; why the
+  sweep stopped is kept in it too (`stop_reason`), whichever driver decided it;
 - with several objectives it is told each trial's values (no intermediate values: Optuna
   prunes by one); constraints are set on the trial (`set_constraint`), where its samplers
   read them;
-- its `Completion` decides when no new trial starts (budget, wall time, no improvement).
+- its `Completion` decides when no new trial starts (budgets, wall time, no improvement), told
+  every attempt's start and end by `SearcherClock`.
 """
 
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.completion import Completion
-from deeplab_sweep.search.objectives import Constraint, finite
+from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.objectives import Constraint, cost_metric, finite, units_held
 from deeplab_sweep.search.overrides import trial_epochs
+from deeplab_sweep.search.space import OptunaSpace, grid_param_space, optuna_params
+from deeplab_sweep.trainable.credentials import recall, remember
+from deeplab_sweep.trainable.run_folder import better
+
+STOP_REASON = "stop_reason"  # a study's user attribute: which criterion ended the sweep
 
 
 class OptunaSearcher(Searcher):
     def __init__(
         self,
-        space,
+        *,
+        space: OptunaSpace,
         objectives: list[tuple[str, str]],
         constraints: list[Constraint],
         sampler: optuna.samplers.BaseSampler,
@@ -43,16 +57,21 @@ class OptunaSearcher(Searcher):
         study_name: str,
         max_epochs: int,
         completion: Completion,
+        start_with: list[dict] = (),
     ):
+        """`start_with`: Optuna params of configurations asked first, in order (a new study only)."""
         # Tune's own view (ASHA, its progress) is the first objective.
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
-        self.space, self.sampler, self.storage_url, self.study_name = space, sampler, storage_url, study_name
+        self.space, self.sampler, self.study_name = space, sampler, study_name
+        self.storage_url = remember(storage_url)  # what is pickled and printed has no password
         self.objectives, self.constraints, self.completion = objectives, constraints, completion
         self.max_epochs = max_epochs
         self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self.configs: dict[str, dict] = {}  # what was suggested (a searched train.epochs is in it)
         self.reported: dict[str, int] = {}  # the last epoch reported per trial
+        self.best: dict[str, dict] = {}  # per trial, its best epoch's report so far
         self.told: set[str] = set()
+        self.start_with = list(start_with)  # enqueued into the study on the first suggestion, once
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
 
@@ -61,7 +80,7 @@ class OptunaSearcher(Searcher):
     @property
     def storage(self) -> optuna.storages.BaseStorage:
         if self._storage is None:
-            self._storage = optuna.storages.get_storage(self.storage_url)
+            self._storage = optuna.storages.get_storage(recall(self.storage_url))
         return self._storage
 
     def study_exists(self) -> bool:
@@ -79,11 +98,21 @@ class OptunaSearcher(Searcher):
             )
         return self._study
 
+    def stop_reason(self) -> str | None:
+        """Why the sweep stopped starting trials, as the searcher that decided it recorded."""
+        return self.study.user_attrs.get(STOP_REASON)
+
     # -- Tune's calls ---------------------------------------------------------------------------------
 
     def suggest(self, trial_id: str) -> dict | str:
-        if self.completion.check() is not None:
+        reason = self.completion.check()
+        if reason is not None:
+            if self.stop_reason() != reason:
+                self.study.set_user_attr(STOP_REASON, reason)
             return Searcher.FINISHED
+        for params in self.start_with:
+            self.study.enqueue_trial(params)
+        self.start_with = []
         trial = self.study.ask()
         self.space(trial)
         self.numbers[trial_id] = trial.number
@@ -92,6 +121,7 @@ class OptunaSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.completion.on_result(trial_id, result)
+        self._keep_best(trial_id, result)
         self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -103,27 +133,34 @@ class OptunaSearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL)
             return
         # The stopping result never reached on_trial_result (Ray skips it for stopped trials).
-        self.completion.on_result(trial_id, result)
-        self._report(trial_id, result)
+        self.on_trial_result(trial_id, result)
         epochs = trial_epochs(self.configs.get(trial_id, {}), self.max_epochs)
-        pruned = tracking.end_status(None, result.get("epoch") or 0, epochs) == tracking.PRUNED
-        values = [result.get(m) for m, _ in self.objectives]
+        ran_in_full = tracking.end_status(None, result.get("epoch") or 0, epochs) == tracking.COMPLETED
+        best = self.best.get(trial_id, {})
+        values = [best.get(m) for m, _ in self.objectives]
         if self.constraints:  # Optuna's samplers read them from the trial (<= 0: met)
             trial = optuna.Trial(self.study, self._storage_id(trial_id))
             for c in self.constraints:
-                trial.set_constraint(str(c), c.violation(result.get(c.metric)))
-        if pruned:
+                trial.set_constraint(str(c), c.violation(best.get(c.metric)))
+        if not ran_in_full:
             self.study.tell(number, state=TrialState.PRUNED)
         elif all(finite(v) for v in values):
             self.study.tell(number, values if len(values) > 1 else values[0])
         else:
             self.study.tell(number, state=TrialState.FAIL)
             return
-        self.completion.on_finished({m: result.get(m) for m in self.completion_metrics}, on_front_possible=not pruned)
+        self.completion.on_finished({m: best.get(m) for m in self.completion_metrics}, ran_in_full=ran_in_full)
 
     @property
     def completion_metrics(self) -> list[str]:
         return [m for m, _ in self.objectives] + [c.metric for c in self.constraints]
+
+    def _keep_best(self, trial_id: str, result: dict) -> None:
+        """The trial's best epoch by the first objective (the earliest of equals, as its best
+        checkpoint is chosen)."""
+        kept = self.best.get(trial_id)
+        if better(result.get(self.metric), kept[self.metric] if kept else None, self.mode):
+            self.best[trial_id] = {m: result.get(m) for m in self.completion_metrics}
 
     def _storage_id(self, trial_id: str) -> int:
         # Through the storage API: a trial resumed by a later driver has no optuna.Trial object.
@@ -142,25 +179,10 @@ class OptunaSearcher(Searcher):
 
     # -- Tune saves the searcher with the experiment, and restores it on resume -------------------
 
-    _STATE = (
-        "space",
-        "sampler",
-        "storage_url",
-        "study_name",
-        "max_epochs",
-        "objectives",
-        "constraints",
-        "completion",
-        "numbers",
-        "configs",
-        "reported",
-        "told",
-        "_metric",
-        "_mode",
-    )
+    _LIVE = ("_study", "_storage")  # connections, made again where they are needed
 
     def __getstate__(self) -> dict:
-        return {k: self.__dict__[k] for k in self._STATE}
+        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -187,3 +209,82 @@ class OptunaSearcher(Searcher):
         for number in orphans:
             self.study.tell(number, state=TrialState.FAIL)
         return len(orphans)
+
+
+class SearcherClock(Callback):
+    """Each trial attempt's start and end, told to the searcher's budget: a Searcher hears
+    neither a restart nor an attempt that died before it reported. Holds the searcher itself
+    (Tune pickles both into one tuner.pkl, and restores the searcher's state in place), so on
+    resume it still tells the searcher Tune restored."""
+
+    def __init__(self, searcher: OptunaSearcher):
+        self.searcher = searcher
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.searcher.completion.cost.started(trial.trial_id)
+
+    def _ended(self, iteration, trials, trial, **info):
+        self.searcher.completion.cost.ended(trial.trial_id)
+
+    on_trial_recover = on_trial_error = on_trial_complete = _ended
+
+
+def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
+    s, t = job.sweep, job.sweep.tpe
+    with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=s.seed,
+            n_startup_trials=t.startup_trials or min(4, s.num_samples),
+            multivariate=t.multivariate,
+            group=t.multivariate,  # the conditional space's branches get their own densities
+            constant_liar=t.constant_liar,
+        )
+
+
+def sampler(job: JobConfig) -> optuna.samplers.BaseSampler:
+    s = job.sweep
+    if s.search == "tpe":
+        return tpe_sampler(job)
+    if s.search == "gp":
+        with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.GPSampler(
+                seed=s.seed, n_startup_trials=s.tpe.startup_trials or min(4, s.num_samples)
+            )
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def completion(job: JobConfig) -> Completion:
+    s = job.sweep
+    return Completion(
+        objectives=s.objective_list,
+        constraints=s.constraint_list(),
+        units_per_trial=units_held(job.train),
+        cost_metric=cost_metric(job.train),
+        budget_hours=s.budget.gpu_hours if job.train.use_gpu else s.budget.cpu_hours,
+        budget_epochs=s.budget.epochs,
+        wall_time_s=s.budget.wall_time_s,
+        patience=s.stop_when.no_improvement_trials,
+    )
+
+
+def build_searcher(job: JobConfig, study_name: str) -> tuple[OptunaSearcher | None, dict]:
+    """(search_alg or None, param_space) for the sweep's `search` setting; Optuna's study is
+    `study_name` in `sweep.optuna_storage`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = job.sweep
+    if s.search == "grid":
+        return None, grid_param_space(job.space)
+    searcher = OptunaSearcher(
+        space=OptunaSpace(job.space),
+        objectives=s.objective_list,
+        constraints=s.constraint_list(),
+        sampler=sampler(job),
+        storage_url=s.optuna_storage,
+        study_name=study_name,
+        max_epochs=job.train.epochs,
+        completion=completion(job),
+        start_with=[optuna_params(job.space, v, f"sweep.start_with[{i}]") for i, v in enumerate(s.start_with)],
+    )
+    return searcher, {}

@@ -1,19 +1,16 @@
-"""The search space from YAML (`space:` of a sweep config) for each search algorithm."""
+"""The search space from YAML (`space:` of a sweep config) in the form each search takes:
+Optuna's define-by-run calls (TPE, random), or Tune's grid."""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import optuna
 from ray import tune
 
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.search.completion import Completion
-from deeplab_sweep.search.job_config import JobConfig, SearchParam
-from deeplab_sweep.search.objectives import cost_metric, units_held
+from deeplab_sweep.search.job_config import SearchParam
 from deeplab_sweep.search.overrides import COND_SEP
-from deeplab_sweep.search.searcher import OptunaSearcher
 
 
 def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
@@ -21,6 +18,41 @@ def _ordered(space: dict[str, SearchParam]) -> list[tuple[str, SearchParam]]:
     free = [(k, p) for k, p in space.items() if p.depends_on is None]
     cond = [(k, p) for k, p in space.items() if p.depends_on is not None]
     return free + cond
+
+
+def param_name(key: str, p: SearchParam, chosen: dict) -> str:
+    """The Optuna parameter a space key is drawn as: a conditional one per value of its parent,
+    so that each Optuna distribution keeps one fixed set of choices."""
+    return key if p.depends_on is None else f"{key}{COND_SEP}{chosen[p.depends_on]}"
+
+
+def optuna_params(space: dict[str, SearchParam], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A configuration ({space key: value}) as Optuna's params of this space (what
+    `study.enqueue_trial` takes); every value one the space can draw, else a one-line error."""
+    out, chosen = {}, {}
+    for key, p in _ordered(space):
+        if key not in values:
+            continue
+        v = values[key]
+        if p.depends_on is not None and p.depends_on not in values:
+            raise ConfigError(f"{where}.{key}: give {p.depends_on} too (its choices depend on it)")
+        if p.depends_on is not None:
+            allowed = p.cases.get(str(values[p.depends_on])) or []
+            ok = v in allowed
+        elif p.type in ("loguniform", "uniform", "randint"):
+            high = p.high if p.type != "randint" else p.high - 1
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and p.low <= v <= high
+            allowed = f"{p.low:g} to {high:g}"
+        else:
+            allowed, ok = p.values, v in p.values
+        if not ok:
+            raise ConfigError(f"{where}.{key} = {v!r}: not a value the space draws ({allowed})")
+        chosen[key] = v
+        out[param_name(key, p, chosen)] = v
+    unknown = sorted(set(values) - set(space))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: not a key of the space ({', '.join(space)})")
+    return out
 
 
 class OptunaSpace:
@@ -37,7 +69,7 @@ class OptunaSpace:
                 choices = p.cases.get(str(parent))
                 if choices is None:
                     raise ConfigError(f"space.{key}.cases has no entry for {p.depends_on} = {parent!r}")
-                chosen[key] = trial.suggest_categorical(f"{key}{COND_SEP}{parent}", choices)
+                chosen[key] = trial.suggest_categorical(param_name(key, p, chosen), choices)
             elif p.type == "loguniform":
                 chosen[key] = trial.suggest_float(key, p.low, p.high, log=True)
             elif p.type == "uniform":
@@ -58,52 +90,3 @@ def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
             )
         out[key] = tune.grid_search(p.values)
     return out
-
-
-def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
-    s, t = job.sweep, job.sweep.tpe
-    with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=s.seed,
-            n_startup_trials=t.startup_trials or min(4, s.num_samples),
-            multivariate=t.multivariate,
-            group=t.multivariate,  # the conditional space's branches get their own densities
-            constant_liar=t.constant_liar,
-        )
-
-
-def completion(job: JobConfig) -> Completion:
-    s = job.sweep
-    return Completion(
-        s.objective_list,
-        s.constraint_list(),
-        units_held(job.train),
-        cost_metric(job.train),
-        budget_hours=s.budget.gpu_hours if job.train.use_gpu else s.budget.cpu_hours,
-        wall_time_s=s.budget.wall_time_s,
-        patience=s.stop_when.no_improvement_trials,
-    )
-
-
-def build_searcher(job: JobConfig, study_name: str):
-    """(search_alg or None, param_space) for the sweep's `search` setting; Optuna's study is
-    `study_name` in `sweep.optuna_storage`."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = job.sweep
-    if not job.space:
-        raise ConfigError("space: the sweep has no search space (add `space:` entries, e.g. train.lr)")
-    if s.search == "grid":
-        return None, grid_param_space(job.space)
-    sampler = tpe_sampler(job) if s.search == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    searcher = OptunaSearcher(
-        OptunaSpace(job.space),
-        s.objective_list,
-        s.constraint_list(),
-        sampler,
-        s.optuna_storage,
-        study_name,
-        job.train.epochs,
-        completion(job),
-    )
-    return searcher, {}

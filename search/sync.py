@@ -13,13 +13,15 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deeplab_sweep.errors import ConfigError
+from deeplab_sweep.errors import ConfigError, StorageUnusable
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.compose import load_yaml_config
+from deeplab_sweep.search.internals import tune_trial_states
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.search.mlflow_callback import TRAIN_DIR, error_reason, parse_results
+from deeplab_sweep.search.layout import TUNER_FILE, SweepFolder
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
+from deeplab_sweep.trainable.credentials import credentials_to_env
 from deeplab_sweep.trainable.run_folder import best_report, better, stored_checkpoints, stored_epochs
 from deeplab_sweep.trainable.storage import Storage
 
@@ -47,8 +49,7 @@ _TRIAL_ID_IN_NAME = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_\d+_")
 
 
 def _tune_trials(storage: Storage) -> dict[str, tuple[str, str | None]]:
-    """Trial folder name -> (trial id, Tune's status), from Tune's latest experiment state (a
-    trial's own `done` flag in result.json is not written for every trial that finished)."""
+    """Trial folder name -> (trial id, Tune's status), from Tune's latest experiment state."""
     states = [
         f
         for f in storage.list(storage.root)
@@ -56,16 +57,26 @@ def _tune_trials(storage: Storage) -> dict[str, tuple[str, str | None]]:
     ]
     if not states:
         return {}
-    latest = max(states, key=lambda f: f.mtime_ns or 0)
-    try:
-        trials = [json.loads(t[0]) for t in json.loads(storage.read_text(latest.path)).get("trial_data", [])]
-        return {t["relative_logdir"]: (t["trial_id"], t.get("status")) for t in trials}
-    except (ValueError, KeyError, TypeError, IndexError):
-        return {}  # unreadable: fall back on the folders themselves
+    # Named by the session that wrote it (experiment_state-YYYY-MM-DD_HH-MM-SS.json): the latest
+    # name is the latest driver's, as Tune itself picks it (a cloud store's mtimes may be coarse).
+    latest = max(states, key=lambda f: f.base_name)
+    return tune_trial_states(storage.read_text(latest.path))
 
 
-def read_trials(storage: Storage) -> list[TrialRecord]:
-    """Tune's trial folders in the sweep folder (`train/` beside them holds the Train runs)."""
+def parse_results(text: str) -> list[dict]:
+    """A trial's result.json: one JSON object per line."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a killed process: what follows it cannot be trusted
+    return rows
+
+
+def read_trials(folder: SweepFolder) -> list[TrialRecord]:
+    """Tune's trial folders in the sweep folder (`train/` beside them holds the run folders)."""
+    storage = folder.storage
     known = _tune_trials(storage)
     out = []
     for d in storage.list(storage.root):
@@ -82,7 +93,7 @@ def read_trials(storage: Storage) -> list[TrialRecord]:
         if trial_id is None:
             continue  # not a trial folder of ours
         error_file = f"{d.path}/error.txt"
-        error = error_reason(storage.read_text(error_file)) if storage.is_file(error_file) else None
+        error = tracking.error_reason(storage.read_text(error_file)) if storage.is_file(error_file) else None
         out.append(TrialRecord(trial_id, json.loads(storage.read_text(params)), rows, error, status))
     return out
 
@@ -96,19 +107,23 @@ def _parent(c, exp_id: str, name: str):
 
 def sync_sweep(sweep_uri: str, tracking_uri: str, experiment: str) -> dict:
     """`deeplab sync`: the sweep's parent run and config are found in MLflow by the folder's name."""
-    storage = Storage(sweep_uri)
-    if not storage.is_file(storage.join("tuner.pkl")):
-        raise ConfigError(f"{sweep_uri}: not a sweep folder (no tuner.pkl)")
+    folder = SweepFolder(credentials_to_env(sweep_uri))
+    try:
+        is_sweep = folder.has_tuner()
+    except (OSError, ValueError) as e:  # pyarrow: unreachable endpoint, no such bucket, bad URI
+        raise StorageUnusable(f"{folder.uri}: cannot be read ({' '.join(str(e).split())[:200]})") from None
+    if not is_sweep:
+        raise ConfigError(f"{folder.uri}: not a sweep folder (no {TUNER_FILE})")
     tracking.check_server(tracking_uri)
     c = tracking.client(tracking.resolved(tracking.MlflowConfig(tracking_uri=tracking_uri, experiment=experiment)))
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no such MLflow experiment: {experiment!r}")
-    parent = _parent(c, exp.experiment_id, storage.root.rsplit("/", 1)[-1])
+    parent = _parent(c, exp.experiment_id, folder.name)
     with tempfile.TemporaryDirectory() as tmp:
         local = c.download_artifacts(parent.info.run_id, "sweep_config.yaml", tmp)
         job = load_yaml_config(Path(local).read_text())
-    return sync_runs(c, exp.experiment_id, parent.info.run_id, job, storage)
+    return sync_runs(c, exp.experiment_id, parent.info.run_id, job, folder)
 
 
 def sync_runs(
@@ -116,24 +131,26 @@ def sync_runs(
     exp_id: str,
     parent_run_id: str,
     job: JobConfig,
-    storage: Storage,
+    folder: SweepFolder,
     update_parent: bool = True,
     records: list[TrialRecord] | None = None,
 ) -> dict:
-    """Reconcile each trial's MLflow run with its Ray results (`records`, read from `storage`
+    """Reconcile each trial's MLflow run with its Ray results (`records`, read from the folder
     unless given); returns counts of what was written."""
     metric, mode, base = job.sweep.metric, job.sweep.mode, job.run.to_dict()
-    sweep = storage.root.rsplit("/", 1)[-1]
+    storage = folder.storage
     stats = {"trials": 0, "runs_created": 0, "epochs_logged": 0, "runs_finished": 0}
     best_overall = None
-    records = read_trials(storage) if records is None else records
+    records = read_trials(folder) if records is None else records
     for rec in records:
         stats["trials"] += 1
         cfg = apply_overrides(base, trial_overrides(rec.config))
-        run_id, created = trial_run(c, exp_id, sweep, rec.trial_id, parent_run_id, cfg, reopen=False)
+        run_id, created = trial_run(c, exp_id, folder.name, rec.trial_id, parent_run_id, cfg, reopen=False)
         stats["runs_created"] += created
-        run_dir = storage.join(TRAIN_DIR, rec.trial_id)
-        writer = RunWriter(c, run_id, metric, mode, storage, run_dir, job.sweep.also_best)
+        run_dir = folder.trial_dir(rec.trial_id)
+        writer = RunWriter(
+            c, run_id, metric=metric, mode=mode, storage=storage, run_dir=run_dir, also=job.sweep.also_best
+        )
         stats["epochs_logged"] += writer.reconcile()
         if rec.finished:
             last = max((e["epoch"] for e in stored_epochs(storage, run_dir)), default=0)
@@ -152,7 +169,7 @@ def _update_parent(c, parent_run_id: str, metric: str, best: dict | None, all_fi
     if best and tracking.BEST_RUN_TAG not in parent.data.tags:
         c.set_tag(parent_run_id, tracking.BEST_TRIAL_TAG, best["trial_id"])
         c.set_tag(parent_run_id, tracking.BEST_RUN_TAG, best["run_id"])
-        c.log_metric(parent_run_id, f"best/{metric}", float(best[metric]))
+        c.log_metric(parent_run_id, tracking.best_metric(metric), float(best[metric]))
     if parent.info.status == "RUNNING" and all_finished:
         # The sweep ended while MLflow was down and could not close its run.
         tracking.finish_run(c, parent_run_id, tracking.COMPLETED)

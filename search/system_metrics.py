@@ -8,7 +8,10 @@ its credentials."""
 
 from __future__ import annotations
 
+import sys
 import threading
+
+from deeplab_sweep.search.internals import InternalsChanged, mlflow_monitors
 
 
 class SystemSampler:
@@ -28,7 +31,11 @@ class SystemSampler:
         return self
 
     def _run(self) -> None:
-        monitors = _mlflow_monitors()
+        try:
+            monitors = mlflow_monitors()
+        except InternalsChanged as e:  # the trial trains on, without system metrics, and says why
+            print(f"warning: no system metrics for this trial: {e}", file=sys.stderr)
+            return
         with self._lock:
             self._monitors = monitors
         while not self._stop.is_set():
@@ -51,19 +58,3 @@ class SystemSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def _mlflow_monitors() -> list:
-    """The collectors MLflow's SystemMetricsMonitor runs: CPU and memory, disk, network, and the
-    GPUs when nvidia-ml-py finds any."""
-    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-
-    monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-    try:
-        monitors.append(GPUMonitor())
-    except Exception:  # noqa: BLE001 - no NVIDIA driver or GPU here: what MLflow does too
-        pass
-    return monitors

@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import unquote
 
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.errors import ServiceUnreachable
-from deeplab_sweep.trainable.run_config import (
-    DEFAULT_ARTIFACTS,
-    MlflowConfig,
-    redacted,
-    resolve_path,
-    split_credentials,
-)
+from deeplab_sweep.trainable.credentials import credentials_to_env, redacted
+from deeplab_sweep.trainable.run_config import DEFAULT_ARTIFACTS, MlflowConfig, resolve_path
 
 # Tags: what a run is, which sweep and trial it belongs to, how it ended, its best checkpoint.
 KIND_TAG = "deeplab.kind"
@@ -39,9 +34,13 @@ BEST_CHECKPOINT_TAG = "deeplab.best_checkpoint"
 PARETO_TAG = "deeplab.pareto_front"  # "true" on the runs of a multi-objective sweep's front
 BEST_TRIAL_TAG = "best_trial_id"  # on a sweep's parent run
 BEST_RUN_TAG = "best_run_id"
+STOP_REASON_TAG = "stop_reason"  # on a sweep's parent run: which criterion ended it
+WARM_START_TAG = "warm_start"  # on a sweep's parent run: the sweeps that seeded its searcher
+FINGERPRINT_TAG = "dataset_fingerprint"  # on a sweep's parent run: which data its trials saw
 
 KIND_SWEEP, KIND_TRIAL, KIND_TRAIN = "sweep", "trial", "train"
 COMPLETED, PRUNED, FAILED = "completed", "pruned", "failed"
+INTERRUPTED = "interrupted"  # stopped by Ctrl-C or `ray job stop`: --resume continues it
 
 # Param values beyond this are cut by MLflow servers; configs never get near it.
 MAX_PARAM_LEN = 6000
@@ -55,9 +54,34 @@ def end_status(error: str | None, last_epoch: int, epochs: int) -> str:
     return COMPLETED if last_epoch >= epochs else PRUNED
 
 
+def best_metric(metric: str) -> str:
+    """The name a run logs `metric` under at its best checkpoint: how every trial is judged."""
+    return f"best/{metric}"
+
+
 def run_value(run, metric: str):
-    """A run's value of `metric` at its best checkpoint (best/<metric>), else its last logged one."""
-    return run.data.metrics.get(f"best/{metric}", run.data.metrics.get(metric))
+    """A run's value of `metric` at its best checkpoint, else its last logged one."""
+    return run.data.metrics.get(best_metric(metric), run.data.metrics.get(metric))
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*: \S")
+
+
+def error_reason(text: str) -> str:
+    """The innermost exception line of a traceback ("pkg.mod.Error: message"), for a failed
+    run's status: Ray wraps worker errors, and the user wants the worker's own exception."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    found = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return (found[-1] if found else lines[-1] if lines else "unknown error")[:500]
+
+
+def runs_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where MLflow's UI lists an experiment's training runs (it opens on an empty GenAI page
+    otherwise). A local store is served by `deeplab ui`."""
+    page = f"#/experiments/{experiment_id}/runs"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `deeplab ui`)"
 
 
 def sweep_filter(sweep: str, kind: str) -> str:
@@ -72,23 +96,6 @@ def resolve_tracking_uri(uri: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return uri
-
-
-def credentials_to_env(uri: str) -> str:
-    """A tracking URI's credentials moved to where MLflow's client reads them, for this process
-    and the local Ray it starts: http://user:password@host to MLFLOW_TRACKING_USERNAME and
-    _PASSWORD, http://token@host to MLFLOW_TRACKING_TOKEN. What comes back has none, so it can
-    be printed, stored with runs and pickled by Tune."""
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    bare, userinfo = split_credentials(uri)
-    if userinfo is not None:
-        user, sep, password = (unquote(part) for part in userinfo.partition(":"))
-        if sep:
-            os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
-        else:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = user
-    return bare
 
 
 def _auth_headers() -> dict[str, str]:
@@ -106,7 +113,8 @@ def resolved(cfg: MlflowConfig) -> MlflowConfig:
     location is always passed: left to MLflow, artifacts of a local store land in whatever
     folder a Ray actor runs in."""
     cfg = cfg.model_copy(update={"tracking_uri": credentials_to_env(cfg.tracking_uri)})
-    loc = cfg.artifact_location
+    # An s3://KEY:SECRET@ location would be stored with the experiment, where every user reads it.
+    loc = credentials_to_env(cfg.artifact_location) if cfg.artifact_location else None
     remote = cfg.tracking_uri.startswith(("http://", "https://", "databricks"))
     if loc is None and not remote:
         loc = DEFAULT_ARTIFACTS
@@ -204,6 +212,7 @@ def one_line(e: BaseException) -> str:
 
 
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
-    """status: completed | pruned | failed; MLflow's own status follows (FAILED for failed)."""
+    """status: completed | pruned | failed | interrupted; MLflow's own status follows (FAILED,
+    KILLED for an interrupted run, else FINISHED)."""
     c.set_tag(run_id, STATUS_TAG, status if reason is None else f"{status}: {reason}"[:5000])
-    c.set_terminated(run_id, "FAILED" if status == FAILED else "FINISHED")
+    c.set_terminated(run_id, {FAILED: "FAILED", INTERRUPTED: "KILLED"}.get(status, "FINISHED"))

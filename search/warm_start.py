@@ -1,8 +1,9 @@
 """`sweep.warm_start`: earlier sweeps' trials, read from MLflow, seed a new sweep's Optuna study
 (`add_trials`), so TPE's first suggestions already model them and they are not run again.
 
-A trial is taken when every searched key of the new space has a value it allows; otherwise it
-is skipped and counted. Completed trials bring their objective values; trials ASHA stopped
+A trial is taken when every searched key of the new space has a value it allows and it trained
+for this sweep's epochs; otherwise it is skipped and counted. A sweep of other data or judged
+on another metric is refused. Completed trials bring their objective values; trials ASHA stopped
 come as PRUNED with their last value (what a stopped trial of this sweep is told); failed ones
 are left out."""
 
@@ -19,7 +20,7 @@ from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.job_config import JobConfig, SearchParam
 from deeplab_sweep.search.objectives import finite
-from deeplab_sweep.search.overrides import COND_SEP
+from deeplab_sweep.search.space import param_name
 
 
 @dataclass
@@ -28,26 +29,32 @@ class WarmStart:
     points: list[dict] = field(default_factory=list)  # for the sweep's completion criteria
     per_sweep: dict[str, int] = field(default_factory=dict)
     outside_space: int = 0
+    other_settings: int = 0  # trials of another train.epochs than this sweep's
     failed: int = 0
 
     def line(self) -> str:
         seeded = ", ".join(f"{n} from {s}" for s, n in self.per_sweep.items())
         return (
             f"warm start: {len(self.trials)} trials ({seeded}); {self.outside_space} skipped outside this space, "
-            f"{self.failed} failed left out"
+            f"{self.other_settings} skipped trained for other epochs, {self.failed} failed left out"
         )
 
 
-def read_warm_start(c, exp_id: str, job: JobConfig) -> WarmStart:
+def read_warm_start(c, exp_id: str, job: JobConfig, fingerprint: str) -> WarmStart:
+    """The named sweeps' trials as Optuna trials of this sweep's study. A sweep judged on
+    another metric, or trained on other data (its dataset fingerprint), is refused: its values
+    say nothing of this sweep's; a trial trained for other epochs is skipped and counted."""
     s = job.sweep
     out = WarmStart()
     metrics = [m for m, _ in s.objective_list]
     constraints = s.constraint_list()
     for name in s.warm_start:
-        if not c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_SWEEP), max_results=1):
+        parents = c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_SWEEP), max_results=1)
+        if not parents:
             raise ConfigError(
                 f"sweep.warm_start: no sweep named {name!r} in MLflow experiment {job.mlflow.experiment!r}"
             )
+        _check_same_task(parents[0], name, job, fingerprint)
         runs = c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_TRIAL))
         out.per_sweep[name] = 0
         for run in runs:
@@ -58,6 +65,40 @@ def read_warm_start(c, exp_id: str, job: JobConfig) -> WarmStart:
     return out
 
 
+def _check_same_task(parent, name: str, job: JobConfig, fingerprint: str) -> None:
+    params, s = parent.data.params, job.sweep
+    theirs = parent.data.tags.get(tracking.FINGERPRINT_TAG)
+    if theirs != fingerprint:
+        raise ConfigError(
+            f"sweep.warm_start: sweep {name!r} trained on other data (dataset fingerprint {theirs} against "
+            f"this sweep's {fingerprint}: data.root = {params.get('data.root')!r}); warm-start only from sweeps "
+            "of this data"
+        )
+    for key, ours in (("sweep.metric", s.metric), ("sweep.mode", s.mode)):
+        if params.get(key) != ours:
+            raise ConfigError(
+                f"sweep.warm_start: sweep {name!r} has {key} = {params.get(key)!r}, this sweep {ours!r}: "
+                "its trials' values do not compare"
+            )
+
+
+def log_warm_start(c, parent: str, warm: WarmStart) -> None:
+    c.set_tag(parent, tracking.WARM_START_TAG, ",".join(warm.per_sweep))
+    c.log_metric(parent, "warm_start/trials", len(warm.trials))
+    c.log_metric(parent, "warm_start/skipped_outside_space", warm.outside_space)
+    c.log_metric(parent, "warm_start/skipped_other_settings", warm.other_settings)
+    c.log_dict(
+        parent,
+        {
+            "per_sweep": warm.per_sweep,
+            "outside_space": warm.outside_space,
+            "other_settings": warm.other_settings,
+            "failed": warm.failed,
+        },
+        "warm_start.json",
+    )
+
+
 def _trial(c, run, job: JobConfig, metrics: list[str], constraints, out: WarmStart) -> FrozenTrial | None:
     status = run.data.tags.get(tracking.STATUS_TAG, "")
     if status not in (tracking.COMPLETED, tracking.PRUNED):
@@ -66,6 +107,9 @@ def _trial(c, run, job: JobConfig, metrics: list[str], constraints, out: WarmSta
     drawn = _params(run.data.params, job.space)
     if drawn is None:
         out.outside_space += 1
+        return None
+    if "train.epochs" not in job.space and run.data.params.get("train.epochs") != str(job.train.epochs):
+        out.other_settings += 1  # a 2-epoch trial's values are not a 30-epoch trial's
         return None
     params, distributions = drawn
     values = [tracking.run_value(run, m) for m in metrics]
@@ -107,11 +151,11 @@ def _params(logged: dict[str, str], space: dict[str, SearchParam]) -> tuple[dict
     for key, p in sorted(space.items(), key=lambda kv: kv[1].depends_on is not None):
         if key not in logged:
             return None
+        name = param_name(key, p, chosen)
         if p.depends_on is not None:
-            parent = chosen[p.depends_on]
-            name, dist = f"{key}{COND_SEP}{parent}", CategoricalDistribution(p.cases.get(str(parent)) or [None])
+            dist = CategoricalDistribution(p.cases.get(str(chosen[p.depends_on])) or [None])
         else:
-            name, dist = key, _distribution(p)
+            dist = _distribution(p)
         value = _parse(logged[key], dist)
         if value is None:
             return None

@@ -60,8 +60,6 @@ def voc_copy(synth_voc_root, tmp_path) -> Path:
 def ray_cluster():
     import ray
 
-    from deeplab_sweep.search.cluster import runtime_env
-
     if not ray.is_initialized():
         # Ray puts the driver's working directory on the workers' sys.path: the repo root,
         # so that they import test helpers such as `tests.toy_model` (a test may have chdir-ed).
@@ -72,7 +70,6 @@ def ray_cluster():
                 include_dashboard=True,
                 log_to_driver=False,
                 configure_logging=False,
-                runtime_env=runtime_env(),
             )
     yield
     ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import yaml
 
 from deeplab_sweep.cli import main
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.search.compose import check_space, compose, dump_yaml, load_job, load_yaml_config
+from deeplab_sweep.search.checks import check_space
+from deeplab_sweep.search.compose import compose, dump_yaml, load_job, load_yaml_config
 from deeplab_sweep.search.job_config import JobConfig
 from tests.conftest import CONF
 
@@ -222,7 +224,7 @@ def test_sweep_bad_input_is_one_line_before_ray(override, expected, workdir, cap
 
 
 def test_per_class_iou_is_a_metric_a_sweep_may_use(workdir):
-    from deeplab_sweep.search.compose import check_sweep
+    from deeplab_sweep.search.checks import check_sweep
 
     check_sweep(load_job(SWEEP, ["sweep.metric=val/iou/aeroplane"]))
 
@@ -235,3 +237,68 @@ def test_overriding_a_searched_key_pins_it(capsys):
     assert job.model.backbone == "resnet50" and "model.backbone" not in job.space
     # the batch size that depended on the backbone is now the choice of its resnet50 case
     assert (job.space["data.batch_size"].type, job.space["data.batch_size"].values) == ("choice", [4, 8])
+
+
+@pytest.mark.parametrize("name", ["a/b", "it's", "two words", "-lead", "x" * 101])
+def test_a_sweep_name_is_a_folder_tag_and_study_name(name, workdir, capsys):
+    """A `/` nests the sweep's folder (its trials then map to no tag: sync made a second run per
+    trial); a `'` breaks MLflow's filter strings."""
+    assert main(["sweep", str(SWEEP), f"sweep.name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: sweep.name = {name!r}: use letters, digits, '.', '_' and '-' only"), err
+    assert err.count("\n") == 1 and not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("key", ["train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.torch_threads"])
+def test_a_space_cannot_draw_a_trials_resources(key, workdir, capsys):
+    """They are reserved (or, threads, set in a reused actor) before a trial's values are drawn."""
+    values = "[true, false]" if key == "train.use_gpu" else "[1, 2]"
+    assert main(["sweep", str(SWEEP), f"space.{key}={{type: choice, values: {values}}}", "sweep.name=r"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: space.{key}: a trial's resources and threads are fixed before its values are drawn" in err
+    assert err.count("\n") == 1 and not (workdir / "runs").exists()
+
+
+def test_space_overrides_by_dotted_key():
+    job = load_job(
+        SWEEP,
+        [
+            "space.train.lr.high=0.1",  # one field of a searched key
+            "space.model.separable={type: choice, values: [false, true]}",  # a whole entry
+            "space.data.crop_size=null",  # dropped: not searched any more
+        ],
+    )
+    assert (job.space["train.lr"].low, job.space["train.lr"].high) == (0.005, 0.1)
+    assert job.space["model.separable"].values == [False, True]
+    assert "data.crop_size" not in job.space
+    assert set(load_job(SWEEP, ["space=pareto"]).space) == {
+        "train.lr",
+        "model.output_stride",
+        "model.backbone",
+        "model.separable",
+    }
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("space.train.lr.hgh=0.1", "override space.train.lr.hgh=0.1: give a whole entry"),
+        ("space.train.momentum.high=0.9", "override space.train.momentum.high=0.9: give a whole entry"),
+        ("space=nope", "default 'sweep/space/nope' not found"),
+    ],
+)
+def test_bad_space_override_is_one_line(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)) as e:
+        load_job(SWEEP, [override])
+    assert "\n" not in str(e.value)
+
+
+def test_a_group_swap_that_swaps_nothing_is_refused():
+    """`space=...` on a config without a space default was silently ignored: the run went on unchanged."""
+    with pytest.raises(ConfigError, match=r"override space=demo: demo.yaml has no space/ default to swap"):
+        load_job(DEMO, ["space=demo"])
+
+
+def test_one_objective_is_a_single_objective_sweep():
+    s = load_job(SWEEP, ["sweep.objectives={val/mIoU: max}"]).sweep
+    assert s.objectives is None and s.objective_list == [("val/mIoU", "max")] and s.also_best == ()

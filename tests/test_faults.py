@@ -171,14 +171,14 @@ def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc
         assert "MLflow is not answering; training goes on" in err
         assert f"deeplab sync {workdir}/runs/ray/outage" in err
         # Training went on: every trial ran all its epochs; the best comes from Ray's results.
-        assert summary["mlflow_error"] and [t["epochs"] for t in summary["trials"]] == [3, 3]
-        assert summary["best"]["val/mIoU"] is not None and Path(summary["best"]["checkpoint"]).is_dir()
+        assert summary.mlflow_error and [t.epochs for t in summary.trials] == [3, 3]
+        assert summary.best.values["val/mIoU"] is not None and Path(summary.best.checkpoint).is_dir()
         runs = store.search_runs([store.get_experiment_by_name("deeplab").experiment_id])
         trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
         assert all(len(store.get_metric_history(r.info.run_id, "val/mIoU")) < 3 for r in trials)
 
         server.start()  # back, same port and store
-        assert main(["sync", summary["sweep_path"], "--tracking-uri", server.url]) == 0
+        assert main(["sync", summary.sweep_path, "--tracking-uri", server.url]) == 0
         out = capsys.readouterr().out
         assert re.search(r"^2 trials: [1-9]\d* epochs logged, 0 runs created, 2 runs finished$", out, re.M), out
         c = MlflowClient(server.url)
@@ -195,7 +195,7 @@ def test_mlflow_down_mid_sweep_training_goes_on_then_sync(ray_cluster, synth_voc
         assert parent.data.tags["best_run_id"] in {r.info.run_id for r in trials}
         assert parent.info.status == "FINISHED"
         # Idempotent: a second sync writes nothing.
-        assert main(["sync", summary["sweep_path"], "--tracking-uri", server.url]) == 0
+        assert main(["sync", summary.sweep_path, "--tracking-uri", server.url]) == 0
         assert "0 epochs logged, 0 runs created, 0 runs finished" in capsys.readouterr().out
     finally:
         server.stop()
@@ -337,7 +337,7 @@ def test_hung_tracking_server_does_not_hold_up_training(ray_cluster, synth_voc_r
         watcher.join(timeout=10)
         assert seen["epochs"] == [3, 3], seen  # every epoch reached Ray while MLflow hung
         assert seen["seconds"] < 100, seen
-        assert "mlflow_error" not in summary
+        assert summary.mlflow_error is None
         runs = store.search_runs([store.get_experiment_by_name("deeplab").experiment_id])
         trials = [r for r in runs if r.data.tags.get("deeplab.kind") == "trial"]
         assert len(trials) == 2
@@ -401,10 +401,14 @@ def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdi
         local = c.download_artifacts(r.info.run_id, "checkpoint", str(tmp_path / r.info.run_id))
         best_epoch = max(history, key=lambda m: m.value).step
         assert torch.load(Path(local) / "checkpoint.pt", weights_only=True)["epoch"] == best_epoch
+    replayed = 0
     for p in sweep_dir.glob("sweep_trial_*/result.json"):
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         trained = [r["epoch"] for r in rows if not r.get("replayed")]
         assert len(trained) == len(set(trained)), f"an epoch was trained twice: {trained}"
+        replayed += any(r.get("replayed") for r in rows)
+    # The trial killed mid-run (after its second epoch) went on from its stored checkpoint.
+    assert replayed >= 1, "no trial resumed from its checkpoint"
 
 
 def test_unusable_s3_location_is_one_line_before_ray(s3_server, synth_voc_root, workdir, monkeypatch, capsys):
@@ -425,3 +429,71 @@ def test_unusable_s3_location_is_one_line_before_ray(s3_server, synth_voc_root, 
     err = capsys.readouterr().err
     assert rc == 2 and f"storage.path = 's3://{s3_server.bucket}/ray': not writable" in err, err
     assert ray.is_initialized() == ray_before
+
+
+def test_budget_counts_attempts_that_died_before_reporting_and_a_resume_keeps_why_it_stopped(
+    ray_cluster, synth_voc_root, workdir, tmp_path
+):
+    """A trial whose process dies twice, 3 s into its first epoch, before any report, then
+    trains (a tiny model: a second or two): its cost counts all three attempts, whose 6 s cross
+    the CPU-hour budget alone, so no second trial starts. A --resume of the finished sweep
+    still says it stopped on its budget (the searcher Tune restored decided it, not a fresh one)."""
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.sweep import run_sweep
+
+    (tmp_path / "s.yaml").write_text(f"""\
+defaults: [train/demo]
+model: {{factory: "tests.toy_model:build_dying", options: {{die_after_s: 3, deaths: 2, marks: "{tmp_path / "marks"}"}}}}
+data: {{max_train_images: 8, max_val_images: 2, crop_size: 48}}
+train: {{epochs: 1, cpus_per_worker: 1, max_failures: 2, visuals: 0}}
+sweep: {{num_samples: 3, max_concurrent: 1, asha: {{enabled: false}}, name: die, budget: {{cpu_hours: {5.5 / 3600}}}}}
+space:
+  train.lr: {{type: loguniform, low: 0.01, high: 0.1}}
+""")
+    job = load_job(tmp_path / "s.yaml", [f"data.root={synth_voc_root}"], conf_root=CONF)
+    summary = run_sweep(job)
+    assert len(list((tmp_path / "marks").iterdir())) == 2, "the trial's process did not die twice"
+    (trial,) = summary.trials
+    assert trial.status == "completed" and trial.cost * 3600 >= 2 * 3
+    assert summary.stop_reason.startswith("budget.cpu_hours spent: "), summary.stop_reason
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    parent = next(
+        r
+        for r in c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+        if r.data.tags.get("deeplab.kind") == "sweep"
+    )
+    assert parent.data.metrics["compute/cpu_hours"] * 3600 >= 2 * 3
+
+    resumed = run_sweep(job, resume=True)
+    assert resumed.stop_reason == summary.stop_reason
+    assert [t.trial_id for t in resumed.trials] == [trial.trial_id]
+
+
+def test_disk_full_in_a_one_worker_trial_is_the_storage_error(
+    ray_cluster, synth_voc_root, workdir, small_disk, tmp_path
+):
+    """A one-worker trial writes its checkpoints in its run folder: the third of ~40 MB does not
+    fit in 100 MB. The trial fails with the one line that says so (not torch's "PytorchStreamWriter
+    failed writing file"), and its first two epochs stay in MLflow and in storage."""
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.sweep import run_sweep
+
+    disk = small_disk(100)
+    (tmp_path / "s.yaml").write_text(
+        "defaults: [train/demo]\ndata: {max_train_images: 8, max_val_images: 2, crop_size: 48}\n"
+        "train: {epochs: 4, keep_checkpoints: 10, visuals: 0}\n"
+        "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: full1}\n"
+        "space:\n  train.lr: {type: grid, values: [0.01]}\n"
+    )
+    job = load_job(tmp_path / "s.yaml", [f"data.root={synth_voc_root}", f"storage.path={disk}"], conf_root=CONF)
+    (trial,) = run_sweep(job).trials
+    assert trial.status == "failed"
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    run = c.get_run(trial.run_id)
+    assert run.data.tags["deeplab.status"].startswith(
+        "failed: deeplab_sweep.trainable.ray_train.StorageError: "
+        f"storage.path = '{disk}': no space left on device while saving the epoch 3 checkpoint"
+    ), run.data.tags["deeplab.status"]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2]
+    kept = sorted(json.loads(p.read_text())["epoch"] for p in disk.glob("full1/train/*/checkpoint_*/checkpoint.json"))
+    assert kept == [1, 2]

@@ -168,7 +168,7 @@ def test_sweep_fine_tunes_from_imported_checkpoint(ray_cluster, synth_voc_root, 
         conf_root=CONF,
     )
     summary = run_sweep(job)
-    assert all(t["error"] is None and t["epochs"] == 1 for t in summary["trials"])
+    assert all(t.error is None and t.epochs == 1 for t in summary.trials)
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.kind` = 'trial'")
     assert {r.data.params["train.init_checkpoint"] for r in runs} == {str(tmp_path / "imported" / "checkpoint.pt")}

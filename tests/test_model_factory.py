@@ -109,7 +109,7 @@ def test_syncbn_builds_batch_norm_and_is_searchable(tmp_path):
         "defaults: [train/demo]\nspace:\n  model.norm: {type: choice, values: [bn, syncbn, gn]}\n"
         "  model.options.width: {type: choice, values: [4, 8]}\n"
     )
-    from deeplab_sweep.search.compose import check_space
+    from deeplab_sweep.search.checks import check_space
 
     check_space(load_job(tmp_path / "s.yaml", ["data.root=/x"], conf_root=CONF))
     (tmp_path / "bad.yaml").write_text("defaults: [train/demo]\nspace:\n  model.norm: {type: choice, values: [ln]}\n")
@@ -180,8 +180,8 @@ space:
   model.options.width: {{type: grid, values: [8]}}
 """)
     summary = run_sweep(load_job(tmp_path / "toy.yaml", [f"data.root={synth_voc_root}"], conf_root=CONF))
-    assert sorted(t["params"]["model.norm"] for t in summary["trials"]) == ["bn", "gn"]
-    assert all(t["epochs"] == 2 and not t["error"] for t in summary["trials"]), summary["trials"]
+    assert sorted(t.params["model.norm"] for t in summary.trials) == ["bn", "gn"]
+    assert all(t.epochs == 2 and not t.error for t in summary.trials), summary.trials
 
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     runs = [
@@ -198,10 +198,13 @@ space:
         grid = read_image(png)
         assert grid.shape[1] == 2 * 160 + 4  # two fixed images, one row each
 
-    best = fetch_best(f"sqlite:///{workdir}/runs/mlflow.db", "deeplab", workdir / "best", sweep="toy")
-    model, cfg, _ = load_model(best["local_path"])
+    # Your own model's checkpoint loads once you name its factory (a checkpoint is untrusted input).
+    best = fetch_best(
+        f"sqlite:///{workdir}/runs/mlflow.db", "deeplab", workdir / "best", sweep="toy", model_factory=TOY
+    )
+    model, cfg, _ = load_model(best["local_path"], model_factory=TOY)
     assert cfg.model.factory == TOY and type(model).__name__ == "TinyFCN"
-    assert evaluate_checkpoint(best["local_path"])["val/mIoU"] == best["value"]
+    assert evaluate_checkpoint(best["local_path"], model_factory=TOY)["val/mIoU"] == best["value"]
     image = sorted((synth_voc_root / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))[0]
-    written = predict_files(best["local_path"], [image], tmp_path / "pred")
+    written = predict_files(best["local_path"], [image], tmp_path / "pred", model_factory=TOY)
     assert {p.name for p in written} == {f"{image.stem}_{s}.png" for s in ("mask", "overlay", "ids")}

@@ -161,10 +161,53 @@ def test_sweep_over_two_pretrained_backbones_reads_weights_staged_in_storage(
         "space:\n  model.backbone: {type: grid, values: [mobilenet_v2, resnet50]}\n"
     )
     summary = run_sweep(load_job(cfg, [f"data.root={synth_voc_root}"], conf_root=CONF))
-    assert not any(t["error"] for t in summary["trials"]), summary["trials"]
+    assert not any(t.error for t in summary.trials), summary.trials
     staged = workdir / "runs" / "ray" / "weights"
     assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in hub.iterdir())
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.kind` = 'trial'")
     assert sorted(r.data.params["model.backbone"] for r in runs) == ["mobilenet_v2", "resnet50"]
     assert {r.data.params["model.backbone_weights"] for r in runs} == {str(staged)}
+
+
+@pytest.mark.slow
+def test_trials_reading_staged_weights_on_a_cold_node_do_not_trip_over_each_other(s3_server, tmp_path, monkeypatch):
+    """Weights staged in S3 (a real S3-compatible server), a node's torch cache empty: four trials
+    starting at once each copy them into the cache; every one gets the whole file (a shared
+    `.part` name was truncated and renamed under the others)."""
+    import threading
+
+    import pyarrow.fs as pafs
+    from torchvision.models import mobilenet_v2
+
+    from deeplab_sweep.trainable.models import backbone_weights_of
+    from deeplab_sweep.trainable.weights import file_name, imagenet_state
+
+    for var, value in s3_server.env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = backbone_weights_of("mobilenet_v2")
+    ref = mobilenet_v2().state_dict()
+    torch.save(ref, tmp_path / "w.pth")
+    folder = f"s3://{s3_server.bucket}/weights"
+    fs, root = pafs.FileSystem.from_uri(folder)
+    pafs.copy_files(str(tmp_path / "w.pth"), f"{root}/{file_name(weights)}", destination_filesystem=fs)
+
+    start, results = threading.Barrier(4), []
+
+    def trial():
+        start.wait()
+        try:
+            results.append(imagenet_state(weights, folder))
+        except Exception as e:  # noqa: BLE001 - what the race raised, reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=trial) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 4 and not [r for r in results if isinstance(r, Exception)], results
+    assert all(torch.equal(r["features.0.0.weight"], ref["features.0.0.weight"]) for r in results)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert [p.name for p in cache.iterdir()] == [file_name(weights)]  # no temporary file left

@@ -166,3 +166,47 @@ def test_in_process_run_writes_each_checkpoint_once_and_resumes_past_a_torn_one(
         "epochs",
         "visuals",
     ]
+
+
+def test_a_torn_checkpoint_is_never_ranked_kept_nor_resumed_from(synth_voc_root, tmp_path):
+    """A `checkpoint_epoch_NNNN` a killed copy left short (its checkpoint.pt not the size its
+    checkpoint.json records), with a better metric than any whole one: not a stored checkpoint,
+    so pruning ranks, keeps and deletes only the whole ones, and a resume starts from the latest
+    whole one."""
+    import json
+
+    from deeplab_sweep.trainable.run_folder import best_report, prune_checkpoints, stored_checkpoints
+    from deeplab_sweep.trainable.storage import Storage
+
+    run = tmp_path / "trial_1"
+    job = load_job(
+        CONF / "train" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+            "train.keep_checkpoints=10",
+            "train.visuals=0",
+            "train.epochs=3",
+        ],
+    )
+    reports: list[dict] = []
+    fit(job.run, InProcessWorker(job.run, str(run), "val/mIoU", "max", reports.append))
+    torn = run / "checkpoint_epoch_0009"
+    torn.mkdir()
+    (torn / "checkpoint.pt").write_bytes(b"cut short")
+    (torn / "checkpoint.json").write_text(json.dumps({"epoch": 9, "metrics": {"val/mIoU": 1.0}, "bytes": 10**9}))
+
+    storage = Storage(str(run))
+    assert sorted(r["epoch"] for r in stored_checkpoints(storage, str(run))) == [1, 2, 3]
+    best = max(reports, key=lambda r: r["val/mIoU"])
+    assert best_report(stored_checkpoints(storage, str(run)), "val/mIoU", "max")["epoch"] == best["epoch"]
+    prune_checkpoints(storage, str(run), 1, "val/mIoU", "max")
+    kept = {best["epoch"], 3}  # the best whole one and the latest whole one
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == sorted(
+        [*(f"checkpoint_epoch_{e:04d}" for e in kept), "checkpoint_epoch_0009"]
+    )
+    resumed: list[dict] = []
+    cfg = job.run.model_copy(update={"train": job.run.train.model_copy(update={"epochs": 4})})
+    fit(cfg, InProcessWorker(cfg, str(run), "val/mIoU", "max", resumed.append))
+    assert [(r["epoch"], bool(r.get("replayed"))) for r in resumed] == [(3, True), (4, False)]

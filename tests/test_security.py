@@ -96,7 +96,7 @@ def test_ui_listens_on_loopback_only(tmp_path):
 
 
 def test_redaction_covers_secrets_with_slashes():
-    from deeplab_sweep.trainable.run_config import redacted
+    from deeplab_sweep.trainable.credentials import redacted
 
     assert redacted("s3://AKIA:ab/cd+ef@bucket/ray") == "s3://***@bucket/ray"
     assert redacted("https://token@host:5000/x") == "https://***@host:5000/x"
@@ -148,3 +148,111 @@ def test_credentialed_tracking_uri_works_and_leaves_no_trace(
     assert SECRET not in out + err
     assert _files_with(mlflow_server.folder, SECRET.encode()) == []
     assert _files_with(workdir / "runs", SECRET.encode()) == []
+
+
+EVIL = """\
+import os
+from pathlib import Path
+
+Path(os.environ["DEEPLAB_TEST_MARK"]).write_text("imported")  # what a hostile checkpoint's code could do
+
+from tests.toy_model import build  # noqa: E402,F401
+"""
+
+
+def test_a_checkpoint_cannot_make_us_import_its_model_code(synth_voc_root, tmp_path, monkeypatch, capsys):
+    """A real checkpoint whose stored config names `evilpkg.evil:build`, a module that writes a
+    file when imported (as one from a shared MLflow server could): `deeplab eval` refuses it in
+    one line, exit 2, without importing it; naming the factory on the command line opts in."""
+    from deeplab_sweep.cli import main
+
+    (tmp_path / "evilpkg").mkdir()
+    (tmp_path / "evilpkg" / "__init__.py").write_text("")
+    (tmp_path / "evilpkg" / "evil.py").write_text(EVIL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mark = tmp_path / "imported.txt"
+    monkeypatch.setenv("DEEPLAB_TEST_MARK", str(mark))
+    cfg = load_job(
+        CONF / "train" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "model.factory=tests.toy_model:build",
+            "train.epochs=1",
+            "train.visuals=0",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+        ],
+    ).run
+    fit(cfg, LocalWorker(checkpoint_root=tmp_path / "ckpt"))
+    path = tmp_path / "ckpt" / "epoch_0001" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["factory"] = "evilpkg.evil:build"
+    torch.save(ckpt, path)
+
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: its config names model.factory = 'evilpkg.evil:build', not a registered model" in err
+    assert "--model-factory evilpkg.evil:build" in err and err.count("\n") == 1
+    assert not mark.exists(), "the checkpoint's module was imported"
+    assert main(["eval", "--checkpoint", str(path), "--model-factory", "evilpkg.evil:build"]) == 0
+    assert mark.exists()
+
+
+def test_an_optuna_storage_password_is_never_printed_nor_pickled(workdir, capsys):
+    """Optuna's way to authenticate is the database URL itself: the searcher keeps it in memory
+    and pickles (into Tune's searcher state) and prints only its redacted form; a database
+    that cannot be opened (here: no driver installed) is one line."""
+    import pickle
+
+    from deeplab_sweep.cli import main
+    from deeplab_sweep.search.searcher import build_searcher
+
+    url = f"postgresql://alice:{SECRET}@127.0.0.1:1/optuna"
+    job = load_job(CONF / "sweep" / "demo.yaml", [f"sweep.optuna_storage={url}"])
+    searcher, _ = build_searcher(job, "s")
+    assert searcher.storage_url == "postgresql://***@127.0.0.1:1/optuna"
+    assert SECRET.encode() not in pickle.dumps(searcher.__getstate__())
+    from deeplab_sweep.trainable.credentials import recall
+
+    assert recall(searcher.storage_url) == url  # what this process connects with
+
+    assert main(["sweep", str(CONF / "sweep" / "demo.yaml"), f"sweep.optuna_storage={url}", "sweep.name=pg"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: sweep.optuna_storage = 'postgresql://***@127.0.0.1:1/optuna': cannot be opened (ImportError: "
+    ), err
+    assert SECRET not in err and err.count("\n") == 1
+
+
+def test_s3_credentials_in_an_artifact_location_or_a_sync_uri_are_never_printed_nor_stored(
+    s3_server, synth_voc_root, workdir, monkeypatch, capsys
+):
+    from deeplab_sweep.cli import main
+    from deeplab_sweep.search import tracking
+    from deeplab_sweep.trainable.run_config import MlflowConfig
+
+    for var, value in s3_server.env.items():
+        monkeypatch.setenv(var, value)
+    demo = str(CONF / "train" / "demo.yaml")
+    rc = main(["train", demo, f"data.root={synth_voc_root}", f"mlflow.artifact_location=s3://AKIA:{SECRET}@nope/art"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: mlflow.artifact_location = 's3://nope/art': not writable" in err, err
+    assert SECRET not in err
+    # Reachable: the experiment MLflow stores (which every user of the server reads) has no secret.
+    cfg = tracking.resolved(
+        MlflowConfig(
+            tracking_uri=f"sqlite:///{workdir}/m.db",
+            artifact_location=f"s3://testing:{SECRET}@{s3_server.bucket}/art",
+            experiment="e",
+        )
+    )
+    exp = tracking.client(cfg).get_experiment(tracking.ensure_experiment(cfg))
+    assert exp.artifact_location == f"s3://{s3_server.bucket}/art"
+    assert _files_with(workdir, SECRET.encode()) == []
+    capsys.readouterr()  # MLflow's own log of creating that store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    assert main(["sync", f"s3://AKIA:{SECRET}@{s3_server.bucket}/ray/sw"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: s3://{s3_server.bucket}/ray/sw: cannot be read (") and err.count("\n") == 1, err
+    assert SECRET not in err

@@ -9,9 +9,11 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from deeplab_sweep.errors import ConfigError
-from deeplab_sweep.search.compose import check_space, load_job, validate
+from deeplab_sweep.search.checks import check_space
+from deeplab_sweep.search.compose import load_job, validate
 from deeplab_sweep.search.overrides import COND_SEP, trial_overrides
-from deeplab_sweep.search.space import OptunaSpace, build_searcher, grid_param_space
+from deeplab_sweep.search.searcher import build_searcher
+from deeplab_sweep.search.space import OptunaSpace, grid_param_space
 from tests.conftest import CONF
 
 DEMO = CONF / "sweep" / "demo.yaml"
@@ -177,35 +179,108 @@ def test_front_and_improvement_with_two_objectives():
     expected = {(t.values[0], t.values[1]) for t in study.best_trials}
     assert {(p["val/mIoU"], p["model/latency_ms"]) for p in pareto_front(points, objectives, [])} == expected
 
-    completion = Completion(objectives, [], 1.0, "cost/cpu_hours", patience=2)
+    completion = Completion(
+        objectives=objectives, constraints=[], units_per_trial=1.0, cost_metric="cost/cpu_hours", patience=2
+    )
     completion.seed(points)
     best = max(points, key=lambda p: p["val/mIoU"])
-    completion.on_finished({"val/mIoU": best["val/mIoU"], "model/latency_ms": 9.0}, on_front_possible=True)  # dominated
-    completion.on_finished({"val/mIoU": 2.0, "model/latency_ms": 9.0}, on_front_possible=False)  # stopped early
+    completion.on_finished({"val/mIoU": best["val/mIoU"], "model/latency_ms": 9.0}, ran_in_full=True)  # dominated
+    completion.on_finished({"val/mIoU": 2.0, "model/latency_ms": 9.0}, ran_in_full=False)  # stopped early
     assert completion.check() == "stop_when.no_improvement_trials: 2 trials without improvement"
     completion.without_improvement, completion.reason = 0, None
-    completion.on_finished({"val/mIoU": 0.0, "model/latency_ms": 0.5}, on_front_possible=True)  # fastest: joins
+    completion.on_finished({"val/mIoU": 0.0, "model/latency_ms": 0.5}, ran_in_full=True)  # fastest: joins
     assert completion.without_improvement == 0
 
 
-def test_budget_counts_every_restart_and_the_wall_time_of_earlier_drivers():
+def test_budget_counts_every_attempt_and_the_wall_time_of_earlier_drivers():
+    """Cost is the wall time of every attempt (one that died before it reported too), x the
+    units held; the bounds are what the test's own sleeps and stopwatch allow."""
     import pickle
     import time
 
     from deeplab_sweep.search.completion import Completion
 
-    completion = Completion([("val/mIoU", "max")], [], 2.0, "cost/cpu_hours", budget_hours=0.02, wall_time_s=3600)
-    for t in (10.0, 20.0, 5.0, 15.0):  # Tune's clock starts again from 0 when a trial restarts
-        completion.on_result("a", {"time_total_s": t})
-    completion.on_result("b", {"time_total_s": 0.5})
-    assert completion.hours() == pytest.approx((20 + 15 + 0.5) * 2 / 3600)
+    start = time.monotonic()
+    completion = Completion(
+        objectives=[("val/mIoU", "max")],
+        constraints=[],
+        units_per_trial=2.0,
+        cost_metric="cost/cpu_hours",
+        budget_hours=1.0,
+        wall_time_s=3600,
+    )
+    cost = completion.cost
+    for _ in range(2):  # an attempt that dies before any report, and its retry
+        cost.started("a")
+        time.sleep(0.2)
+        cost.ended("a")
+    cost.started("b")  # running
+    time.sleep(0.1)
+    assert 0.5 * 2 / 3600 <= completion.hours() <= (time.monotonic() - start) * 2 / 3600
     assert completion.check() is None
-    completion.on_result("b", {"time_total_s": 5.0})  # 40 s x 2 CPUs = 80 s > 72 s
-    assert completion.check() == "budget.cpu_hours spent: 0.02222 of 0.02"
+    completion.budget_hours = completion.hours()
+    assert completion.check().startswith("budget.cpu_hours spent: ")
 
-    later = Completion([("val/mIoU", "max")], [], 1.0, "cost/cpu_hours", wall_time_s=0.5)
+    later = Completion(
+        objectives=[("val/mIoU", "max")], constraints=[], units_per_trial=1.0, cost_metric="cost/cpu_hours"
+    )
+    later.cost.started("c")
     time.sleep(0.3)
     resumed = pickle.loads(pickle.dumps(later))  # a resumed sweep's searcher
-    assert 0.3 <= resumed.wall_s() < 0.5 and resumed.check() is None
-    time.sleep(0.25)
+    # The running attempt counts up to the save, and the earlier driver's wall time carries over.
+    assert resumed.cost.seconds("c") >= 0.3 and resumed.wall_s() >= 0.3 and resumed.check() is None
+    resumed.wall_time_s = 0.3
     assert resumed.check().startswith("budget.wall_time_s passed")
+
+
+def test_epoch_budget_counts_each_epoch_once():
+    from deeplab_sweep.search.completion import Completion
+
+    completion = Completion(
+        objectives=[("val/mIoU", "max")],
+        constraints=[],
+        units_per_trial=1.0,
+        cost_metric="cost/cpu_hours",
+        budget_epochs=5,
+    )
+    for epoch in (1, 2, 3):
+        completion.on_result("a", {"epoch": epoch})
+    completion.on_result("a", {"epoch": 2, "replayed": True})  # after a restart: not trained again
+    completion.on_result("b", {"epoch": 1})
+    assert completion.epochs_trained() == 4 and completion.check() is None
+    completion.on_result("b", {"epoch": 2})
+    assert completion.check() == "budget.epochs spent: 5 of 5"
+
+
+def test_trials_are_judged_at_their_best_epoch(tmp_path):
+    """Optuna is told the values of the trial's best epoch by the first objective (its best
+    checkpoint), not its last; the no-improvement rule judges that point too."""
+    job = _multi_objective(
+        tmp_path, "sweep.constraints={model/peak_mem_mb: '<= 100'}", "sweep.stop_when.no_improvement_trials=5"
+    )
+    searcher, _ = build_searcher(job, "s")
+    searcher.suggest("a")
+    epochs = [(0.6, 10.0, 90.0), (0.4, 12.0, 150.0), (0.5, 11.0, 160.0), (0.3, 9.0, 170.0)]
+    for e, (miou, latency, mem) in enumerate(epochs, 1):
+        r = {"val/mIoU": miou, "model/latency_ms": latency, "model/peak_mem_mb": mem, "epoch": e}
+        (searcher.on_trial_result if e < 4 else searcher.on_trial_complete)("a", r)
+    (a,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials
+    assert a.state == TrialState.COMPLETE and a.values == [0.6, 10.0]
+    # The constraint is met at the best epoch, broken at the last: judged at the best.
+    assert a.constraints == {"model/peak_mem_mb <= 100": -10.0}
+    assert searcher.completion.points == [{"val/mIoU": 0.6, "model/latency_ms": 10.0, "model/peak_mem_mb": 90.0}]
+
+
+def test_a_stopped_trial_never_joins_a_front_of_several_objectives():
+    from deeplab_sweep.search.completion import Completion
+
+    completion = Completion(
+        objectives=[("val/mIoU", "max"), ("model/latency_ms", "min")],
+        constraints=[],
+        units_per_trial=1.0,
+        cost_metric="cost/cpu_hours",
+    )
+    completion.on_finished({"val/mIoU": 0.9, "model/latency_ms": 1.0}, ran_in_full=False)
+    assert completion.points == [] and completion.without_improvement == 1
+    completion.on_finished({"val/mIoU": 0.5, "model/latency_ms": 5.0}, ran_in_full=True)
+    assert completion.points == [{"val/mIoU": 0.5, "model/latency_ms": 5.0}] and completion.without_improvement == 0

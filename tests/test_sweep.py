@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 
 from deeplab_sweep.search.best import fetch_best
 from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.sweep import run_sweep
+from deeplab_sweep.search.sync import read_trials
 from deeplab_sweep.trainable.inference import evaluate_checkpoint
 from tests.conftest import CONF, REPO, sweep_command
 
@@ -99,9 +101,9 @@ def test_each_trial_run_holds_every_epoch_it_trained_and_its_checkpoint(tpe_asha
     s = tpe_asha_sweep
     for r in s.children:
         steps = [m.step for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")]
-        trial = next(t for t in s.summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
-        assert steps == list(range(1, trial["epochs"] + 1))
-        assert (s.status[trial["trial_id"]] == "completed") == (trial["epochs"] == 3)
+        trial = next(t for t in s.summary.trials if t.trial_id == r.data.tags["deeplab.trial_id"])
+        assert steps == list(range(1, trial.epochs + 1))
+        assert (s.status[trial.trial_id] == "completed") == (trial.epochs == 3)
         assert "checkpoint" in {a.path for a in s.c.list_artifacts(r.info.run_id)}
         assert r.data.metrics["best/val/mIoU"] == max(
             m.value for m in s.c.get_metric_history(r.info.run_id, "val/mIoU")
@@ -121,16 +123,17 @@ def test_parent_run_says_what_early_stopping_saved(tpe_asha_sweep):
 def test_each_trial_run_holds_all_resolved_params(tpe_asha_sweep):
     s = tpe_asha_sweep
     for r in s.children:
-        trial = next(t for t in s.summary["trials"] if t["trial_id"] == r.data.tags["deeplab.trial_id"])
-        assert float(r.data.params["train.lr"]) == pytest.approx(trial["params"]["train.lr"])
-        assert r.data.params["model.output_stride"] == str(trial["params"]["model.output_stride"])
+        trial = next(t for t in s.summary.trials if t.trial_id == r.data.tags["deeplab.trial_id"])
+        assert float(r.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        assert r.data.params["model.output_stride"] == str(trial.params["model.output_stride"])
         assert r.data.params["data.max_train_images"] == "8" and len(r.data.params) >= 40
 
 
 def test_optuna_heard_each_trial_as_mlflow_logged_it(tpe_asha_sweep):
     """Read back from Optuna's own storage: a pruned trial's last intermediate value is the
     metric of its last epoch in MLflow, at that epoch (Ray never passes the stopping result
-    to the searcher's on_trial_result); a completed trial's value is its last epoch's."""
+    to the searcher's on_trial_result); a completed trial's value is its best checkpoint's, the
+    best/val/mIoU MLflow holds (one rule for Optuna, MLflow, the summary and `deeplab best`)."""
     s = tpe_asha_sweep
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{s.workdir}/runs/optuna.db")
     by_lr = {t.params["train.lr"]: t for t in study.trials}
@@ -144,8 +147,8 @@ def test_optuna_heard_each_trial_as_mlflow_logged_it(tpe_asha_sweep):
             assert trial.state == TrialState.PRUNED
             assert trial.intermediate_values[last.step] == pytest.approx(last.value)
         else:
-            assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(last.value)
-    assert s.summary["optuna_states"] == {
+            assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(r.data.metrics["best/val/mIoU"])
+    assert s.summary.optuna_states == {
         "COMPLETE": list(s.status.values()).count("completed"),
         "PRUNED": list(s.status.values()).count("pruned"),
     }
@@ -161,8 +164,8 @@ def test_best_is_found_through_mlflow_loaded_and_reproduced(tpe_asha_sweep):
         register="tiny",
         alias="champion",
     )
-    assert info["run_id"] == s.parents[0].data.tags["best_run_id"] == s.summary["best"]["run_id"]
-    assert info["value"] == pytest.approx(s.summary["best"]["val/mIoU"])
+    assert info["run_id"] == s.parents[0].data.tags["best_run_id"] == s.summary.best.run_id
+    assert info["value"] == pytest.approx(s.summary.best.values["val/mIoU"])
     assert torch.load(info["local_path"], weights_only=True)["epoch"] == info["checkpoint_epoch"]
     assert evaluate_checkpoint(info["local_path"])["val/mIoU"] == info["value"]
     assert s.c.get_model_version_by_alias("tiny", "champion").run_id == info["run_id"]
@@ -226,11 +229,16 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **s3_server.env}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
+    seen, last = [], {}  # the progress table's lines; each trial's last (status, epoch)
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         seen.append(line)
-        if " done " in line or time.monotonic() > deadline:
+        parts = line.split()
+        if len(parts) > 3 and "/" in parts[3]:
+            last[parts[1]] = (parts[2], int(parts[3].split("/")[0]))
+        # Ctrl-C once a trial is done and another has stored a checkpoint and not finished.
+        stored = [t for t, (status, epoch) in last.items() if status == "running" and 1 <= epoch < 4]
+        if (any(status == "done" for status, _ in last.values()) and stored) or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGINT)
     try:
@@ -238,7 +246,7 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    assert any(" done " in ln for ln in seen), "".join(seen)[-3000:]
+    assert any(" done " in ln for ln in seen) and stored, "".join(seen)[-3000:]
 
     c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
     _, before = _runs(c)
@@ -259,13 +267,20 @@ def test_resume_after_ctrl_c_continues_same_runs_on_s3(synth_voc_root, tmp_path,
         t = r.data.tags["deeplab.trial_id"]
         if t in done_steps:
             assert len(steps) == done_steps[t]  # a finished trial was not rerun
+    # The interrupted trial went on from its stored checkpoint (the resumed driver's results for
+    # it start with the restored epoch, replayed), training no epoch up to it again.
+    rows = {rec.trial_id: rec.rows for rec in read_trials(SweepFolder(f"{bucket}/ray/r1"))}
+    for trial_id in stored:
+        replayed = [r["epoch"] for r in rows[trial_id] if r.get("replayed")]
+        trained = [r["epoch"] for r in rows[trial_id] if not r.get("replayed")]
+        assert replayed and all(e > max(replayed) for e in trained), (trial_id, rows[trial_id])
     summary = json.loads(
         c.download_artifacts(parents[0].info.run_id, "summary.json", str(tmp_path / "s"))
         and (tmp_path / "s" / "summary.json").read_text()
     )
     assert len(summary["trials"]) == 3
     # The summary after a resume covers the trials finished before it too.
-    assert all(t["run_id"] and t["val/mIoU"] is not None for t in summary["trials"])
+    assert all(t["run_id"] and t["values"]["val/mIoU"] is not None for t in summary["trials"])
     assert summary["best"]["run_id"] in {r.info.run_id for r in after}
     assert summary["optuna_states"] == {"COMPLETE": 3}
     assert summary["best"]["checkpoint"].startswith(f"{bucket}/ray/r1/train/")
@@ -308,8 +323,8 @@ def test_nan_trial_fails_alone_with_reason(ray_cluster, synth_voc_root, workdir,
     assert "NonFiniteLoss" in bad.data.tags["deeplab.status"] and "loss became" in bad.data.tags["deeplab.status"]
     assert good.info.status == "FINISHED" and good.data.tags["deeplab.status"] == "completed"
     assert parents[0].info.status == "FINISHED"
-    assert summary["best"]["run_id"] == good.info.run_id
-    assert sum(1 for t in summary["trials"] if t["error"]) == 1
+    assert summary.best.run_id == good.info.run_id
+    assert sum(1 for t in summary.trials if t.error) == 1
 
 
 def test_trial_failing_before_its_first_epoch_has_one_run_and_retention_follows_the_metric(
@@ -339,4 +354,4 @@ def test_trial_failing_before_its_first_epoch_has_one_run_and_retention_follows_
     assert [m.step for m in c.get_metric_history(good.info.run_id, "best/train/lr")] == [1]
     local = c.download_artifacts(good.info.run_id, "checkpoint", str(tmp_path / "dl"))
     assert torch.load(Path(local) / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    assert summary["best"]["run_id"] == good.info.run_id
+    assert summary.best.run_id == good.info.run_id

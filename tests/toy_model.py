@@ -39,3 +39,23 @@ def build_wrong_shape(num_classes: int, cfg) -> nn.Module:
 
 def build_broken(num_classes: int, cfg) -> nn.Module:
     raise RuntimeError("my factory is broken")
+
+
+def build_dying(num_classes: int, cfg) -> nn.Module:
+    """Built in a Ray actor (a trial), its process dies after `options.die_after_s`, the first
+    `options.deaths` times (counted in `options.marks`): a trial killed before its first report,
+    then one that trains. Built elsewhere (the driver's preflight) it is TinyFCN."""
+    import os
+    import time
+    from pathlib import Path
+
+    import ray
+
+    marks = Path(cfg.options["marks"])
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        marks.mkdir(parents=True, exist_ok=True)
+        if len(list(marks.iterdir())) < int(cfg.options["deaths"]):
+            (marks / str(time.time())).touch()
+            time.sleep(float(cfg.options["die_after_s"]))
+            os._exit(1)
+    return TinyFCN(num_classes, 8, cfg.norm)

@@ -4,7 +4,10 @@ input and must not be able to run code."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,11 +51,30 @@ def save_checkpoint(
         "rng": rng_state,
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    failed = None
+    try:
+        torch.save(payload, tmp)
+    except RuntimeError as e:
+        # Raised outside this block: the original's traceback keeps torch's writer, and with it
+        # the half-written file's space on a full disk, alive.
+        failed = _write_error(e, tmp)
+    if failed is not None:
+        raise failed
     tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint.pt
     meta = {"epoch": epoch, "metrics": metrics, "bytes": path.stat().st_size}
     (path.parent / META).write_text(json.dumps(meta))
     return path
+
+
+def _write_error(e: RuntimeError, path: Path) -> Exception:
+    """torch's writer reports a failed write as a RuntimeError ("unexpected pos", "failed writing
+    file"): an OSError here, ENOSPC when the disk is full, so that it reads as what it is."""
+    text = str(e)
+    if "unexpected pos" not in text and "failed writing" not in text:
+        return e
+    full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
 
 
 def checkpoint_file(path: str | Path) -> Path:

@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from deeplab_sweep.datasets.labels import IGNORE_INDEX
 from deeplab_sweep.datasets.transforms import DeviceTrainAugment, list_collate, train_transform, val_transform
 from deeplab_sweep.trainable.checkpoint import save_checkpoint
+from deeplab_sweep.trainable.credentials import redacted
 from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
 from deeplab_sweep.trainable.profile import MODEL_METRICS, PeakMemory, forward_profile, profile_crop, sync_device
-from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig, redacted
+from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -59,6 +60,11 @@ class Worker:
         """Report again what the restored checkpoint recorded: a run killed right after saving
         it may never have delivered that report, and whoever listens must not miss an epoch."""
         self.report(metrics, None)
+
+    def write_failed(self, error: OSError, epoch: int, checkpoint_dir: str) -> Exception:
+        """What a failure to write the epoch's checkpoint or PNGs into `checkpoint_scratch`
+        becomes: a worker that writes them into storage says so in words."""
+        return error
 
 
 @dataclass
@@ -387,18 +393,21 @@ def fit(cfg: RunConfig, worker: Worker) -> list[dict]:
         with worker.checkpoint_scratch() as tmp:
             ckpt_dir = None
             if worker.rank == 0:
-                save_checkpoint(
-                    tmp,
-                    model_state=_unwrap(model).state_dict(),
-                    config=redacted(cfg.to_dict()),
-                    epoch=epoch,
-                    metrics=_finite(metrics),
-                    optimizer_state=optimizer.state_dict(),
-                    scheduler_state=scheduler.state_dict(),
-                    scaler_state=scaler.state_dict(),
-                )
-                if samples is not None:
-                    _write_visuals(Path(tmp) / VISUALS_DIR, epoch, samples, cm, cfg)
+                try:
+                    save_checkpoint(
+                        tmp,
+                        model_state=_unwrap(model).state_dict(),
+                        config=redacted(cfg.to_dict()),
+                        epoch=epoch,
+                        metrics=_finite(metrics),
+                        optimizer_state=optimizer.state_dict(),
+                        scheduler_state=scheduler.state_dict(),
+                        scaler_state=scaler.state_dict(),
+                    )
+                    if samples is not None:
+                        _write_visuals(Path(tmp) / VISUALS_DIR, epoch, samples, cm, cfg)
+                except OSError as e:
+                    raise worker.write_failed(e, epoch, tmp) from None
                 ckpt_dir = tmp
             worker.report(metrics, ckpt_dir)
         reports.append(metrics)

@@ -13,17 +13,29 @@ from deeplab_sweep.datasets.base import read_image
 from deeplab_sweep.datasets.transforms import val_transform
 from deeplab_sweep.trainable.checkpoint import CheckpointError, load_checkpoint
 from deeplab_sweep.trainable.engine import evaluate, val_loader, val_metrics
-from deeplab_sweep.trainable.models import build_from_config
+from deeplab_sweep.trainable.models import build_from_config, registered_models
 from deeplab_sweep.trainable.run_config import RunConfig
 from deeplab_sweep.trainable.visuals import colorize
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", model_factory: str | None = None
+) -> tuple[torch.nn.Module, RunConfig, dict]:
+    """The checkpoint's model, config and contents. A checkpoint is untrusted input (one from a
+    shared MLflow server is anyone's): its model is built only from the registered models,
+    unless `model_factory` names the `pkg.module:callable` it stores (the user's opt-in)."""
     ckpt = load_checkpoint(path, map_location=device)
     try:
         cfg = RunConfig.model_validate(ckpt["config"])
     except Exception as e:
         raise CheckpointError(f"{path}: its stored config does not validate ({e})") from None
+    factory = cfg.model.factory
+    if factory not in registered_models() and factory != model_factory:
+        raise CheckpointError(
+            f"{path}: its config names model.factory = {factory!r}, not a registered model "
+            f"({', '.join(registered_models())}); a checkpoint's own code is imported only when you name it: "
+            f"--model-factory {factory}"
+        )
     # Weights are in the checkpoint: never fetch pretrained backbone weights to build the shell.
     model = build_from_config(cfg.model.model_copy(update={"pretrained_backbone": False}), cfg.data.num_classes)
     try:
@@ -36,10 +48,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     return model.to(device).eval(), cfg, ckpt
 
 
-def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: str = "cpu") -> dict:
+def evaluate_checkpoint(
+    path: str | Path, data_root: str | None = None, device: str = "cpu", model_factory: str | None = None
+) -> dict:
     """The validation metrics of a checkpoint, computed as in training (same transform, same
     whole-image or centre-crop setting, same images)."""
-    model, cfg, ckpt = load_model(path, device)
+    model, cfg, ckpt = load_model(path, device, model_factory)
     loader = val_loader(cfg, data_root=data_root)
     cm = evaluate(model, loader, cfg.data.num_classes, torch.device(device), cfg)
     metrics = val_metrics(cm, cfg.data.spec.class_names)
@@ -48,9 +62,14 @@ def evaluate_checkpoint(path: str | Path, data_root: str | None = None, device: 
 
 @torch.no_grad()
 def predict_files(
-    path: str | Path, inputs: list[Path], out: Path, device: str = "cpu", alpha: float = 0.5
+    path: str | Path,
+    inputs: list[Path],
+    out: Path,
+    device: str = "cpu",
+    alpha: float = 0.5,
+    model_factory: str | None = None,
 ) -> list[Path]:
-    model, cfg, _ = load_model(path, device)
+    model, cfg, _ = load_model(path, device, model_factory)
     transform = val_transform(None)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -8,6 +8,7 @@ retries failed workers from the latest checkpoint (`train.max_failures`).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +37,16 @@ class StorageError(RuntimeError):
 
 
 class RayWorker(Worker):
-    def __init__(self, storage_path: str = ""):
+    def __init__(self, storage_path: str = "", run_storage_path: str | None = None):
+        """`storage_path`: the run's `storage.path` (named in errors); `run_storage_path`: the Ray
+        Train run's own `storage_path` (a sweep's train folder), its folder the run's name in it."""
         self.storage_path = storage_path
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        run_storage_path = run_storage_path or storage_path
+        self.run_uri = f"{run_storage_path.rstrip('/')}/{ctx.get_experiment_name()}" if run_storage_path else ""
 
     def prepare_model(self, model):
         # DDP (gloo on CPU, NCCL on GPU) when there is more than one worker.
@@ -63,8 +68,7 @@ class RayWorker(Worker):
         try:
             ray.train.report(metrics, checkpoint=checkpoint)  # Ray copies the checkpoint into storage here
             if checkpoint_dir:  # rank 0, once its checkpoint is in storage
-                ctx = ray.train.get_context().get_storage()
-                storage = Storage.on(ctx.storage_filesystem, ctx.experiment_fs_path)
+                storage = Storage(self.run_uri)
                 write_epoch_files(storage, storage.root, metrics, checkpoint_dir)
         except OSError as e:
             raise storage_error(e, self.storage_path, metrics.get("epoch"), checkpoint_dir) from None
@@ -111,6 +115,11 @@ class InProcessWorker(Worker):
     def replay(self, metrics: dict) -> None:
         self.on_report({**metrics, "checkpoint_path": self.storage.uri(self._restored), "replayed": True})
 
+    def write_failed(self, error: OSError, epoch: int, checkpoint_dir: str) -> Exception:
+        # On local storage the checkpoint is written in the run's own folder: a full disk is the
+        # storage's. Elsewhere it is written to a temporary folder first, whose error is its own.
+        return storage_error(error, self.cfg.storage.path, epoch, checkpoint_dir) if self.storage.local else error
+
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
             root = self.storage.root
@@ -152,7 +161,7 @@ def storage_error(e: OSError, storage_path: str, epoch, checkpoint_dir: str | No
 
 def train_loop_per_worker(config: dict) -> None:
     cfg = RunConfig.model_validate(config["run"])
-    fit(cfg, RayWorker(cfg.storage.path))
+    fit(cfg, RayWorker(cfg.storage.path, config["storage_path"]))
 
 
 def eval_loop_per_worker(config: dict) -> None:
@@ -161,7 +170,7 @@ def eval_loop_per_worker(config: dict) -> None:
     from deeplab_sweep.trainable.inference import load_model
 
     worker = RayWorker()
-    model, cfg, _ = load_model(config["checkpoint"], worker.device)
+    model, cfg, _ = load_model(config["checkpoint"], worker.device, config.get("model_factory"))
     loader = val_loader(cfg, worker.rank, worker.world_size, data_root=config.get("data_root"))
     cm = evaluate(model, loader, cfg.data.num_classes, worker.device, cfg)
     # Train V2 returns only checkpointed metrics to the driver: ship the matrix as a file.
@@ -171,12 +180,15 @@ def eval_loop_per_worker(config: dict) -> None:
         worker.report({"images": len(loader.sampler)}, tmp if worker.rank == 0 else None)
 
 
-def evaluate_distributed(checkpoint: str, num_workers: int, data_root: str | None = None) -> list[list[int]]:
-    """The summed confusion matrix of `checkpoint` evaluated by `num_workers` Ray Train workers."""
+def evaluate_distributed(
+    checkpoint: str, num_workers: int, data_root: str | None = None, model_factory: str | None = None
+) -> list[list[int]]:
+    """The summed confusion matrix of `checkpoint` evaluated by `num_workers` Ray Train workers
+    (`model_factory`: as `inference.load_model`)."""
     with tempfile.TemporaryDirectory(prefix="deeplab-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"checkpoint": str(checkpoint), "data_root": data_root},
+            train_loop_config={"checkpoint": str(checkpoint), "data_root": data_root, "model_factory": model_factory},
             scaling_config=ScalingConfig(num_workers=num_workers),
             run_config=RayRunConfig(storage_path=storage),
             torch_config=ray.train.torch.TorchConfig(backend="gloo"),
@@ -210,9 +222,16 @@ def build_in_process_trainer(
     return TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=0))
 
 
+# Ray Train polls worker health every 2 s by default, and a report waits for the next poll: with
+# short epochs that is most of a trial's overhead. At 0.2 s it costs nothing visible. Ray Train
+# hands the variable from the process that calls fit() to its controller and workers.
+HEALTH_CHECK_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
 def build_trainer(
     cfg: RunConfig, name: str, storage_path: str, metric: str, mode: str, callbacks: list | None = None
 ) -> TorchTrainer:
+    os.environ.setdefault(*HEALTH_CHECK_ENV)
     t = cfg.train
     scaling = ScalingConfig(
         num_workers=t.num_workers,
@@ -233,7 +252,7 @@ def build_trainer(
     torch_config = ray.train.torch.TorchConfig(backend="nccl" if t.use_gpu else "gloo")
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict()},
+        train_loop_config={"run": cfg.to_dict(), "storage_path": storage_path},
         scaling_config=scaling,
         run_config=run,
         torch_config=torch_config,

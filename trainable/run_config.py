@@ -9,7 +9,6 @@ what checkpoints and MLflow store, and `RunConfig.model_validate(dumped)` rebuil
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,30 +195,6 @@ class RunConfig(Strict):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
-
-
-# user:secret@ (the secret may hold '/', as AWS secret keys do) or token@ right after "://".
-_USERINFO = re.compile(r"(?<=://)((?:[^@\s/:]*:[^@\s]*|[^@\s/:]+))@")
-
-
-def split_credentials(uri: str) -> tuple[str, str | None]:
-    """(the URI without its user:secret@ or token@ part, that part or None)."""
-    m = _USERINFO.search(uri)
-    return (uri, None) if m is None else (uri[: m.start()] + uri[m.end() :], m.group(1))
-
-
-def redacted(value):
-    """The config (or any value in it) with credentials in URIs (https://user:token@host,
-    s3://KEY:SECRET@bucket) replaced by ***: what is stored with a run or a checkpoint is read by
-    everyone who can read those. Pass credentials in the environment (MLFLOW_TRACKING_TOKEN,
-    AWS_*) instead."""
-    if isinstance(value, str):
-        return _USERINFO.sub("***@", value)
-    if isinstance(value, dict):
-        return {k: redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redacted(v) for v in value]
-    return value
 
 
 def resolve_path(p: str, base: Path | None = None) -> str:

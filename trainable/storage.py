@@ -14,29 +14,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote
 
 import pyarrow.fs as pafs
 
 
 def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
-
-
-def credentials_to_env(location: str) -> str:
-    """s3://KEY:SECRET@bucket/prefix: the key pair moved to AWS_ACCESS_KEY_ID and
-    AWS_SECRET_ACCESS_KEY, where pyarrow (Ray's storage), boto3 and MLflow read it, for this
-    process and the local Ray it starts. What comes back has no secret in it: Ray writes the
-    storage path into every experiment state it saves."""
-    from deeplab_sweep.trainable.run_config import split_credentials
-
-    if not location.startswith("s3://"):
-        return location
-    bare, userinfo = split_credentials(location)
-    if userinfo is not None:
-        key, _, secret = (unquote(part) for part in userinfo.partition(":"))
-        os.environ.update(AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret)
-    return bare
 
 
 class Storage:
@@ -48,14 +31,6 @@ class Storage:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(location.removeprefix("file://")).resolve())
             self.scheme = None
         self.root = self.root.rstrip("/")
-
-    @classmethod
-    def on(cls, fs: pafs.FileSystem, root: str) -> Storage:
-        """A filesystem and path as Ray hands them over (a run's storage context)."""
-        self = cls.__new__(cls)
-        self.fs, self.root = fs, root.rstrip("/")
-        self.scheme = None if isinstance(fs, pafs.LocalFileSystem) else {"gcs": "gs"}.get(fs.type_name, fs.type_name)
-        return self
 
     def probe(self) -> None:
         """Create the root and write and remove a small file in it: raises OSError when the

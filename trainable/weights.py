@@ -8,6 +8,8 @@ s3://bucket/ray/weights) holding each backbone's file under torchvision's own fi
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -59,9 +61,15 @@ def imagenet_state(weights, source: str | None = None) -> dict:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name(weights)
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
-            part = cached.with_suffix(".part")
-            pafs.copy_files(f"{folder}/{file_name(weights)}", str(part), source_filesystem=fs)
-            part.replace(cached)
+            # A name of its own: trials on one node with a cold cache copy side by side, and
+            # the first rename wins with a whole file (a shared .part was truncated under it).
+            fd, part = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".part", dir=cached.parent)
+            os.close(fd)
+            try:
+                pafs.copy_files(f"{folder}/{file_name(weights)}", part, source_filesystem=fs)
+                os.replace(part, cached)
+            finally:
+                Path(part).unlink(missing_ok=True)
         return torch.load(cached, map_location="cpu", weights_only=True)
     return torch.load(local_file(weights, source), map_location="cpu", weights_only=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deeplab_sweep.cli.common import command, json_safe
+from deeplab_sweep.cli.common import add_model_factory_arg, command, json_safe
 from deeplab_sweep.trainable.run_config import DEFAULT_EXPERIMENT, DEFAULT_METRIC, DEFAULT_TRACKING_URI
 
 NAME = "best"
@@ -56,6 +56,7 @@ def add(sub) -> None:
     b.add_argument(
         "--constraint", action="append", default=[], metavar="METRIC<=N|METRIC>=N", help="repeatable; with --objective"
     )
+    add_model_factory_arg(b)
 
 
 def run(args) -> int:
@@ -77,6 +78,7 @@ def run(args) -> int:
         args.alias,
         args.objective,
         tuple(args.constraint),
+        args.model_factory,
     )
     if args.json:
         print(json.dumps(json_safe(info), indent=2))

@@ -38,6 +38,16 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
 
 
+def add_model_factory_arg(p) -> None:
+    p.add_argument(
+        "--model-factory",
+        default=None,
+        metavar="PKG.MODULE:CALLABLE",
+        help="a checkpoint of your own model: the factory it names, which is imported only when named here "
+        "(a checkpoint is untrusted input)",
+    )
+
+
 def load_job(args):
     """The job of CONFIG + overrides, or None after --print-config printed it."""
     from deeplab_sweep.search.compose import dump_yaml, load_job

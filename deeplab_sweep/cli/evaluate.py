@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deeplab_sweep.cli.common import command, json_safe
+from deeplab_sweep.cli.common import add_model_factory_arg, command, json_safe
 
 NAME = "eval"
 
@@ -23,10 +23,12 @@ def add(sub) -> None:
     e.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt or the folder holding it")
     e.add_argument("--data-root", default=None, help="dataset root, if not where the checkpoint's config says")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_model_factory_arg(e)
 
 
 def run(args) -> int:
     from deeplab_sweep.trainable.inference import evaluate_checkpoint
 
-    print(json.dumps(json_safe(evaluate_checkpoint(args.checkpoint, args.data_root, args.device)), indent=2))
+    metrics = evaluate_checkpoint(args.checkpoint, args.data_root, args.device, args.model_factory)
+    print(json.dumps(json_safe(metrics), indent=2))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deeplab_sweep.cli.common import command
+from deeplab_sweep.cli.common import add_model_factory_arg, command
 
 NAME = "predict"
 
@@ -23,11 +23,12 @@ def add(sub) -> None:
     pr.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE")
     pr.add_argument("--out", required=True, type=Path)
     pr.add_argument("--device", default="cpu")
+    add_model_factory_arg(pr)
 
 
 def run(args) -> int:
     from deeplab_sweep.trainable.inference import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, args.device)
+    written = predict_files(args.checkpoint, args.inputs, args.out, args.device, model_factory=args.model_factory)
     print(f"wrote {len(written)} files to {args.out}")
     return 0

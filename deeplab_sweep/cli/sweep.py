@@ -5,6 +5,7 @@ from __future__ import annotations
 from deeplab_sweep.cli.common import add_job_args, command, load_job
 
 NAME = "sweep"
+EXIT_INTERRUPTED = 130
 
 
 def add(sub) -> None:
@@ -49,21 +50,28 @@ def run(args) -> int:
     if job is None:
         return 0
     if args.plan:
-        from deeplab_sweep.search.sweep import plan_text
+        from deeplab_sweep.search.placement import plan_text
 
         print(plan_text(job, args.address))
         return 0
-    from deeplab_sweep.search.sweep import run_sweep, summary_table
+    from deeplab_sweep.search.summary import summary_table
+    from deeplab_sweep.search.sweep import run_sweep
 
     summary = run_sweep(job, args.address, resume=args.resume, verbose=args.verbose)
     metric = job.sweep.metric
     print(summary_table(summary, metric))
-    best = summary["best"]
+    if summary.interrupted:
+        conf = ["--conf-dir", str(args.conf_dir)] if args.conf_dir else []
+        again = " ".join([str(args.config), *conf, *args.overrides, f"sweep.name={summary.sweep}", "--resume"])
+        print(f"\ninterrupted; continue it with: deeplab sweep {again}\nMLflow: {summary.runs_link}")
+        return EXIT_INTERRUPTED
+    best = summary.best
+    print(f"\nMLflow: {summary.runs_link}")
     if not best:
-        print("\nno trial produced a metric")
+        print("no trial produced a metric")
         return 0
-    print(f"\nbest trial {best['trial_id']}: {metric} = {best[metric]:.4f}")
-    print(f"  checkpoint: {best['checkpoint']}")
-    print(f"  MLflow run: {best['run_id']} (experiment {summary['experiment']!r}, {summary['tracking_uri']})")
-    print(f"  fetch it:   deeplab best --experiment {summary['experiment']} --out best/")
+    print(f"best trial {best.trial_id}: {metric} = {best.values[metric]:.4f}")
+    print(f"  checkpoint: {best.checkpoint}")
+    print(f"  MLflow run: {best.run_id} (experiment {summary.experiment!r}, {summary.tracking_uri})")
+    print(f"  fetch it:   deeplab best --experiment {summary.experiment} --out best/")
     return 0
