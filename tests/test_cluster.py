@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,7 +112,8 @@ def exact_fit_cluster():
     cluster = _Cluster()
     env = cluster_env()
     try:
-        _run([*cluster.head_args(), *_node_args(cluster.temp_dir, 0)], env)
+        # `ray job stop` gives a job 60 s to end as on Ctrl-C (Ray's default: 3 s, then SIGKILL).
+        _run([*cluster.head_args(), *_node_args(cluster.temp_dir, 0)], cluster_env(RAY_JOB_STOP_WAIT_TIME_S="60"))
         for _ in range(2):
             _run([RAY, "start", f"--address={cluster.address}", *_node_args(cluster.temp_dir, 1)], env)
         yield cluster
@@ -238,6 +240,190 @@ def test_exact_fit_nodes_under_a_head_without_cpu(exact_fit_cluster, synth_voc_r
     for r in trials:
         run_dir = tmp_path / "shared" / "exact" / "train" / r.data.tags["deeplab.trial_id"]
         assert sorted(p.name for p in (run_dir / "epochs").iterdir()) == ["epoch_0001.json", "epoch_0002.json"]
+
+
+def _working_copy(dest: Path) -> Path:
+    """The repository as a user's checkout has it: every file git tracks or would track (what
+    `ray job submit --working-dir .` uploads), nothing it ignores."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes((REPO / name).read_bytes())
+    return dest
+
+
+USER_MODEL = """\
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build(num_classes, cfg):
+    return Tiny(num_classes)
+"""
+
+
+def _job(cluster: _Cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RAY, "job", *args[:1], "--address", cluster.dashboard, *args[1:]],
+        capture_output=True,
+        text=True,
+        env=cluster_env(),
+        timeout=timeout,
+    )
+
+
+def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_voc_root, tmp_path):
+    """`ray job submit --working-dir .` from a checkout holding the user's own model package
+    (importable only from the uploaded folder) and a checkpoint in best/ (ignored: never
+    uploaded); the sweep's summary ends the job's log, and `deeplab best` from outside the job
+    finds MLflow's runs and the checkpoint. Then `--no-wait`, `ray job logs -f` until a trial
+    reports, `ray job stop`: the sweep's runs end as on Ctrl-C, and a job with `--resume`
+    continues it to the end."""
+    work = _working_copy(tmp_path / "checkout")
+    (work / "mypkg").mkdir()
+    (work / "mypkg" / "__init__.py").write_text("")
+    (work / "mypkg" / "model.py").write_text(USER_MODEL)
+    (work / "best").mkdir()
+    (work / "best" / "checkpoint.pt").write_bytes(b"\0" * 30_000_000)  # what `deeplab best --out best/` leaves
+    (work / "job.yaml").write_text(
+        TINY + 'model: {factory: "mypkg.model:build"}\n'
+        "train: {epochs: 2, cpus_per_worker: 1, visuals: 0}\n"
+        "sweep: {num_samples: 2, asha: {enabled: false}}\n"
+        "space:\n  train.lr: {type: loguniform, low: 0.01, high: 0.1}\n"
+    )
+    shared = tmp_path / "shared"
+    store = f"sqlite:///{shared}/mlflow.db"
+    deeplab = str(Path(sys.executable).with_name("deeplab"))
+
+    def sweep(name: str, *extra: str) -> tuple[str, ...]:
+        # The uploaded folder must not hold best/: Ray leaves out what .gitignore names.
+        return (
+            "sh",
+            "-c",
+            " ".join(
+                [
+                    "test ! -e best && test -d mypkg &&",
+                    deeplab,
+                    "sweep job.yaml",
+                    f"data.root={synth_voc_root}",
+                    f"storage.path={shared}/ray",
+                    f"mlflow.tracking_uri={store}",
+                    f"mlflow.artifact_location={shared}/art",
+                    f"sweep.name={name}",
+                    *extra,
+                ]
+            ),
+        )
+
+    # The embedded defaults (runs/...) would land in the uploaded folder, which Ray deletes.
+    res = _job(
+        exact_fit_cluster,
+        "submit",
+        "--working-dir",
+        str(work),
+        "--",
+        deeplab,
+        "sweep",
+        "job.yaml",
+        f"data.root={synth_voc_root}",
+    )
+    assert (
+        res.returncode != 0
+        and "storage.path: " in res.stdout
+        and "inside this Ray job's uploaded working dir" in (res.stdout)
+    ), res.stdout[-3000:]
+
+    res = _job(exact_fit_cluster, "submit", "--working-dir", str(work), "--", *sweep("j1"))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "best trial " in res.stdout and "stopped by num_samples: all 2 trials ran" in res.stdout, res.stdout[-3000:]
+    c = MlflowClient(store)
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.sweep` = 'j1'")
+    kinds = sorted(r.data.tags["deeplab.kind"] for r in runs)
+    assert kinds == ["sweep", "trial", "trial"] and all(r.info.status == "FINISHED" for r in runs)
+    best = subprocess.run(
+        [
+            deeplab,
+            "best",
+            "--sweep",
+            "j1",
+            "--tracking-uri",
+            store,
+            "--out",
+            str(tmp_path / "best"),
+            "--json",
+            "--model-factory",
+            "mypkg.model:build",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**cluster_env(), "PYTHONPATH": f"{work}:{REPO}"},
+    )
+    assert best.returncode == 0, best.stderr[-3000:]
+    assert Path(json.loads(best.stdout)["local_path"]).is_file()
+
+    # --no-wait, the live log, `ray job stop`, then --resume.
+    longer = ("train.epochs=6", "sweep.max_concurrent=1")
+    res = _job(
+        exact_fit_cluster,
+        "submit",
+        "--no-wait",
+        "--submission-id",
+        "j2-run",
+        "--working-dir",
+        str(work),
+        "--",
+        *sweep("j2", *longer),
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    logs = subprocess.Popen(
+        [RAY, "job", "logs", "-f", "--address", exact_fit_cluster.dashboard, "j2-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster_env(),
+    )
+    seen = []
+    for line in logs.stdout:
+        seen.append(line)
+        if re.search(r" running +[1-4]/6 ", line):
+            break
+    assert any(" running " in ln for ln in seen), "".join(seen)[-3000:]
+    stop = _job(exact_fit_cluster, "stop", "j2-run", timeout=120)
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    logs.wait(timeout=120)
+    status = _job(exact_fit_cluster, "status", "j2-run")
+    assert "Job 'j2-run' was stopped" in status.stdout, status.stdout
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.sweep` = 'j2'")
+    parent = next(r for r in runs if r.data.tags["deeplab.kind"] == "sweep")
+    assert (parent.info.status, parent.data.tags["deeplab.status"]) == ("KILLED", "interrupted"), parent.data.tags
+    assert any(
+        r.data.tags.get("deeplab.status") == "interrupted" for r in runs if r.data.tags["deeplab.kind"] == "trial"
+    )
+
+    res = _job(exact_fit_cluster, "submit", "--working-dir", str(work), "--", *sweep("j2", *longer, "--resume"))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.sweep` = 'j2'")
+    trials = [r for r in runs if r.data.tags["deeplab.kind"] == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
+    for r in trials:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == [1, 2, 3, 4, 5, 6]
 
 
 def _descendants(pid: int) -> list[int]:
