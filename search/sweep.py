@@ -60,9 +60,14 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         seed_searcher(searcher, warm)
         log_warm_start(c, parent, warm)
     try:
+        # The end of the sweep too within the session: a SIGTERM (`ray job stop`) then is Ctrl-C.
         with ray_session(job.cluster, address, verbose):
             results = _tuner(sweep, exp_id, parent, verbose).fit()
-        return _finish(results, c, exp_id, sweep, parent)
+            return _finish(results, c, exp_id, sweep, parent)
+    except KeyboardInterrupt:  # outside Tune's run, which stops gracefully on Ctrl-C itself
+        with contextlib.suppress(Exception):
+            tracking.finish_run(c, parent, tracking.INTERRUPTED, "while the sweep was starting or ending")
+        raise
     except BaseException as e:
         with contextlib.suppress(Exception):  # MLflow down must not hide the real error
             tracking.finish_run(c, parent, tracking.FAILED, f"{type(e).__name__}: {str(e)[:300]}")
