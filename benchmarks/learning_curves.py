@@ -5,6 +5,7 @@ demo's search space trained for the full schedule, evaluated after every epoch, 
     python benchmarks/learning_curves.py                  # resumes where it stopped (hours on 2 cores)
     python benchmarks/learning_curves.py --limit 2        # a smoke run
     python benchmarks/learning_curves.py --device cuda    # on a lent GPU (benchmarks/gpu_checks.sh)
+    python benchmarks/learning_curves.py --shard 1/2 &    # a second process, on a second core
 
 The grid: lr at 8 log-spaced values x output stride {8, 16} x crop {48, 64} x backbone
 {mobilenet_v2, resnet50} x batch {4, 8} = 128 configurations, 12 epochs each, training seed 0;
@@ -150,7 +151,14 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=REPO / "runs" / "data" / "learning_curves")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--limit", type=int, default=None, help="train at most this many configurations, then stop")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="train only every N-th run from the I-th: N processes, one per core, fill one table",
+    )
     args = p.parse_args()
+    shard, shards = (int(x) for x in args.shard.split("/"))
 
     from deeplab_sweep.datasets.synth import synth_voc
 
@@ -158,28 +166,43 @@ def main() -> None:
         synth_voc(args.data, **DATA)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     have = done(args.table)
-    todo = [(c, s) for c, s in runs() if key(c, s) not in have]
+    todo = [(c, s) for i, (c, s) in enumerate(runs()) if key(c, s) not in have and i % shards == shard]
     print(f"{len(have)} of {len(runs())} runs in {args.table}; {len(todo)} to train", flush=True)
     meta = args.table.with_suffix(".json")
     history = json.loads(meta.read_text()).get("sessions", []) if meta.is_file() else []
-    meta.write_text(json.dumps({**metadata(args, args.data), "sessions": [*history, time.strftime("%F %T")]}, indent=1))
-    new = not args.table.is_file()
+    if shard == 0:
+        meta.write_text(
+            json.dumps({**metadata(args, args.data), "sessions": [*history, time.strftime("%F %T")]}, indent=1)
+        )
     for i, (config, seed) in enumerate(todo[: args.limit]):
         start = time.perf_counter()
         reports = train(run_config(config, seed, args.data, args.device), args.device)
-        with args.table.open("a", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-                new = False
-            for r in reports:
-                w.writerow({**config, "train.seed": seed, **{m: _num(r.get(m)) for m in METRICS}, "epoch": r["epoch"]})
+        append(
+            args.table,
+            [
+                {**config, "train.seed": seed, **{m: _num(r.get(m)) for m in METRICS}, "epoch": r["epoch"]}
+                for r in reports
+            ],
+        )
         last = reports[-1]["val/mIoU"]
         print(
             f"[{i + 1}/{len(todo)}] {' '.join(f'{k}={v}' for k, v in config.items())} seed={seed}: "
             f"final mIoU {last:.4f} in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
+
+
+def append(table: Path, rows: list[dict]) -> None:
+    """A run's rows at the end of the table, under a lock: shards append to one file."""
+    import fcntl
+
+    with table.open("a", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        if f.tell() == 0:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
 
 
 def _num(v):

@@ -1,8 +1,12 @@
 """Sweep overhead: wall time of an N-trial sweep of fixed-length trials (no early stopping)
 against the trials' own training time, and each trial's start-up cost (trial start to the
-end of its first epoch's training, minus that training).
+end of its first epoch's training, minus that training). With --launch: the fixed cost of the
+`deeplab sweep` command itself, a one-trial one-epoch demo sweep run as a user runs it (a new
+process): launch to the trial's start and to its first step, the end of its training to the
+process's exit, and the driver's own steps (`--verbose` timings).
 
     python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3] [key=value ...]
+    python benchmarks/sweep_overhead.py --launch [--repeat 2]
 """
 
 from __future__ import annotations
@@ -53,12 +57,75 @@ def trial_times(tracking_uri: str, experiment: str) -> list[dict]:
     return rows
 
 
+def launch(repeat: int, overrides: list[str]) -> None:
+    """`deeplab sweep` as a new process: when each line of its output arrived."""
+    import json
+    import subprocess
+    import sys
+
+    deeplab = str(Path(sys.executable).with_name("deeplab"))
+    for i in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                deeplab,
+                "sweep",
+                str(CONF / "sweep" / "demo.yaml"),
+                f"data.root={tmp}/voc",
+                f"storage.path={tmp}/ray",
+                f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+                f"mlflow.artifact_location={tmp}/art",
+                "sweep.num_samples=1",
+                "train.epochs=1",
+                "sweep.asha.enabled=false",
+                "--verbose",
+                *overrides,
+            ]
+            # The data is generated before the clock starts: a user's data is there already.
+            subprocess.run([deeplab, "data", "synth", "voc", "--out", f"{tmp}/voc"], check=True, capture_output=True)
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
+            proc.wait()
+            end = time.perf_counter() - start
+            at = lambda word, lines=lines: next(t for t, ln in lines if f" {word} " in ln and ln[:2].isdigit())  # noqa: E731
+            marks = {ln.split("timing: ", 1)[1] for _, ln in lines if ln.startswith("timing: ")}
+            run = next(r for r in _client(tmp).search_runs(["1"]) if r.data.tags.get("deeplab.kind") == "trial")
+            m = run.data.metrics
+            # Back from the first report to the end of the first step: the epoch's training after
+            # that step, its evaluation, then the model's profile and checkpoint (not timed here).
+            to_first_step = at("running") - (m["train/epoch_time_s"] - m["train/first_step_s"]) - m["val/time_s"]
+            print(
+                json.dumps(
+                    {
+                        "run": i,
+                        "launch_to_started_s": round(at("started"), 2),
+                        "launch_to_first_step_s_at_most": round(to_first_step, 2),
+                        "done_to_exit_s": round(end - at("done"), 2),
+                        "wall_s": round(end, 2),
+                        "driver_steps": sorted(marks, key=lambda x: float(x.rsplit(" at ", 1)[1].split()[0])),
+                    }
+                ),
+                flush=True,
+            )
+
+
+def _client(tmp: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--launch", action="store_true", help="the command's fixed cost: a one-epoch trial, a new process")
+    p.add_argument("--repeat", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="further key=value overrides, e.g. train.visuals=0")
     args = p.parse_args()
+    if args.launch:
+        launch(args.repeat, args.overrides)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         job = load_job(
             CONF / "sweep" / "demo.yaml",

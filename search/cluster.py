@@ -35,39 +35,71 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
     return address
 
 
-@contextlib.contextmanager
-def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False):
-    """Quiet by default: the workers' logs stay in Ray's log folder (errors still surface
-    with the failed run); `verbose` streams them to this terminal. No runtime env is given:
-    under `ray job submit` the job's own (its `--working-dir` on every node) must stay the
-    driver's; one given here would replace it."""
-    address = cluster_address(cluster, address)
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose}
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs.update(
-            num_cpus=cluster.num_cpus,
-            num_gpus=cluster.num_gpus,
-            object_store_memory=cluster.object_store_memory,
-            # The dashboard process frees a stopped trial's placement group; keep it.
-            include_dashboard=True,
-        )
-    started = not ray.is_initialized()
-    with _out_of_the_job_folder():
-        if started:
+class RaySession:
+    """Ray for one command, started (or joined) at `start`, and shut down on a thread of its own
+    while the command writes its summary (`release`). Quiet
+    by default: the workers' logs stay in Ray's log folder (errors still surface with the failed
+    run); `verbose` streams them to this terminal. No runtime env is given: under `ray job
+    submit` the job's own (its `--working-dir` on every node) must stay the driver's; one given
+    here would replace it. A local Ray starts its dashboard only when asked (`dashboard`): Ray
+    Train frees a stopped worker group's placement group through it, and one-worker trials have
+    none (it takes seconds to start). While it is up, SIGTERM is Ctrl-C."""
+
+    def __init__(self, cluster: ClusterConfig, address: str | None = None, verbose: bool = False, dashboard=True):
+        self.address = cluster_address(cluster, address)
+        self.kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose}
+        if self.address:
+            self.kwargs["address"] = self.address
+        else:
+            self.kwargs.update(
+                num_cpus=cluster.num_cpus,
+                num_gpus=cluster.num_gpus,
+                object_store_memory=cluster.object_store_memory,
+                include_dashboard=dashboard,
+            )
+        self.started = False
+        self._thread: threading.Thread | None = None
+        self._stack = contextlib.ExitStack()
+
+    def start(self) -> RaySession:
+        """Start (or join) Ray, unless this process is connected already."""
+        self._stack.enter_context(_out_of_the_job_folder())
+        if not ray.is_initialized():
+            self.started = True
             try:
-                ray.init(**kwargs)
+                ray.init(**self.kwargs)
             except ConnectionError as e:
                 raise ServiceUnreachable(
-                    f"cluster.address = {address!r}: cannot reach a Ray cluster there ({e})"
+                    f"cluster.address = {self.address!r}: cannot reach a Ray cluster there ({e})"
                 ) from None
-        with _sigterm_as_ctrl_c():
-            try:
-                yield
-            finally:
-                if started:
-                    ray.shutdown()
+        self._stack.enter_context(_sigterm_as_ctrl_c())
+        return self
+
+    def release(self) -> None:
+        """Begin shutting Ray down, if this session started it: on a thread, while the command
+        writes its summary."""
+        if self.started and ray.is_initialized():
+            self._thread = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+            self._thread.start()
+        self.started = False
+
+    def close(self) -> None:
+        self.release()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._stack.close()
+
+    def __enter__(self) -> RaySession:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False, dashboard: bool = True):
+    """Ray up for a `with` block (see RaySession)."""
+    return RaySession(cluster, address, verbose, dashboard)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ def prepare_sweep(job: JobConfig, resume: bool = False, address: str | None = No
 
     check_sweep(job)
     plan = plan_before_ray(job)
+    cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = SweepFolder.at(job.storage.path, name)
@@ -58,7 +59,6 @@ def prepare_sweep(job: JobConfig, resume: bool = False, address: str | None = No
             f"sweep.name = {name!r}: {searcher.storage_url} already holds an Optuna study of "
             "that name; pick another name, or add --resume to continue that sweep"
         )
-    cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     return PreparedSweep(job, folder, searcher, param_space, plan, resume, dataset_fingerprint(job))
 
 
@@ -164,7 +164,7 @@ def optuna_storage(configured: str | None, mlflow, storage_path: str) -> str:
         else:
             folder = Path(RUNS_DIR if is_uri(storage_path) else storage_path)
         configured = f"sqlite:///{folder / 'optuna.db'}"
-    return tracking.resolve_tracking_uri(configured)
+    return tracking.resolve_tracking_uri(configured, "optuna")
 
 
 def check_job_paths(job: JobConfig) -> None:

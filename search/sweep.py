@@ -15,13 +15,14 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ray
 from ray import tune
 
 from deeplab_sweep.search import tracking
-from deeplab_sweep.search.cluster import ray_session
+from deeplab_sweep.search.cluster import RaySession
 from deeplab_sweep.search.compose import dump_yaml
 from deeplab_sweep.search.early_stopping import scheduler
 from deeplab_sweep.search.job_config import JobConfig
@@ -32,8 +33,9 @@ from deeplab_sweep.search.placement import TRIAL_DRIVER_MEMORY, trials_at_once
 from deeplab_sweep.search.prepare import PreparedSweep, prepare_sweep
 from deeplab_sweep.search.progress import ProgressTable
 from deeplab_sweep.search.searcher import SearcherClock
-from deeplab_sweep.search.summary import SweepSummary, log_summary, summarise
+from deeplab_sweep.search.summary import SweepSummary, log_summary, preload, summarise
 from deeplab_sweep.search.sync import read_trials, sync_runs
+from deeplab_sweep.search.timing import Timeline
 from deeplab_sweep.search.trial import sweep_trial
 from deeplab_sweep.search.warm_start import log_warm_start, read_warm_start, seed_searcher
 from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
@@ -48,30 +50,41 @@ MLFLOW_HTTP_DEFAULTS = {
 def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> SweepSummary:
     """Run (or, with `resume`, continue) the sweep `job` describes; its summary once every trial
     has ended. Bad input is a ConfigError before Ray starts and before anything is logged."""
+    timeline = Timeline(verbose)
     sweep = prepare_sweep(job, resume, address)
-    job, searcher = sweep.job, sweep.searcher
-    _quiet_mlflow_retries()
-    c = tracking.client(job.mlflow)
-    exp_id = tracking.ensure_experiment(job.mlflow)
-    # Read before the parent run exists: a sweep named wrongly is refused with nothing logged.
-    warm = read_warm_start(c, exp_id, job, sweep.fingerprint) if job.sweep.warm_start and not resume else None
-    parent = _parent_run(c, exp_id, sweep)
-    if warm is not None:
-        seed_searcher(searcher, warm)
-        log_warm_start(c, parent, warm)
-    try:
-        # The end of the sweep too within the session: a SIGTERM (`ray job stop`) then is Ctrl-C.
-        with ray_session(job.cluster, address, verbose):
+    timeline.mark("checks and preparation")
+    ray_up = RaySession(job.cluster, address, verbose, dashboard=not runs_in_process(job.train.num_workers))
+    with contextlib.closing(ray_up):
+        job, searcher = sweep.job, sweep.searcher
+        _quiet_mlflow_retries()
+        c = tracking.client(job.mlflow)
+        exp_id = tracking.ensure_experiment(job.mlflow)
+        # Read before the parent run exists: a sweep named wrongly is refused with nothing logged.
+        warm = read_warm_start(c, exp_id, job, sweep.fingerprint) if job.sweep.warm_start and not resume else None
+        parent = _parent_run(c, exp_id, sweep)
+        if warm is not None:
+            seed_searcher(searcher, warm)
+            log_warm_start(c, parent, warm)
+        timeline.mark("MLflow's experiment and parent run")
+        try:
+            ray_up.start()  # and, from here, SIGTERM (`ray job stop`) is Ctrl-C
+            timeline.mark("Ray")
+            threading.Thread(target=preload, name="preload", daemon=True).start()
             results = _tuner(sweep, exp_id, parent, verbose).fit()
-            return _finish(results, c, exp_id, sweep, parent)
-    except KeyboardInterrupt:  # outside Tune's run, which stops gracefully on Ctrl-C itself
-        with contextlib.suppress(Exception):
-            tracking.finish_run(c, parent, tracking.INTERRUPTED, "while the sweep was starting or ending")
-        raise
-    except BaseException as e:
-        with contextlib.suppress(Exception):  # MLflow down must not hide the real error
-            tracking.finish_run(c, parent, tracking.FAILED, f"{type(e).__name__}: {str(e)[:300]}")
-        raise
+            timeline.mark("Tune's run")
+            ray_up.release()  # shut down beside the summary
+            summary = _finish(results, c, exp_id, sweep, parent)
+            timeline.mark("the summary")
+        except KeyboardInterrupt:  # outside Tune's run, which stops gracefully on Ctrl-C itself
+            with contextlib.suppress(Exception):
+                tracking.finish_run(c, parent, tracking.INTERRUPTED, "while the sweep was starting or ending")
+            raise
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # MLflow down must not hide the real error
+                tracking.finish_run(c, parent, tracking.FAILED, f"{type(e).__name__}: {str(e)[:300]}")
+            raise
+    timeline.mark("Ray's shutdown")
+    return summary
 
 
 def _quiet_mlflow_retries() -> None:

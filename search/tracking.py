@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.errors import ServiceUnreachable
+from deeplab_sweep.search.stores import ensure_sqlite
 from deeplab_sweep.trainable.credentials import credentials_to_env, redacted
 from deeplab_sweep.trainable.run_config import DEFAULT_ARTIFACTS, MlflowConfig, resolve_path
 
@@ -88,14 +89,17 @@ def sweep_filter(sweep: str, kind: str) -> str:
     return f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = '{kind}'"
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////abs/relative.db: Ray actors run in other folders."""
+def resolve_tracking_uri(uri: str, library: str = "mlflow") -> str:
+    """sqlite:///relative.db -> sqlite:////abs/relative.db (Ray actors run in other folders); a
+    store of `library` ("mlflow" or "optuna") that does not exist yet is copied from its empty
+    template (`stores.ensure_sqlite`) rather than migrated from nothing."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix) :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    return uri
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix) :]).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_sqlite(path, library)
+    return prefix + str(path)
 
 
 def _auth_headers() -> dict[str, str]:

@@ -1,5 +1,3 @@
-import sys
+from deeplab_sweep.cli import entry
 
-from deeplab_sweep.cli import main
-
-sys.exit(main())
+entry()

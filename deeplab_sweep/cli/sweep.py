@@ -56,6 +56,7 @@ def run(args) -> int:
         return 0
     from deeplab_sweep.search.summary import summary_table
     from deeplab_sweep.search.sweep import run_sweep
+    from deeplab_sweep.search.timing import Timeline
 
     summary = run_sweep(job, args.address, resume=args.resume, verbose=args.verbose)
     metric = job.sweep.metric
@@ -74,4 +75,5 @@ def run(args) -> int:
     print(f"  checkpoint: {best.checkpoint}")
     print(f"  MLflow run: {best.run_id} (experiment {summary.experiment!r}, {summary.tracking_uri})")
     print(f"  fetch it:   deeplab best --experiment {summary.experiment} --out best/")
+    Timeline(args.verbose).mark("the command's end")
     return 0
