@@ -33,6 +33,16 @@ def sweep_command(cfg: Path, data_root: Path, *overrides: str) -> list[str]:
 # Quiet, small, bounded: tests must never swap this 2-core machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
+# What starts Ray or a server: such tests share one xdist worker (`--dist loadgroup`), in order,
+# with the one session cluster; the rest run in the other worker beside them.
+SERVICES = {"ray_cluster", "ray_tmpdir", "mlflow_server", "s3_server", "exact_fit_cluster", "autoscaling_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") or SERVICES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("services"))
+
 
 @pytest.fixture(scope="session")
 def synth_voc_root(tmp_path_factory) -> Path:
