@@ -60,8 +60,14 @@ def _listening(port: int) -> set[str]:
     return found
 
 
-def test_ui_listens_on_loopback_only(tmp_path):
+def test_ui_listens_on_loopback_only_and_links_each_experiments_runs(tmp_path):
+    """And it prints, for each experiment, the page of its training runs: MLflow's UI opens an
+    experiment on its (empty) GenAI overview."""
+    from mlflow.tracking import MlflowClient
+
+    exp_id = MlflowClient(f"sqlite:///{tmp_path}/ui.db").create_experiment("deeplab")
     port = free_port()
+    out = (tmp_path / "out.txt").open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -75,7 +81,7 @@ def test_ui_listens_on_loopback_only(tmp_path):
             "--artifacts",
             str(tmp_path / "art"),
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=out,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(CONF.parent)},
@@ -90,9 +96,12 @@ def test_ui_listens_on_loopback_only(tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None, "deeplab ui did not start"
                 time.sleep(0.5)
         assert _listening(port) == {"0100007F"}, _listening(port)  # 127.0.0.1, nothing else
+        printed = (tmp_path / "out.txt").read_text()
+        assert f"training runs of 'deeplab': http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in printed
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        out.close()
 
 
 def test_redaction_covers_secrets_with_slashes():

@@ -62,6 +62,22 @@ def run(args) -> int:
         "--workers",
         "1",
     ]
-    print(f"MLflow UI: http://{args.host}:{args.port}", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {base}", flush=True)
+    for name, link in _runs_links(cmd[cmd.index("--backend-store-uri") + 1], base):
+        # MLflow's UI opens an experiment on its GenAI overview; the runs are a page of their own.
+        print(f"  training runs of {name!r}: {link}", flush=True)
     os.execv(sys.executable, cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
     return 0
+
+
+def _runs_links(store: str, base: str) -> list[tuple[str, str]]:
+    """(experiment, its runs page) for each experiment the store holds (none when it is new)."""
+    from deeplab_sweep.search.tracking import runs_link
+
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    experiments = MlflowClient(store).search_experiments()
+    return [(e.name, runs_link(base, e.experiment_id)) for e in experiments if e.name != "Default"]
