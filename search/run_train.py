@@ -1,9 +1,12 @@
-"""`deeplab train`: one run of N Ray Train workers, logged to MLflow as one run by `RunWriter`."""
+"""`deeplab train`: one run (in this process, or N Ray Train workers), logged to MLflow as one run
+by `RunWriter`."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+import traceback
 
 from mlflow.tracking import MlflowClient
 from ray.train import TrainingFailedError, UserCallback
@@ -14,7 +17,7 @@ from deeplab_sweep.search.cluster import ray_session
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.run_writer import RunWriter
-from deeplab_sweep.trainable.ray_train import build_trainer
+from deeplab_sweep.trainable.ray_train import build_in_process_trainer, build_trainer, runs_in_process
 from deeplab_sweep.trainable.run_config import DEFAULT_METRIC
 from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
 from deeplab_sweep.trainable.storage import Storage
@@ -56,22 +59,30 @@ class MlflowReportCallback(UserCallback):
 
 
 def run_training(job: JobConfig, address: str | None = None, verbose: bool = False) -> dict:
+    """One run, one MLflow run. One worker trains in this process (Ray Train's local mode, the
+    same `TorchTrainer` and worker a one-worker sweep trial uses; no Ray cluster is started),
+    retried from its last stored checkpoint up to `train.max_failures` times; more workers are a
+    Ray Train worker group, which Ray Train retries."""
     job = prepare_job(job)
     name = job.storage.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Storage(job.storage.path)
     run_dir = storage.join(name)
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)
-    with ray_session(job.cluster, address, verbose):
+    in_process = runs_in_process(job.train.num_workers)
+    with contextlib.nullcontext() if in_process else ray_session(job.cluster, address, verbose):
         # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
         run_id = tracking.start_run(c, exp_id, name, job.run.to_dict(), tags={tracking.KIND_TAG: tracking.KIND_TRAIN})
         writer = RunWriter(c, run_id, metric=DEFAULT_METRIC, mode="max", storage=storage, run_dir=run_dir)
         callback = MlflowReportCallback(job.mlflow.tracking_uri, run_id, job.storage.path, run_dir)
-        trainer = build_trainer(job.run, name, job.storage.path, DEFAULT_METRIC, "max", callbacks=[callback])
         try:
-            result = trainer.fit()
-        except TrainingFailedError as e:  # the workers' own error in one line; every stored epoch is logged
-            reason = tracking.error_reason(str(e))
+            if in_process:
+                last = _fit_in_process(job, storage.uri(run_dir), callback)
+            else:
+                trainer = build_trainer(job.run, name, job.storage.path, DEFAULT_METRIC, "max", callbacks=[callback])
+                last = dict(trainer.fit().metrics or {})
+        except (TrainingFailedError, _Failed) as e:  # its own error in one line; every stored epoch is logged
+            reason = e.reason if isinstance(e, _Failed) else tracking.error_reason(str(e))
             writer.reconcile()
             writer.finish(tracking.FAILED, reason, job.run.to_dict(), again=True)
             raise RunFailed(
@@ -84,8 +95,37 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
             raise
     writer.reconcile()  # what MLflow missed while it was down, up to the last epoch
     writer.finish(tracking.COMPLETED, None, job.run.to_dict(), again=True)
-    summary = {"run_id": run_id, "storage": storage.uri(run_dir), "metrics": dict(result.metrics or {})}
+    summary = {"run_id": run_id, "storage": storage.uri(run_dir), "metrics": last}
     best = best_report(stored_checkpoints(storage, run_dir), DEFAULT_METRIC, "max")
     if best is not None:
         summary.update(best_checkpoint=storage.uri(best["checkpoint_path"]), best_metrics=best)
     return summary
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _fit_in_process(job: JobConfig, run_uri: str, callback: MlflowReportCallback) -> dict:
+    """Train in this process; a failed attempt is tried again from the run's last stored
+    checkpoint (what Ray Train does for a worker group), at most train.max_failures times.
+    Returns the last report."""
+    reports: list[dict] = []
+
+    def on_report(metrics: dict) -> None:
+        reports.append(metrics)
+        callback.after_report(None, [metrics], None)
+
+    failures = 0
+    while True:
+        try:
+            build_in_process_trainer(job.run, run_uri, DEFAULT_METRIC, "max", on_report=on_report).fit()
+            return reports[-1] if reports else {}
+        except Exception as e:  # noqa: BLE001 - the training's own error, as a worker group reports it
+            reason = traceback.format_exception_only(e)[-1].strip()
+            if failures >= job.train.max_failures >= 0:
+                raise _Failed(reason) from None
+            failures += 1
+            print(f"training failed ({reason}); attempt {failures + 1}, from the last checkpoint", file=sys.stderr)

@@ -71,6 +71,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
             f"data.root={synth_voc_root}",
             "train.epochs=4",
             "train.max_failures=2",
+            "train.num_workers=2",  # a worker group (one worker trains in the driver's own process)
             "data.max_train_images=16",
             "data.max_val_images=2",
             "storage.name=killed",
@@ -88,6 +89,47 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, synth_voc_root, work
     # instead of training a completed epoch again.
     epochs = sorted(torch.load(run_dir / d / "checkpoint.pt", weights_only=True)["epoch"] for d in _registered(run_dir))
     assert epochs == [1, 2, 3, 4], epochs
+
+
+def test_one_worker_train_runs_in_process_and_a_failure_goes_on_from_its_checkpoint(synth_voc_root, workdir, capsys):
+    """`deeplab train` with one worker: no Ray started, the run trains in this process (Ray
+    Train's local mode); its training fails once in epoch 2 and is tried again from the epoch 1
+    checkpoint it stored, and MLflow ends with every epoch once."""
+    import ray
+
+    from tests import toy_model
+
+    toy_model._Flaky.steps = 0  # one training step per epoch: 8 images, batches of 8
+    ray_before = ray.is_initialized()  # the session's cluster, when another test started it here
+    rc = main(
+        [
+            "train",
+            str(CONF / "train" / "demo.yaml"),
+            f"data.root={synth_voc_root}",
+            "model.factory=tests.toy_model:build_flaky",
+            f"model.options={{fail_at: 2, marks: {workdir / 'failed'}}}",
+            "train.epochs=3",
+            "train.max_failures=1",
+            "train.visuals=0",
+            "data.max_train_images=8",
+            "data.max_val_images=2",
+            "storage.name=flaky",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert (workdir / "failed").exists(), "the run never failed: the test proved nothing"
+    assert "training failed (RuntimeError: a flaky failure mid-training); attempt 2, from the last checkpoint" in err
+    assert ray.is_initialized() == ray_before, "deeplab train started Ray for one worker"
+    assert toy_model._Flaky.steps == 4, "epochs 1 and 2 (failed), then 2 and 3: not started over from epoch 1"
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    (run,) = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
+    assert run.data.tags["deeplab.status"] == "completed"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2, 3]
+    metas = sorted(
+        json.loads(p.read_text())["epoch"] for p in (workdir / "runs/ray/flaky").glob("checkpoint_*/checkpoint.json")
+    )
+    assert metas == [1, 2, 3]
 
 
 def test_killed_in_process_trial_resumes_from_its_stored_checkpoint(ray_cluster, synth_voc_root, workdir, tmp_path):
@@ -278,9 +320,8 @@ def test_disk_full_mid_run_fails_clearly_and_keeps_earlier_epochs(
     (run,) = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
     assert run.info.status == "FAILED" and "no space left on device" in run.data.tags["deeplab.status"]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2]
-    kept = sorted(
-        torch.load(disk / "full" / d / "checkpoint.pt", weights_only=True)["epoch"] for d in _registered(disk / "full")
-    )
+    # One worker trains in this process and stores a checkpoint folder only once it is whole.
+    kept = sorted(torch.load(p, weights_only=True)["epoch"] for p in (disk / "full").glob("checkpoint_*/checkpoint.pt"))
     assert kept == [1, 2]
 
 

@@ -59,3 +59,28 @@ def build_dying(num_classes: int, cfg) -> nn.Module:
             time.sleep(float(cfg.options["die_after_s"]))
             os._exit(1)
     return TinyFCN(num_classes, 8, cfg.norm)
+
+
+class _Flaky(TinyFCN):
+    """Fails once, on its `fail_at`-th training step in this process (unless `marks` says it
+    already did): a run that dies mid-training, then trains on when tried again."""
+
+    steps = 0
+
+    def __init__(self, num_classes: int, cfg):
+        super().__init__(num_classes, 8, cfg.norm)
+        self.fail_at, self.marks = int(cfg.options["fail_at"]), cfg.options["marks"]
+
+    def forward(self, x):
+        from pathlib import Path
+
+        if self.training:
+            _Flaky.steps += 1
+            if _Flaky.steps == self.fail_at and not Path(self.marks).exists():
+                Path(self.marks).touch()
+                raise RuntimeError("a flaky failure mid-training")
+        return super().forward(x)
+
+
+def build_flaky(num_classes: int, cfg) -> nn.Module:
+    return _Flaky(num_classes, cfg)
