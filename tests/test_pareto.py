@@ -83,6 +83,7 @@ def swept(ray_cluster, synth_voc_root, tmp_path_factory):
     c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
     return SimpleNamespace(
         workdir=workdir,
+        data_root=synth_voc_root,
         first=first,
         first_wall_s=first_wall_s,
         second=second,
@@ -230,3 +231,28 @@ def test_warm_start_seeds_the_next_sweep_without_running_its_trials_again(swept)
     OptunaSpace(job.space)(first_cold)
     first_new = min(new, key=lambda t: t.number)
     assert not math.isclose(first_new.params["train.lr"], first_cold.params["train.lr"])
+
+
+def test_warm_start_refuses_other_data_and_skips_trials_of_other_epochs(swept, tmp_path, capsys):
+    """Issue 24.6: a 2-epoch sweep cannot seed one trained on other data (one line, exit 2,
+    nothing logged), and its trials do not seed a sweep of other epochs (skipped and counted)."""
+    from deeplab_sweep.cli import main
+    from deeplab_sweep.datasets.synth import synth_voc
+    from deeplab_sweep.search.prepare import dataset_fingerprint
+    from deeplab_sweep.search.warm_start import read_warm_start
+
+    c = swept.c
+    exp_id = c.get_experiment_by_name("deeplab").experiment_id
+    runs_before = len(c.search_runs([exp_id]))
+    other = synth_voc(tmp_path / "other", n_train=6, n_val=2, seed=1)
+    with contextlib.chdir(swept.workdir):
+        rc = main(["sweep", str(swept.workdir / "p2.yaml"), f"data.root={other}", "sweep.name=p3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: sweep.warm_start: sweep 'p1' trained on other data"), err[-3:]
+    assert len(c.search_runs([exp_id])) == runs_before, "a refused warm start logs nothing"
+
+    with contextlib.chdir(swept.workdir):
+        job = load_job(swept.workdir / "p2.yaml", [f"data.root={swept.data_root}", "train.epochs=3"], conf_root=CONF)
+    warm = read_warm_start(c, exp_id, job, dataset_fingerprint(job))
+    completed = [t for t in _runs(c, "p1", "trial") if float(t.data.params["train.lr"]) >= 0.02]
+    assert warm.trials == [] and warm.other_settings == len(completed) > 0
