@@ -436,7 +436,10 @@ def test_driver_killed_mid_trial_then_resume(synth_voc_root, tmp_path, ray_tmpdi
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     for r in trials:
         history = c.get_metric_history(r.info.run_id, "val/mIoU")
-        assert [m.step for m in history] == [1, 2, 3, 4]
+        # Every epoch once. MLflow lists them by when they were logged: an epoch the killed driver
+        # never wrote is written from storage when its trial ends, after the later ones (seen
+        # once under load: [1, 3, 4, 2]).
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
         assert r.data.tags["deeplab.status"] == "completed"
         assert r.data.metrics["best/val/mIoU"] == max(m.value for m in history)
         local = c.download_artifacts(r.info.run_id, "checkpoint", str(tmp_path / r.info.run_id))
