@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -355,3 +356,50 @@ def test_trial_failing_before_its_first_epoch_has_one_run_and_retention_follows_
     local = c.download_artifacts(good.info.run_id, "checkpoint", str(tmp_path / "dl"))
     assert torch.load(Path(local) / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert summary.best.run_id == good.info.run_id
+
+
+def test_asha_self_check_measures_its_rungs_in_a_real_sweep(ray_cluster, synth_voc_root, workdir):
+    """Issue 23.5 in a real sweep: the first `check_trials` trials run in full whatever ASHA
+    would decide; the parent run holds each rung's rank correlation with the last epoch, which
+    equals scipy's Spearman over the full trials' histories in MLflow; a rung that ranks below
+    `min_rank_corr` stops no trial after the check, and the summary says which."""
+    from scipy.stats import spearmanr
+
+    cfg = _write_sweep(workdir, 6)
+    job = load_job(
+        cfg,
+        [
+            f"data.root={synth_voc_root}",
+            "sweep.name=check",
+            "sweep.max_concurrent=1",  # trials in order: the first three are the measured ones
+            "sweep.asha.min_rank_corr=0.5",
+            "sweep.asha.check_trials=3",
+        ],
+        conf_root=CONF,
+    )
+    summary = run_sweep(job)
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    (parent,), children = _runs(c)
+    curves = {
+        r.data.tags["deeplab.trial_id"]: {m.step: m.value for m in c.get_metric_history(r.info.run_id, "val/mIoU")}
+        for r in children
+    }
+    order = [r.data.tags["deeplab.trial_id"] for r in sorted(children, key=lambda r: r.info.start_time)]
+    assert all(len(curves[t]) == 3 for t in order[:3]), "a measured trial was stopped early"
+    full = [curves[t] for t in order if len(curves[t]) == 3]
+    check = summary.asha_check
+    assert check is not None and check["trials_in_full"] == len(full)
+    for rung in (1, 2):
+        rho = spearmanr([f[rung] for f in full], [f[3] for f in full]).statistic
+        logged = parent.data.metrics.get(f"asha/rank_corr/epoch_{rung}")
+        if rho != rho:  # nan: a constant side, nothing to rank
+            assert logged is None
+        else:
+            assert logged == pytest.approx(rho)
+    # A rung turned off after the n-th trial that ran in full (its reason says n) stops none of
+    # the trials after that one (one at a time: in trial order).
+    full_order = [t for t in order if len(curves[t]) == 3]
+    for rung, why in check["rungs_off"].items():
+        n = int(re.search(r"over (\d+) trials", why).group(1))
+        after = order[order.index(full_order[n - 1]) + 1 :]
+        assert all(len(curves[t]) != int(rung) for t in after), (rung, why, {t: len(curves[t]) for t in order})
