@@ -120,6 +120,7 @@ def _job(*overrides: str):
             *(f"space.{k}=null" for k in ("data.crop_size", "model.backbone", "data.batch_size")),
             "sweep.asha.grace_period=1",
             "sweep.asha.reduction_factor=2",
+            "sweep.asha.min_rank_corr=null",  # the demo's self-check: on where a test turns it on
             *overrides,
         ],
     )
