@@ -151,7 +151,8 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     table = Table.from_csv(args.table)
-    missing = grid_size(table) - len(table.final(EPOCHS, METRIC))
+    final = table.final(EPOCHS, METRIC)
+    missing = grid_size(table) - len(final)
     if missing:  # a trial drawn there would have no curve: the replay needs the whole grid
         print(
             f"error: {args.table}: {missing} of {grid_size(table)} configurations are not trained for {EPOCHS} "
@@ -163,7 +164,6 @@ def main() -> None:
         seed1 = Table.from_csv(args.table, seed=1)
     except (IndexError, KeyError):
         seed1 = None
-    final = table.final(EPOCHS, METRIC)
     best, mean, worst = max(final.values()), statistics.fmean(final.values()), min(final.values())
     budget = FULL_TRIALS * EPOCHS
     print(
