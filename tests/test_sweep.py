@@ -362,7 +362,7 @@ def test_asha_self_check_measures_its_rungs_in_a_real_sweep(ray_cluster, synth_v
     """Issue 23.5 in a real sweep: the first `check_trials` trials run in full whatever ASHA
     would decide; the parent run holds each rung's rank correlation with the last epoch, which
     equals scipy's Spearman over the full trials' histories in MLflow; a rung that ranks below
-    `min_rank_corr` stops no trial after the check, and the summary says which."""
+    `min_rank_corr` stops no trial after the check, and the summary's check says which."""
     from scipy.stats import spearmanr
 
     cfg = _write_sweep(workdir, 6)
@@ -386,7 +386,8 @@ def test_asha_self_check_measures_its_rungs_in_a_real_sweep(ray_cluster, synth_v
     }
     order = [r.data.tags["deeplab.trial_id"] for r in sorted(children, key=lambda r: r.info.start_time)]
     assert all(len(curves[t]) == 3 for t in order[:3]), "a measured trial was stopped early"
-    full = [curves[t] for t in order if len(curves[t]) == 3]
+    full_order = [t for t in order if len(curves[t]) == 3]
+    full = [curves[t] for t in full_order]
     check = summary.asha_check
     assert check is not None and check["trials_in_full"] == len(full)
     for rung in (1, 2):
@@ -398,7 +399,6 @@ def test_asha_self_check_measures_its_rungs_in_a_real_sweep(ray_cluster, synth_v
             assert logged == pytest.approx(rho)
     # A rung turned off after the n-th trial that ran in full (its reason says n) stops none of
     # the trials after that one (one at a time: in trial order).
-    full_order = [t for t in order if len(curves[t]) == 3]
     for rung, why in check["rungs_off"].items():
         n = int(re.search(r"over (\d+) trials", why).group(1))
         after = order[order.index(full_order[n - 1]) + 1 :]
