@@ -32,16 +32,25 @@ def sweep_command(cfg: Path, data_root: Path, *overrides: str) -> list[str]:
 
 # Quiet, small, bounded: tests must never swap this 2-core machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# One torch thread per process (and per subprocess and Ray worker, which inherit it): the two
+# xdist workers, their sweeps' trials and Ray's own processes share 2 cores, and OpenMP threads
+# spinning over one another made a 13 s CPU test take 98 s and the cluster tests 4-6x longer.
+# A test that wants more asks for them (`train.torch_threads`).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# What starts Ray or a server: such tests share one xdist worker (`--dist loadgroup`), in order,
-# with the one session cluster; the rest run in the other worker beside them.
+# What starts Ray or a server: such tests run in order in one of two chains, one per xdist
+# worker (`--dist loadgroup`), each with its own session cluster; the rest run beside them.
+# The chains are split by module so that each takes about half the time: mostly waits on
+# processes starting, which two chains overlap.
 SERVICES = {"ray_cluster", "ray_tmpdir", "mlflow_server", "s3_server", "exact_fit_cluster", "autoscaling_cluster"}
+FIRST_CHAIN = {"test_cluster.py", "test_sweep.py", "test_packaging.py", "test_models.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") or SERVICES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("services"))
+            chain = 1 if item.path.name in FIRST_CHAIN else 2
+            item.add_marker(pytest.mark.xdist_group(f"services-{chain}"))
 
 
 @pytest.fixture(scope="session")

@@ -102,8 +102,10 @@ class _Cluster:
         ]
 
     def stop(self) -> None:
-        stop_processes_naming(self.temp_dir)
-        left = pids_naming(self.temp_dir)
+        # Ray's client server, when restarted while the head goes down, names only the GCS.
+        for needle in (self.temp_dir, f":{self.gcs}\0"):
+            stop_processes_naming(needle)
+        left = pids_naming(self.temp_dir) + pids_naming(f":{self.gcs}\0")
         assert not left, f"processes of the test cluster still running: {left}"
 
 
