@@ -185,6 +185,8 @@ class MlflowServer:
         import subprocess
         import sys
 
+        from deeplab_sweep.cli.ui import SERVER_ENV
+
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -205,6 +207,7 @@ class MlflowServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env={**os.environ, **SERVER_ENV},  # as `deeplab ui` starts it
         )
         wait_until_answering(f"{self.url}/health", self, timeout_s, "mlflow server")
 

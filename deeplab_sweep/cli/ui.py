@@ -33,6 +33,12 @@ def add(sub) -> None:
     u.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact folder for runs logged through it")
 
 
+# MLflow's job runner (GenAI jobs such as scorers) is 8 more processes, each importing MLflow
+# (about 12 s of CPU at every start on the 2-core build machine), for nothing a page of training
+# runs shows. Set the variable to true to have it.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def run(args) -> int:
     from deeplab_sweep.search.tracking import resolve_tracking_uri
 
@@ -67,6 +73,8 @@ def run(args) -> int:
     for name, link in _runs_links(cmd[cmd.index("--backend-store-uri") + 1], base):
         # MLflow's UI opens an experiment on its GenAI overview; the runs are a page of their own.
         print(f"  training runs of {name!r}: {link}", flush=True)
+    for var, value in SERVER_ENV.items():
+        os.environ.setdefault(var, value)
     os.execv(sys.executable, cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
     return 0
 
