@@ -7,6 +7,7 @@ process's exit, and the driver's own steps (`--verbose` timings).
 
     python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3] [key=value ...]
     python benchmarks/sweep_overhead.py --launch [--repeat 2]
+    python benchmarks/sweep_overhead.py --train [--repeat 2]
 """
 
 from __future__ import annotations
@@ -109,6 +110,42 @@ def launch(repeat: int, overrides: list[str]) -> None:
             )
 
 
+def launch_train(repeat: int, overrides: list[str]) -> None:
+    """One-worker `deeplab train` (in this process, no Ray) as a new process, one epoch: launch to
+    its MLflow run's start, to the end of the first training step at most (the exit less what
+    follows that step: the epoch's other steps and its evaluation; the checkpoint and the run's
+    end are not subtracted), and to exit."""
+    import json
+    import subprocess
+    import sys
+
+    deeplab = str(Path(sys.executable).with_name("deeplab"))
+    for i in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([deeplab, "data", "synth", "voc", "--out", f"{tmp}/voc"], check=True, capture_output=True)
+            cmd = [deeplab, "train", str(CONF / "train" / "demo.yaml"), "train.epochs=1", f"data.root={tmp}/voc"]
+            cmd += [f"storage.path={tmp}/ray", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", *overrides]
+            launched, start = time.time(), time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            wall = time.perf_counter() - start
+            run = _client(tmp).search_runs(["1"])[0]
+            m = run.data.metrics
+            after_first_step = m["train/epoch_time_s"] - m["train/first_step_s"] + m["val/time_s"]
+            print(
+                json.dumps(
+                    {
+                        "run": i,
+                        "launch_to_mlflow_run_s": round(run.info.start_time / 1000 - launched, 2),
+                        "launch_to_first_step_s_at_most": round(wall - after_first_step, 2),
+                        "epoch_s": round(m["train/epoch_time_s"], 2),
+                        "val_s": round(m["val/time_s"], 2),
+                        "wall_s": round(wall, 2),
+                    }
+                ),
+                flush=True,
+            )
+
+
 def _client(tmp: str):
     from mlflow.tracking import MlflowClient
 
@@ -120,11 +157,17 @@ def main():
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--launch", action="store_true", help="the command's fixed cost: a one-epoch trial, a new process")
+    p.add_argument(
+        "--train", action="store_true", help="one-worker `deeplab train`'s fixed cost: one epoch, a new process"
+    )
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="further key=value overrides, e.g. train.visuals=0")
     args = p.parse_args()
     if args.launch:
         launch(args.repeat, args.overrides)
+        return
+    if args.train:
+        launch_train(args.repeat, args.overrides)
         return
     with tempfile.TemporaryDirectory() as tmp:
         job = load_job(
