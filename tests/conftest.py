@@ -207,7 +207,7 @@ class MlflowServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, **SERVER_ENV},  # as `deeplab ui` starts it
+            env={**SERVER_ENV, **os.environ},  # as `deeplab ui` starts it
         )
         wait_until_answering(f"{self.url}/health", self, timeout_s, "mlflow server")
 

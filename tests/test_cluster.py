@@ -103,9 +103,10 @@ class _Cluster:
 
     def stop(self) -> None:
         # Ray's client server, when restarted while the head goes down, names only the GCS.
-        for needle in (self.temp_dir, f":{self.gcs}\0"):
+        needles = (self.temp_dir, f":{self.gcs}\0")
+        for needle in needles:
             stop_processes_naming(needle)
-        left = pids_naming(self.temp_dir) + pids_naming(f":{self.gcs}\0")
+        left = [pid for needle in needles for pid in pids_naming(needle)]
         assert not left, f"processes of the test cluster still running: {left}"
 
 

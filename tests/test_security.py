@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import torch
 
 from deeplab_sweep.search.compose import load_job
@@ -96,6 +97,10 @@ def test_ui_listens_on_loopback_only_and_links_each_experiments_runs(tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None, "deeplab ui did not start"
                 time.sleep(0.5)
         assert _listening(port) == {"0100007F"}, _listening(port)  # 127.0.0.1, nothing else
+        # MLflow's GenAI job runner (started beside the web server) is left out: 8 processes
+        # a page of training runs does not use.
+        tree = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert tree and not [c for c in tree if "mlflow.server.jobs" in c or "huey" in c], tree
         printed = (tmp_path / "out.txt").read_text()
         assert f"training runs of 'deeplab': http://127.0.0.1:{port}/#/experiments/{exp_id}/runs" in printed
     finally:
