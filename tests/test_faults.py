@@ -169,8 +169,11 @@ def test_killed_in_process_trial_resumes_from_its_stored_checkpoint(ray_cluster,
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == [1, 2, 3, 4]
     (result,) = sweep_dir.glob("sweep_trial_*/result.json")
     rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    # The kill may land before or after Tune has epoch 1's result: the restarted trial replays
+    # what it stored either way, so an epoch reaches Tune trained, replayed, or both, never trained twice.
     trained = [r["epoch"] for r in rows if not r.get("replayed")]
-    assert sorted(trained) == [1, 2, 3, 4], f"an epoch was trained twice, or never: {trained}"
+    assert len(trained) == len(set(trained)), f"an epoch was trained twice: {trained}"
+    assert sorted({r["epoch"] for r in rows}) == [1, 2, 3, 4], f"an epoch never reached Tune: {rows}"
     assert any(r.get("replayed") for r in rows), "the restarted trial did not resume from its checkpoint"
     metas = sorted(json.loads(p.read_text())["epoch"] for p in sweep_dir.glob("train/*/checkpoint_*/checkpoint.json"))
     assert metas == [1, 2, 3, 4]
