@@ -379,7 +379,10 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
     assert Path(json.loads(best.stdout)["local_path"]).is_file()
 
     # --no-wait, the live log, `ray job stop`, then --resume.
-    longer = ("train.epochs=24", "sweep.max_concurrent=1")  # a trial long enough to be stopped midway
+    # Trials long enough that `ray job stop` (a new process, seconds) lands midway: at 24 epochs
+    # a quick run had finished the sweep before the stop arrived.
+    epochs = 60
+    longer = (f"train.epochs={epochs}", "sweep.max_concurrent=1")
     res = _job(
         exact_fit_cluster,
         "submit",
@@ -402,7 +405,7 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
     seen = []
     for line in logs.stdout:
         seen.append(line)
-        if re.search(r" running +[1-9]/24 ", line):
+        if re.search(rf" running +[1-9]/{epochs} ", line):
             break
     assert any(" running " in ln for ln in seen), "".join(seen)[-3000:]
     stop = _job(exact_fit_cluster, "stop", "j2-run", timeout=120)
@@ -428,7 +431,7 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
         (r.info.run_name, r.info.status) for r in runs
     ]
     for r in trials:
-        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == list(range(1, 25))
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == list(range(1, epochs + 1))
 
 
 def _descendants(pid: int) -> list[int]:
