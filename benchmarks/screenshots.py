@@ -1,6 +1,6 @@
 """What a user sees of a multi-objective sweep in MLflow's UI, shot by a real headless browser
 (Debian's `chromium`): the experiment's runs, the sweep's parent run, its Pareto PNG in the
-artifact viewer, and a front trial's system metrics. Starts `mlflow server` over the store on
+artifact viewer, and a front trial's system metrics. Starts `deeplab ui` over the store on
 127.0.0.1 and stops it at the end.
 
     python benchmarks/screenshots.py --tracking-uri sqlite:///runs/mlflow.db --sweep pareto-demo --out shots/
@@ -12,7 +12,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,11 +21,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port  # noqa: E402
 
 
 def shoot(url: str, out: Path, size: str = "1600,1000") -> None:
@@ -67,9 +64,9 @@ def main():
     front = c.search_runs([exp.experiment_id], f"{sweep_filter} and tags.`deeplab.pareto_front` = 'true'")
 
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", args.tracking_uri, "--artifacts-destination", args.artifacts, "--workers", "1"],
+    server = subprocess.Popen(  # as a user serves it: `deeplab ui`, which becomes `mlflow server`
+        [sys.executable, "-m", "deeplab_sweep.cli", "ui", "--port", str(port)]
+        + ["--store", args.tracking_uri, "--artifacts", args.artifacts],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
