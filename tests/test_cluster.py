@@ -124,7 +124,11 @@ def exact_fit_cluster():
         cluster.stop()
 
 
-FAKE_HEAD_ID = "f" * 51 + "00000"  # the fake provider's fixed head node id
+# The fake provider's own record of the head: its fixed node id and node type. A head type of
+# another name is one the autoscaler finds missing: it launched one every update (~2.5 s) and
+# removed it as over that type's max_workers, 20 extra nodes in a minute-long test.
+FAKE_HEAD_ID = "f" * 51 + "00000"
+FAKE_HEAD_TYPE = "ray.head.default"
 
 
 def start_autoscaling_cluster(folder: Path) -> _Cluster:
@@ -137,7 +141,7 @@ def start_autoscaling_cluster(folder: Path) -> _Cluster:
             {
                 "cluster_name": "deeplab-fake",
                 "max_workers": 2,
-                "head_node_type": "head",
+                "head_node_type": FAKE_HEAD_TYPE,
                 "provider": {
                     "type": "fake_multinode",
                     "use_node_id_as_ip": True,
@@ -146,7 +150,7 @@ def start_autoscaling_cluster(folder: Path) -> _Cluster:
                     "gcs_address": cluster.address,
                 },
                 "available_node_types": {
-                    "head": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                    FAKE_HEAD_TYPE: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
                     "gpu_worker": {
                         "resources": {"CPU": 1, "fake_gpu": 1, "object_store_memory": 80_000_000},
                         "node_config": {},
