@@ -454,17 +454,36 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _kill_node_of(worker: dict, cluster: _Cluster) -> None:
+# One process for the whole watch: a new one per poll (Python and Ray's imports, seconds on a
+# busy machine) once saw a whole trial start and end between two polls, and killed nothing.
+WATCH_FOR_A_NEW_ACTOR = """
+import json, sys, time, ray
+from ray.util.state import list_actors
+address, dashboard, class_name, before = sys.argv[1], sys.argv[2], sys.argv[3], set(json.loads(sys.argv[4]))
+ray.init(address=address, logging_level="ERROR")
+ports = {n["NodeID"]: n["NodeManagerPort"] for n in ray.nodes()}
+ray.shutdown()
+while True:
+    for a in list_actors(address=dashboard, filters=[("class_name", "=", class_name)], limit=100, detail=True):
+        if a.state == "ALIVE" and a.pid not in before:
+            print(json.dumps({"node": a.node_id, "port": ports[a.node_id]}), flush=True)
+            sys.exit(0)
+    time.sleep(0.2)
+"""
+
+
+def _watch_for_a_new_actor(cluster: _Cluster, class_name: str, before: set[int]) -> subprocess.Popen:
+    """A process that prints, as one JSON line, the node (id and node manager port) of the first
+    actor of `class_name` alive on `cluster` whose pid is not in `before`, and exits."""
+    args = [cluster.address, cluster.dashboard, class_name, json.dumps(sorted(before))]
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCH_FOR_A_NEW_ACTOR, *args], stdout=subprocess.PIPE, text=True, env=cluster_env()
+    )
+
+
+def _kill_node_at(port: int) -> None:
     """SIGKILL a node as a machine dies: its raylet (found by the node manager port we gave
     it) and every process it started, the worker among them."""
-    code = (
-        f"import json, ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); "
-        "print(json.dumps({n['NodeID']: n['NodeManagerPort'] for n in ray.nodes()}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=cluster_env()
-    )
-    port = json.loads(out.stdout.strip().splitlines()[-1])[worker["node"]]
     (raylet,) = [
         pid
         for pid in pids_naming(f"--node_manager_port={port}")
@@ -488,28 +507,29 @@ def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster,
     before = {w["pid"] for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL)}
     killed: list[str] = []
     done = threading.Event()
+    watcher = _watch_for_a_new_actor(exact_fit_cluster, IN_PROCESS_TRIAL, before)
 
     def kill_the_node_after_the_first_checkpoint():
+        line = watcher.stdout.readline()  # where the trial runs, before it trains; "" once killed
         deadline = time.monotonic() + 300
-        alive = []
-        while time.monotonic() < deadline and not alive and not done.is_set():  # where it runs, before it trains
-            alive = [
-                w
-                for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL)
-                if w["state"] == "ALIVE" and w["pid"] not in before
-            ]
-            time.sleep(0.5)
         train_dir = tmp_path / "shared" / "kill" / "train"
-        while time.monotonic() < deadline and not list(train_dir.glob("*/epochs/epoch_0001.json")):
+        while (
+            time.monotonic() < deadline and not done.is_set() and not list(train_dir.glob("*/epochs/epoch_0001.json"))
+        ):
             time.sleep(0.1)
-        if done.is_set() or not alive:
+        if done.is_set() or not line:
             return
-        _kill_node_of(alive[0], exact_fit_cluster)
-        killed.append(alive[0]["node"])
+        node = json.loads(line)
+        _kill_node_at(node["port"])
+        killed.append(node["node"])
 
     threading.Thread(target=kill_the_node_after_the_first_checkpoint, daemon=True).start()
-    res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
-    done.set()
+    try:
+        res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
+    finally:
+        done.set()
+        watcher.kill()
+        watcher.wait()
     assert killed, "no worker node was killed: the test proved nothing"
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     nodes = {w["node"] for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL) if w["pid"] not in before}
