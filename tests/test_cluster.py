@@ -206,14 +206,29 @@ def _sweep(cfg: Path, tmp_path: Path, cluster: _Cluster, *extra: str, data_root:
 TRAIN_WORKER, IN_PROCESS_TRIAL = "RayTrainWorker", "ImplicitFunc"
 
 
+# Run in a new process, with the cluster's token (cluster_env): the actors of a class the
+# cluster ran, dead ones included, from its dashboard (argv: dashboard, class name).
+ACTORS_OF = """
+import json, sys
+from ray.util.state import list_actors
+def actors_of(dashboard, class_name):
+    return list_actors(address=dashboard, filters=[("class_name", "=", class_name)], limit=100, detail=True)
+"""
+
+
 def _train_workers(dashboard: str, class_name: str = TRAIN_WORKER) -> list[dict]:
     """The actors of `class_name` the cluster ran (dead ones included): node id and state."""
-    code = (
-        "import json; from ray.util.state import list_actors; "
-        f"a = list_actors(address={dashboard!r}, filters=[('class_name', '=', {class_name!r})], limit=100, "
-        "detail=True); print(json.dumps([{'node': x.node_id, 'state': x.state, 'pid': x.pid} for x in a]))"
+    code = ACTORS_OF + (
+        "print(json.dumps([{'node': x.node_id, 'state': x.state, 'pid': x.pid} "
+        "for x in actors_of(sys.argv[1], sys.argv[2])]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=cluster_env())
+    out = subprocess.run(
+        [sys.executable, "-c", code, dashboard, class_name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cluster_env(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -456,20 +471,22 @@ def _descendants(pid: int) -> list[int]:
 
 # One process for the whole watch: a new one per poll (Python and Ray's imports, seconds on a
 # busy machine) once saw a whole trial start and end between two polls, and killed nothing.
-WATCH_FOR_A_NEW_ACTOR = """
-import json, sys, time, ray
-from ray.util.state import list_actors
+WATCH_FOR_A_NEW_ACTOR = (
+    ACTORS_OF
+    + """
+import time, ray
 address, dashboard, class_name, before = sys.argv[1], sys.argv[2], sys.argv[3], set(json.loads(sys.argv[4]))
 ray.init(address=address, logging_level="ERROR")
 ports = {n["NodeID"]: n["NodeManagerPort"] for n in ray.nodes()}
 ray.shutdown()
 while True:
-    for a in list_actors(address=dashboard, filters=[("class_name", "=", class_name)], limit=100, detail=True):
+    for a in actors_of(dashboard, class_name):
         if a.state == "ALIVE" and a.pid not in before:
             print(json.dumps({"node": a.node_id, "port": ports[a.node_id]}), flush=True)
             sys.exit(0)
     time.sleep(0.2)
 """
+)
 
 
 def _watch_for_a_new_actor(cluster: _Cluster, class_name: str, before: set[int]) -> subprocess.Popen:
