@@ -233,6 +233,19 @@ def _train_workers(dashboard: str, class_name: str = TRAIN_WORKER) -> list[dict]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _nodes_ever(dashboard: str) -> list[str]:
+    """Every node the cluster had, removed ones included: their ids."""
+    code = (
+        "import json, sys; from ray.util.state import list_nodes; "
+        "print(json.dumps([n.node_id for n in list_nodes(address=sys.argv[1], limit=1000, detail=True)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, dashboard], capture_output=True, text=True, timeout=60, env=cluster_env()
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _trial_runs(tmp_path: Path) -> list:
     c = MlflowClient(f"sqlite:///{tmp_path}/runs/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id])
@@ -581,5 +594,7 @@ def test_sweep_launched_at_zero_workers_grows_the_cluster(autoscaling_cluster, s
     assert "pending: waiting for 1 x {CPU: 1, fake_gpu: 1}" in res.stdout, res.stdout[-3000:]
     workers = _train_workers(autoscaling_cluster.dashboard, IN_PROCESS_TRIAL)
     assert workers and FAKE_HEAD_ID not in {w["node"] for w in workers}  # on launched nodes, not the head
+    # Nodes only for the trials: the head and at most max_workers (2), none launched and removed.
+    assert len(_nodes_ever(autoscaling_cluster.dashboard)) <= 3
     c, trials = _trial_runs(tmp_path)
     assert sorted(r.data.tags["deeplab.status"] for r in trials) == ["completed", "completed"]
