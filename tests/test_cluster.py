@@ -292,8 +292,17 @@ def _working_copy(dest: Path) -> Path:
     return dest
 
 
+# A user's model, and one hook of the test's: while the file GATE names exists, training waits
+# in its third step (the second epoch of 8 images in batches of 4), so that `ray job stop` (a
+# new process, seconds) lands mid-trial however fast the machine trains.
 USER_MODEL = """\
+import os
+import time
+
 from torch import nn
+
+GATE = %(gate)r
+_steps = 0
 
 
 class Tiny(nn.Module):
@@ -302,6 +311,10 @@ class Tiny(nn.Module):
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
 
     def forward(self, x):
+        global _steps
+        _steps += self.training
+        while self.training and _steps > 2 and os.path.exists(GATE):
+            time.sleep(0.1)
         return self.net(x)
 
 
@@ -330,7 +343,8 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
     work = _working_copy(tmp_path / "checkout")
     (work / "mypkg").mkdir()
     (work / "mypkg" / "__init__.py").write_text("")
-    (work / "mypkg" / "model.py").write_text(USER_MODEL)
+    gate = tmp_path / "gate"
+    (work / "mypkg" / "model.py").write_text(USER_MODEL % {"gate": str(gate)})
     (work / "best").mkdir()
     (work / "best" / "checkpoint.pt").write_bytes(b"\0" * 30_000_000)  # what `deeplab best --out best/` leaves
     (work / "job.yaml").write_text(
@@ -410,11 +424,11 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
     assert best.returncode == 0, best.stderr[-3000:]
     assert Path(json.loads(best.stdout)["local_path"]).is_file()
 
-    # --no-wait, the live log, `ray job stop`, then --resume.
-    # Trials long enough that `ray job stop` (a new process, seconds) lands midway: at 24 epochs
-    # a quick run had finished the sweep before the stop arrived.
-    epochs = 60
-    longer = (f"train.epochs={epochs}", "sweep.max_concurrent=1")
+    # --no-wait, the live log, `ray job stop` while the first trial waits at the gate in its
+    # second epoch, then --resume without the gate.
+    epochs = 3
+    one_at_a_time = (f"train.epochs={epochs}", "sweep.max_concurrent=1")
+    gate.touch()
     res = _job(
         exact_fit_cluster,
         "submit",
@@ -424,7 +438,7 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
         "--working-dir",
         str(work),
         "--",
-        *sweep("j2", *longer),
+        *sweep("j2", *one_at_a_time),
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     logs = subprocess.Popen(
@@ -455,7 +469,8 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
         r.data.tags.get("deeplab.status") == "interrupted" for r in runs if r.data.tags["deeplab.kind"] == "trial"
     )
 
-    res = _job(exact_fit_cluster, "submit", "--working-dir", str(work), "--", *sweep("j2", *longer, "--resume"))
+    gate.unlink()
+    res = _job(exact_fit_cluster, "submit", "--working-dir", str(work), "--", *sweep("j2", *one_at_a_time, "--resume"))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     runs = c.search_runs([c.get_experiment_by_name("deeplab").experiment_id], "tags.`deeplab.sweep` = 'j2'")
     trials = [r for r in runs if r.data.tags["deeplab.kind"] == "trial"]
