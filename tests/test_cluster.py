@@ -264,13 +264,9 @@ def test_exact_fit_nodes_under_a_head_without_cpu(exact_fit_cluster, synth_voc_r
         "sweep: {search: grid, num_samples: 1, asha: {enabled: false}, name: exact}\n"
         "space:\n  train.lr: {type: grid, values: [0.01, 0.02]}\n"
     )
-    # Seen alive: the state API has listed a finished trial's dead workers without their node,
-    # or not at all, once the sweep was over.
-    watcher = _record_actors(exact_fit_cluster, TRAIN_WORKER)
     res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
-    watcher.terminate()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    workers = [json.loads(line) for line in watcher.communicate(timeout=60)[0].splitlines()]
+    workers = _train_workers(exact_fit_cluster.dashboard)
     assert len(workers) == 4 and len({w["node"] for w in workers}) == 2, workers  # 2 trials x 2 workers, 2 nodes
     c, trials = _trial_runs(tmp_path)
     assert sorted(r.data.tags["deeplab.status"] for r in trials) == ["completed", "completed"]
@@ -519,32 +515,6 @@ while True:
     time.sleep(0.2)
 """
 )
-
-
-RECORD_ACTORS = (
-    ACTORS_OF
-    + """
-import time
-seen = set()
-while True:
-    for a in actors_of(sys.argv[1], sys.argv[2]):
-        if a.state == "ALIVE" and a.node_id and a.pid not in seen:
-            seen.add(a.pid)
-            print(json.dumps({"node": a.node_id, "pid": a.pid}), flush=True)
-    time.sleep(0.2)
-"""
-)
-
-
-def _record_actors(cluster: _Cluster, class_name: str) -> subprocess.Popen:
-    """A process that prints, one JSON line each, the node and pid of every actor of
-    `class_name` it sees alive on `cluster`, until it is terminated."""
-    return subprocess.Popen(
-        [sys.executable, "-c", RECORD_ACTORS, cluster.dashboard, class_name],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=cluster_env(),
-    )
 
 
 def _watch_for_a_new_actor(cluster: _Cluster, class_name: str, before: set[int]) -> subprocess.Popen:
