@@ -222,15 +222,7 @@ def _train_workers(dashboard: str, class_name: str = TRAIN_WORKER) -> list[dict]
         "print(json.dumps([{'node': x.node_id, 'state': x.state, 'pid': x.pid} "
         "for x in actors_of(sys.argv[1], sys.argv[2])]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, dashboard, class_name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cluster_env(),
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _state_query(code, dashboard, class_name)
 
 
 def _nodes_ever(dashboard: str) -> list[str]:
@@ -239,8 +231,13 @@ def _nodes_ever(dashboard: str) -> list[str]:
         "import json, sys; from ray.util.state import list_nodes; "
         "print(json.dumps([n.node_id for n in list_nodes(address=sys.argv[1], limit=1000, detail=True)]))"
     )
+    return _state_query(code, dashboard)
+
+
+def _state_query(code: str, *args: str):
+    """What `code`, run in a new process with the cluster's token, prints last, as JSON."""
     out = subprocess.run(
-        [sys.executable, "-c", code, dashboard], capture_output=True, text=True, timeout=60, env=cluster_env()
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60, env=cluster_env()
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
