@@ -117,6 +117,23 @@ def pids_naming(folder: str) -> list[int]:
     return pids
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, and theirs, down the tree."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def stop_processes_naming(folder: str) -> None:
     """Exactly the processes of a Ray the test started (never `ray stop`: it would also stop
     any other Ray on the machine, such as the test session's own cluster)."""

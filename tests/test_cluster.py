@@ -31,7 +31,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, free_port, pids_naming, stop_processes_naming, sweep_command
+from tests.conftest import REPO, descendants, free_port, pids_naming, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
@@ -478,22 +478,6 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
         assert [m.step for m in c.get_metric_history(r.info.run_id, "val/mIoU")] == list(range(1, epochs + 1))
 
 
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 # One process for the whole watch: a new one per poll (Python and Ray's imports, seconds on a
 # busy machine) once saw a whole trial start and end between two polls, and killed nothing.
 WATCH_FOR_A_NEW_ACTOR = (
@@ -531,7 +515,7 @@ def _kill_node_at(port: int) -> None:
         for pid in pids_naming(f"--node_manager_port={port}")
         if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    for pid in [raylet, *_descendants(raylet)]:
+    for pid in [raylet, *descendants(raylet)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -19,20 +19,21 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.cli import main
-from tests.conftest import CONF, MlflowServer, stop_processes_naming, sweep_command
+from tests.conftest import CONF, MlflowServer, descendants, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
 
 def _pids_with(marker: bytes) -> list[int]:
+    """This test's own Ray processes (the session cluster this process started) whose command
+    line has `marker`: a test in the other xdist worker may be running its own trials."""
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
+    for pid in descendants(os.getpid()):
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
     return pids
 
 
