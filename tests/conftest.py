@@ -38,22 +38,47 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # A test that wants more asks for them (`train.torch_threads`).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# What starts Ray or a server: such tests run in order in one of two chains, one per xdist
-# worker (`--dist loadgroup`), each with its own session cluster; the rest run beside them.
-# The chains are split by module so that each takes about half the time: mostly waits on
-# processes starting, which two chains overlap.
-# Not in effect: on pytest 9.2, xdist 3.8 drops these marks without a word (it rewrites an id
-# pytest no longer reads: pytest-dev/pytest-xdist#1386), so these tests spread over both
-# workers; benchmarks/README.md (2026-12-03) says what making the chains real did.
+# What starts Ray or a server runs in one of two chains, one per xdist worker, each in order
+# with its own session cluster and module fixtures (built once, not once per worker); the other
+# tests go to whichever worker is free. A chain is a set of whole modules, known from the test
+# id alone, which is all xdist's scheduler sees: xdist's own groups (`xdist_group` marks with
+# `--dist loadgroup`) are silently dropped on pytest 9.2, which no longer reads the ids xdist
+# rewrites (pytest-dev/pytest-xdist#1386). The chains are split to take about as long.
 SERVICES = {"ray_cluster", "ray_tmpdir", "mlflow_server", "s3_server", "exact_fit_cluster", "autoscaling_cluster"}
-FIRST_CHAIN = {"test_cluster.py", "test_sweep.py", "test_packaging.py", "test_models.py"}
+CHAINS = {
+    "services-1": {"test_cluster.py", "test_sweep.py", "test_packaging.py"},
+    "services-2": {
+        "test_faults.py",
+        "test_ray_train.py",
+        "test_pareto.py",
+        "test_security.py",
+        "test_import_checkpoint.py",
+        "test_models.py",
+        "test_replay.py",
+        "test_model_factory.py",
+    },
+}
+CHAIN_OF = {module: chain for chain, modules in CHAINS.items() for module in modules}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("slow") or SERVICES & set(getattr(item, "fixturenames", ())):
-            chain = 1 if item.path.name in FIRST_CHAIN else 2
-            item.add_marker(pytest.mark.xdist_group(f"services-{chain}"))
+def pytest_runtest_setup(item):
+    needs_service = item.get_closest_marker("slow") or SERVICES & set(getattr(item, "fixturenames", ()))
+    if needs_service and item.path.name not in CHAIN_OF:
+        pytest.fail(f"{item.path.name} starts Ray or a server: give it a chain in tests/conftest.py's CHAINS")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by module, with each chain's modules as one unit of work (for `-n`
+    alone: another `--dist` asked for is left to xdist)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Chains(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return CHAIN_OF.get(nodeid.split("::", 1)[0].rsplit("/", 1)[-1], nodeid)
+
+    return Chains(config, log)
 
 
 @pytest.fixture(scope="session")
