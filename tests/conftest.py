@@ -44,6 +44,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # id alone, which is all xdist's scheduler sees: xdist's own groups (`xdist_group` marks with
 # `--dist loadgroup`) are silently dropped on pytest 9.2, which no longer reads the ids xdist
 # rewrites (pytest-dev/pytest-xdist#1386). The chains are split to take about as long.
+# The chains run at once: a test that kills or counts Ray processes must find its own by more
+# than a name (`descendants`, `pids_naming`), or it hits the other chain's trials.
 SERVICES = {"ray_cluster", "ray_tmpdir", "mlflow_server", "s3_server", "exact_fit_cluster", "autoscaling_cluster"}
 CHAINS = {
     "services-1": {"test_cluster.py", "test_sweep.py", "test_packaging.py"},
