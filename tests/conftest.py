@@ -131,14 +131,17 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def pids_naming(folder: str) -> list[int]:
-    """Every process whose command line names `folder` (a Ray temp folder of the test's own)."""
+def pids_naming(needle: str, among: list[int] | None = None) -> list[int]:
+    """Every process (of `among`, if given) whose command line names `needle`, such as a Ray
+    temp folder of the test's own."""
+    if among is None:
+        among = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
+    for pid in among:
+        if pid != os.getpid():
             try:
-                if folder.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
+                if needle.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(pid)
             except OSError:
                 pass
     return pids

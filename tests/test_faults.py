@@ -19,26 +19,19 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.cli import main
-from tests.conftest import CONF, MlflowServer, descendants, stop_processes_naming, sweep_command
+from tests.conftest import CONF, MlflowServer, descendants, pids_naming, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
 
-def _pids_with(marker: bytes) -> list[int]:
+def _pids_with(marker: str) -> list[int]:
     """This test's own Ray processes (the session cluster this process started) whose command
     line has `marker`: a test in the other xdist worker may be running its own trials."""
-    pids = []
-    for pid in descendants(os.getpid()):
-        try:
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            pass
-    return pids
+    return pids_naming(marker, among=descendants(os.getpid()))
 
 
 def _train_worker_pids() -> list[int]:
-    return _pids_with(b"ray::RayTrainWorker")
+    return _pids_with("ray::RayTrainWorker")
 
 
 def _registered(run_dir: Path) -> list[str]:
@@ -151,7 +144,7 @@ def test_killed_in_process_trial_resumes_from_its_stored_checkpoint(ray_cluster,
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
             if list(sweep_dir.glob("train/*/epochs/epoch_0001.json")):
-                for pid in _pids_with(b"ray::ImplicitFunc"):
+                for pid in _pids_with("ray::ImplicitFunc"):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             time.sleep(0.05)
