@@ -19,7 +19,7 @@ from tests.conftest import CONF
 
 
 def _cfg(root: Path, *overrides: str):
-    return load_job(CONF / "train" / "demo.yaml", [f"data.root={root}", "train.torch_threads=2", *overrides]).run
+    return load_job(CONF / "train" / "demo.yaml", [f"data.root={root}", *overrides]).run
 
 
 @pytest.fixture

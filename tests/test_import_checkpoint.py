@@ -99,7 +99,6 @@ def _cfg(root, *overrides):
             "train.epochs=1",
             "data.max_train_images=8",
             "data.max_val_images=2",
-            "train.torch_threads=2",
             *overrides,
         ],
     ).run
