@@ -571,6 +571,9 @@ def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster,
     replayed = [r["epoch"] for r in rows if r.get("replayed")]
     assert replayed and len(trained) == len(set(trained)), rows
     assert sorted(set(trained) | set(replayed)) == list(range(1, 9)), rows
+    first_replayed = next(i for i, r in enumerate(rows) if r.get("replayed"))
+    after = [r["epoch"] for r in rows[first_replayed:] if not r.get("replayed")]
+    assert all(e > max(replayed) for e in after), rows  # no epoch up to the checkpoint trained again
 
 
 def test_sweep_launched_at_zero_workers_grows_the_cluster(autoscaling_cluster, synth_voc_root, tmp_path):
