@@ -477,46 +477,23 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
     assert Path(json.loads(best.stdout)["local_path"]).is_file()
 
 
-# One process for the whole watch: a new one per poll (Python and Ray's imports, seconds on a
-# busy machine) once saw a whole trial start and end between two polls, and killed nothing.
-WATCH_FOR_A_NEW_ACTOR = (
-    ACTORS_OF
-    + """
-import time, ray
-address, dashboard, class_name, before = sys.argv[1], sys.argv[2], sys.argv[3], set(json.loads(sys.argv[4]))
-ray.init(address=address, logging_level="ERROR")
-ports = {n["NodeID"]: n["NodeManagerPort"] for n in ray.nodes()}
-ray.shutdown()
-while True:
-    for a in actors_of(dashboard, class_name):
-        if a.state == "ALIVE" and a.pid not in before:
-            print(json.dumps({"node": a.node_id, "port": ports[a.node_id]}), flush=True)
-            sys.exit(0)
-    time.sleep(0.2)
-"""
-)
-
-
-def _watch_for_a_new_actor(cluster: _Cluster, class_name: str, before: set[int]) -> subprocess.Popen:
-    """A process that prints, as one JSON line, the node (id and node manager port) of the first
-    actor of `class_name` alive on `cluster` whose pid is not in `before`, and exits."""
-    args = [cluster.address, cluster.dashboard, class_name, json.dumps(sorted(before))]
-    return subprocess.Popen(
-        [sys.executable, "-c", WATCH_FOR_A_NEW_ACTOR, *args], stdout=subprocess.PIPE, text=True, env=cluster_env()
-    )
-
-
-def _kill_node_at(port: int) -> None:
-    """SIGKILL a node as a machine dies: its raylet (found by the node manager port we gave
-    it) and every process it started, the worker among them."""
-    (raylet,) = [
-        pid
-        for pid in pids_naming(f"--node_manager_port={port}")
-        if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+def _kill_the_node_running(cluster: _Cluster, proc_title: str) -> int | None:
+    """SIGKILL, as a machine dies, the node of `cluster` that runs a process titled `proc_title`
+    (a Ray actor's): its raylet and every process it started. Found in /proc in milliseconds: a
+    watcher asking Ray's state API (its imports and each query seconds on a busy machine) once
+    saw a whole 4 s trial start and end before it answered. The actor's pid, or None."""
+    raylets = [
+        pid for pid in pids_naming(cluster.temp_dir) if b"raylet/raylet" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    for pid in [raylet, *descendants(raylet)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    for raylet in raylets:
+        tree = descendants(raylet)
+        actors = pids_naming(f"ray::{proc_title}", among=tree)
+        if actors:
+            for pid in [raylet, *tree]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return actors[0]
+    return None
 
 
 def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster, synth_voc_root, tmp_path):
@@ -530,35 +507,29 @@ def test_worker_node_killed_mid_trial_resumes_on_another_node(exact_fit_cluster,
         "space:\n  train.lr: {type: grid, values: [0.01]}\n"
     )
     before = {w["pid"] for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL)}
-    killed: list[str] = []
+    killed: list[int] = []  # the trial's actor, killed with its node
     done = threading.Event()
-    watcher = _watch_for_a_new_actor(exact_fit_cluster, IN_PROCESS_TRIAL, before)
 
     def kill_the_node_after_the_first_checkpoint():
-        line = watcher.stdout.readline()  # where the trial runs, before it trains; "" once killed
         deadline = time.monotonic() + 300
         train_dir = tmp_path / "shared" / "kill" / "train"
         while (
             time.monotonic() < deadline and not done.is_set() and not list(train_dir.glob("*/epochs/epoch_0001.json"))
         ):
             time.sleep(0.1)
-        if done.is_set() or not line:
-            return
-        node = json.loads(line)
-        _kill_node_at(node["port"])
-        killed.append(node["node"])
+        if not done.is_set() and (actor := _kill_the_node_running(exact_fit_cluster, IN_PROCESS_TRIAL)):
+            killed.append(actor)
 
     threading.Thread(target=kill_the_node_after_the_first_checkpoint, daemon=True).start()
     try:
         res = _sweep(cfg, tmp_path, exact_fit_cluster, data_root=synth_voc_root)
     finally:
         done.set()
-        watcher.kill()
-        watcher.wait()
     assert killed, "no worker node was killed: the test proved nothing"
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    nodes = {w["node"] for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL) if w["pid"] not in before}
-    assert killed[0] in nodes and len(nodes) == 2, nodes  # the trial went on, on the other node
+    trial_actors = [w for w in _train_workers(exact_fit_cluster.dashboard, IN_PROCESS_TRIAL) if w["pid"] not in before]
+    # the trial went on, on the other node
+    assert killed[0] in {w["pid"] for w in trial_actors} and len({w["node"] for w in trial_actors}) == 2, trial_actors
     c, (run,) = _trial_runs(tmp_path)
     assert run.data.tags["deeplab.status"] == "completed"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val/mIoU")] == list(range(1, 9))
