@@ -13,6 +13,7 @@ MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable
@@ -367,14 +368,13 @@ def check_model(model_cfg, num_classes: int, size: int = 65) -> int:
     wrong shape is named here, before any cluster work. Odd size: catches off-by-one upsampling.
     Returns the model's parameter count."""
     spec = model_cfg.factory
-    factory = resolve_factory(spec)
     # Shapes and a parameter count need no initialised weights: a registered model is built on
     # torch's meta device and given uninitialised CPU memory (a ResNet-101 checks in 0.2 s rather
-    # than 0.7 s). A user's factory builds on the CPU: a tensor it caches would otherwise stay meta.
+    # than 0.7 s). A user's factory builds as it would anyway: a tensor it caches would stay meta.
     registered = spec in MODELS
     try:
-        with torch.device("meta" if registered else "cpu"):
-            model = factory(num_classes, model_cfg.model_copy(update={"pretrained_backbone": False}))
+        with torch.device("meta") if registered else contextlib.nullcontext():
+            model = build_from_config(model_cfg.model_copy(update={"pretrained_backbone": False}), num_classes)
     except ModelFactoryError:
         raise
     except Exception as e:
