@@ -8,8 +8,11 @@ run's `best/<metric>` holds them: what Optuna was told, what the front and `deep
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from dataclasses import dataclass, field
+
+from ray.tune import Callback
 
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.early_stopping import read_check
@@ -155,10 +158,22 @@ def _trial_row(r, runs: dict, known: set, job: JobConfig, folder: SweepFolder) -
     )
 
 
-def preload() -> None:
-    """What the summary imports, loaded ahead on a thread of its own while the sweep's trials run:
+class PreloadSummary(Callback):
+    """What the summary imports, loaded on a thread of its own once the first trial has reported:
     the end of a sweep then does not wait for it (optuna.importance alone imports scikit-learn,
-    1.3 s here)."""
+    1.3 s here), and the first trial's actor, importing torch on a 2-core machine, does not share
+    the CPU with it."""
+
+    def __init__(self):
+        self.started = False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.started:
+            self.started = True
+            threading.Thread(target=_preload, name="preload", daemon=True).start()
+
+
+def _preload() -> None:
     import matplotlib
 
     matplotlib.use("Agg")

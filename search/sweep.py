@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import ray
@@ -33,7 +32,7 @@ from deeplab_sweep.search.placement import TRIAL_DRIVER_MEMORY, trials_at_once
 from deeplab_sweep.search.prepare import PreparedSweep, prepare_sweep
 from deeplab_sweep.search.progress import ProgressTable
 from deeplab_sweep.search.searcher import SearcherClock
-from deeplab_sweep.search.summary import SweepSummary, log_summary, preload, summarise
+from deeplab_sweep.search.summary import PreloadSummary, SweepSummary, log_summary, summarise
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.timing import Timeline
 from deeplab_sweep.search.trial import sweep_trial
@@ -69,7 +68,6 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         try:
             ray_up.start()  # and, from here, SIGTERM (`ray job stop`) is Ctrl-C
             timeline.mark("Ray")
-            threading.Thread(target=preload, name="preload", daemon=True).start()
             results = _tuner(sweep, exp_id, parent, verbose).fit()
             timeline.mark("Tune's run")
             ray_up.release()  # shut down beside the summary
@@ -174,6 +172,8 @@ def _tuner(sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool) -> tun
         ),
         ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
     ]
+    if s.num_samples >= 2:  # what it preloads is for importances, which need two trials
+        callbacks.append(PreloadSummary())
     if sweep.searcher is not None:
         callbacks.append(SearcherClock(sweep.searcher))
     return tune.Tuner(
