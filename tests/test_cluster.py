@@ -227,6 +227,16 @@ def _train_workers(dashboard: str, class_name: str = TRAIN_WORKER) -> list[dict]
     return _state_query(code, dashboard, class_name)
 
 
+def _actor_census(dashboard: str) -> list[list]:
+    """Every actor the cluster lists, dead ones included: class name, state, node id."""
+    code = (
+        "import json, sys; from ray.util.state import list_actors; "
+        "print(json.dumps([[a.class_name, a.state, a.node_id] "
+        "for a in list_actors(address=sys.argv[1], limit=1000, detail=True)]))"
+    )
+    return _state_query(code, dashboard)
+
+
 def _nodes_ever(dashboard: str) -> list[str]:
     """Every node the cluster had, removed ones included: their ids."""
     code = (
@@ -566,7 +576,9 @@ def test_sweep_launched_at_zero_workers_grows_the_cluster(autoscaling_cluster, s
     # the trials waited for nodes, and said so, instead of failing
     assert "pending: waiting for 1 x {CPU: 1, fake_gpu: 1}" in res.stdout, res.stdout[-3000:]
     workers = _train_workers(autoscaling_cluster.dashboard, IN_PROCESS_TRIAL)
-    assert workers and FAKE_HEAD_ID not in {w["node"] for w in workers}  # on launched nodes, not the head
+    # Should the trials' actors be missing: what this dashboard does list, and its nodes.
+    assert workers, (_actor_census(autoscaling_cluster.dashboard), _nodes_ever(autoscaling_cluster.dashboard))
+    assert FAKE_HEAD_ID not in {w["node"] for w in workers}  # on launched nodes, not the head
     # Nodes only for the trials: the head and at most max_workers (2), none launched and removed.
     assert len(_nodes_ever(autoscaling_cluster.dashboard)) <= 3
     c, trials = _trial_runs(tmp_path)
