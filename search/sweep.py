@@ -172,7 +172,9 @@ def _tuner(sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool) -> tun
         ),
         ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
     ]
-    if s.num_samples >= 2:  # what it preloads is for importances, which need two trials
+    # What it loads draws the Pareto front and, from the study of an Optuna search of two trials
+    # or more, the importances.
+    if s.objectives or (sweep.searcher is not None and s.num_samples >= 2):
         callbacks.append(PreloadSummary())
     if sweep.searcher is not None:
         callbacks.append(SearcherClock(sweep.searcher))
