@@ -213,8 +213,9 @@ TRAIN_WORKER, IN_PROCESS_TRIAL = "RayTrainWorker", "ImplicitFunc"
 ACTORS_OF = """
 import json, sys
 from ray.util.state import list_actors
-def actors_of(dashboard, class_name):
-    return list_actors(address=dashboard, filters=[("class_name", "=", class_name)], limit=100, detail=True)
+def actors_of(dashboard, class_name=None):
+    filters = [("class_name", "=", class_name)] if class_name else None
+    return list_actors(address=dashboard, filters=filters, limit=100, detail=True)
 """
 
 
@@ -229,11 +230,7 @@ def _train_workers(dashboard: str, class_name: str = TRAIN_WORKER) -> list[dict]
 
 def _actor_census(dashboard: str) -> list[list]:
     """Every actor the cluster lists, dead ones included: class name, state, node id."""
-    code = (
-        "import json, sys; from ray.util.state import list_actors; "
-        "print(json.dumps([[a.class_name, a.state, a.node_id] "
-        "for a in list_actors(address=sys.argv[1], limit=1000, detail=True)]))"
-    )
+    code = ACTORS_OF + "print(json.dumps([[x.class_name, x.state, x.node_id] for x in actors_of(sys.argv[1])]))"
     return _state_query(code, dashboard)
 
 
