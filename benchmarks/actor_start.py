@@ -20,6 +20,9 @@ import psutil
 import ray
 from ray import tune
 
+# Tune's newer console output prints its experiment table even at verbose=0: the figures alone.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
 
 def idle_workers() -> set[int]:
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "ray::IDLE"}
