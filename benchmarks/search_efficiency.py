@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.early_stopping import spearman
 from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.search.sync import read_trials
@@ -108,30 +109,6 @@ def epochs_to_reach(rows: list[dict], target: float) -> int | None:
         if r["val/mIoU"] >= target:
             return i
     return None
-
-
-def ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):  # ties share their mean rank
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else None
 
 
 def early_predicts_final(rows: list[dict], epochs: int) -> dict[str, float | None]:
