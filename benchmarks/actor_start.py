@@ -1,9 +1,11 @@
 """Where a sweep's first trial waits once Ray is up: a plain actor, the same actor with the
-runtime env Tune gives its trial actors, and Tune's trial actor itself, in a new local Ray
-(2 CPUs, no dashboard), each once per round, after Ray's prestarted workers are idle. For each:
-seconds from the request to the actor's code running, and whether it ran in one of the workers
-Ray prestarted. Those were started with no runtime env, so they cannot serve an actor that has
-one: it waits for a new worker process (a Python start and `import ray`).
+runtime env Tune gives its trial actors, that actor again once a task with the same runtime env
+has run (a worker warmed for it?), and Tune's trial actor itself, in a new local Ray (2 CPUs,
+no dashboard), each once per round, after Ray's prestarted workers are idle. For each: seconds
+from the request to the actor's code running, and whether it ran in one of the workers Ray
+prestarted. Those were started with no runtime env, so they cannot serve an actor that has
+one: it waits for a new worker process (a Python start and `import ray`). Nor can a worker that
+has run a task (the raylet marks it a task worker), even one idle with the same runtime env.
 
     python benchmarks/actor_start.py [--repeat 3]
 """
@@ -46,6 +48,19 @@ def plain_actor(runtime_env: dict | None = None) -> tuple[float, int]:
     return entered - start, pid
 
 
+@ray.remote(num_cpus=1)
+def warm() -> int:
+    return os.getpid()
+
+
+def warmed_actor() -> tuple[float, int, bool]:
+    """The actor with Tune's runtime env, requested once a task with that env has run and left
+    its worker idle; and whether the actor ran in that worker."""
+    task_worker = ray.get(warm.options(runtime_env=TUNES_RUNTIME_ENV).remote())
+    seconds, pid = plain_actor(TUNES_RUNTIME_ENV)
+    return seconds, pid, pid == task_worker
+
+
 def tune_actor(storage: str) -> tuple[float, int]:
     """The trial function's entry, against the moment Tune's run starts (Tune's own set-up, a
     few tenths of a second, included)."""
@@ -70,12 +85,15 @@ def main() -> None:
                 arms = {
                     "plain": plain_actor,
                     "plain, Tune's runtime env": lambda: plain_actor(TUNES_RUNTIME_ENV),
+                    "plain, Tune's runtime env, after a task with it": warmed_actor,
                     "Tune's trial": lambda: tune_actor(storage),
                 }
                 for name, start in arms.items():
                     prestarted = idle_workers()
-                    seconds, pid = start()
+                    seconds, pid, *task_worker = start()
                     row = {"run": i, "actor": name, "start_s": round(seconds, 2), "prestarted": pid in prestarted}
+                    if task_worker:
+                        row["in_the_task_worker"] = task_worker[0]
                     print(json.dumps(row), flush=True)
         finally:
             ray.shutdown()
