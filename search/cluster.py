@@ -13,7 +13,7 @@ import threading
 import ray
 
 from deeplab_sweep.errors import ServiceUnreachable
-from deeplab_sweep.search.internals import job_working_dir
+from deeplab_sweep.search.internals import connect_to_gcs, job_working_dir
 from deeplab_sweep.search.job_config import ClusterConfig
 
 
@@ -32,7 +32,35 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
             f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
             "start one with `ray start --head` or leave the address unset for a local Ray"
         ) from None
+    _check_cluster_takes_this_driver(address)
     return address
+
+
+def _check_cluster_takes_this_driver(address: str) -> None:
+    """What answers at `address` is a Ray cluster's GCS, and it takes this driver's token: known
+    in milliseconds when it is, in about 11 s when something else answers there. `ray.init`
+    would retry for minutes instead, a line of Ray's log each time, after the sweep's parent run
+    was opened."""
+    from ray.exceptions import AuthenticationError, RpcError
+
+    try:
+        connect_to_gcs(address)
+    except AuthenticationError:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            how = "this driver's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is not the head's"
+        else:
+            how = "set RAY_AUTH_MODE=token with the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        raise ServiceUnreachable(
+            f"cluster.address = {address!r}: the cluster refuses this driver, as Ray's token authentication "
+            f"is on there (`ray start --head` turns it on): {how} (`ray get-auth-token` on the head prints "
+            "it; on the head itself, --address auto finds it)"
+        ) from None
+    except RpcError:
+        raise ServiceUnreachable(
+            f"cluster.address = {address!r}: something answers there, but not a Ray cluster; give the "
+            "head's GCS address (`ray start --head --port`, 6379 by default), not its dashboard's (8265, "
+            "which `ray job submit` takes)"
+        ) from None
 
 
 class RaySession:

@@ -4,8 +4,10 @@ one; each reader here raises `InternalsChanged` rather than guessing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -68,3 +70,39 @@ def mlflow_monitors() -> list:
     except Exception:  # noqa: BLE001 - no NVIDIA driver or GPU here: what MLflow does too
         pass
     return monitors
+
+
+def connect_to_gcs(address: str, timeout_ms: int = 1000) -> None:
+    """Connect to the cluster's GCS at `address` as `ray.init` would (the same token settings,
+    read from this process's environment) and let go, with nothing of Ray started. Raises Ray's
+    `AuthenticationError` when the cluster refuses this process's token (in milliseconds), and its
+    `RpcError` when what answers there does not speak Ray's protocol (after Ray's own connect
+    retries, about 11 s), where `ray.init` would retry for minutes, logging each attempt. Ray's
+    client logs those attempts to the process's stderr: silenced here, the caller says what
+    happened."""
+    try:
+        from ray._raylet import InnerGcsClient
+
+        connect = InnerGcsClient.standalone
+    except (ImportError, AttributeError) as e:
+        raise InternalsChanged(f"Ray's GCS client moved: {e}") from None
+    with _native_stderr_to_devnull():
+        try:
+            connect(address, None, timeout_ms)
+        except TypeError as e:
+            raise InternalsChanged(f"Ray's GCS client takes other arguments now: {e}") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull():
+    """File descriptor 2 to /dev/null for a block: what native code writes there (Ray's C++
+    logging), which Python's sys.stderr does not see."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

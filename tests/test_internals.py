@@ -71,3 +71,14 @@ def test_a_job_drivers_working_dir_is_read_from_the_job_config_ray_hands_it(monk
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, "[]")
     with pytest.raises(InternalsChanged, match="Ray's job config"):
         job_working_dir()
+
+
+def test_the_gcs_client_that_checks_a_clusters_address_takes_what_it_is_given():
+    """`connect_to_gcs` calls it as (address, cluster id, timeout in ms); what it does with a
+    cluster that refuses the driver, or with an address that is not Ray's, is tested on a real
+    cluster (tests/test_cluster.py)."""
+    from ray._raylet import InnerGcsClient
+
+    assert "standalone(unicode gcs_address: str, cluster_id: Optional[str], int timeout_ms: int)" in (
+        InnerGcsClient.standalone.__doc__
+    )
