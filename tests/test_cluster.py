@@ -339,14 +339,28 @@ def _job(cluster: _Cluster, *args: str, timeout: float = 600) -> subprocess.Comp
     )
 
 
+# Run in a new process: the preflight's check of a cluster's address alone (argv: address).
+CHECK_ADDRESS = """
+import sys
+from deeplab_sweep.errors import UserInputError
+from deeplab_sweep.search.cluster import cluster_address
+from deeplab_sweep.search.job_config import ClusterConfig
+try:
+    cluster_address(ClusterConfig(), sys.argv[1])
+except UserInputError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
 def test_a_cluster_that_cannot_take_the_driver_is_one_line_before_anything_is_logged(
     exact_fit_cluster, synth_voc_root, tmp_path
 ):
     """Joined by its address, a cluster with Ray's token authentication on refuses a driver
-    without the token, or with another; and at the cluster's dashboard port something answers
-    that is not Ray. Each is one line naming cluster.address and what to do, exit 2, before
-    anything is logged (`ray.init`, given any of them, retried for minutes, a log line each
-    time, with the sweep's parent run open)."""
+    without the token: `deeplab sweep` says so in one line naming cluster.address and what to
+    set, exit 2, before anything is logged (`ray.init` retried for a minute, a log line a second,
+    with the sweep's parent run open). The same check, alone: another token is refused, and at
+    the cluster's dashboard port something answers that is not Ray (`ray.init` retried for
+    minutes)."""
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(
         TINY + "sweep: {num_samples: 1, asha: {enabled: false}}\n"
@@ -354,21 +368,25 @@ def test_a_cluster_that_cannot_take_the_driver_is_one_line_before_anything_is_lo
     )
     no_token = cluster_env()
     del no_token["RAY_AUTH_MODE"], no_token["RAY_AUTH_TOKEN"]
+    cmd = sweep_command(cfg, synth_voc_root, "--address", exact_fit_cluster.address)
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=no_token, timeout=120)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stderr.startswith(f"error: cluster.address = '{exact_fit_cluster.address}': ")
+    assert "set RAY_AUTH_MODE=token with the head's token" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not (tmp_path / "runs").exists(), "nothing logged, nothing stored"
+
     other_token = "1" * 64
     dashboard = f"127.0.0.1:{exact_fit_cluster.dashboard_port}"
-    cases = [
-        (exact_fit_cluster.address, no_token, "set RAY_AUTH_MODE=token with the head's token"),
+    for address, env, says in [
         (exact_fit_cluster.address, cluster_env(RAY_AUTH_TOKEN=other_token), "this driver's token"),
         (dashboard, cluster_env(), "something answers there, but not a Ray cluster"),
-    ]
-    for address, env, says in cases:
-        cmd = sweep_command(cfg, synth_voc_root, "--address", address)
-        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    ]:
+        res = subprocess.run(
+            [sys.executable, "-c", CHECK_ADDRESS, address], capture_output=True, text=True, env=env, timeout=120
+        )
         said = res.stderr.splitlines()
-        assert res.returncode == 2 and len(said) == 1, (address, res.stdout[-2000:], res.stderr[-3000:])
-        assert said[0].startswith(f"error: cluster.address = '{address}': ") and says in said[0], said[0]
-        assert TOKEN not in res.stdout + res.stderr and other_token not in res.stdout + res.stderr
-    assert not (tmp_path / "runs").exists(), "nothing logged, nothing stored"
+        assert len(said) == 1 and said[0].startswith(f"error: cluster.address = '{address}': "), res.stderr[-3000:]
+        assert says in said[0] and other_token not in res.stderr and TOKEN not in res.stderr, said[0]
 
 
 def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_voc_root, tmp_path):
