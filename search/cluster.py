@@ -71,10 +71,11 @@ class RaySession:
     submit` the job's own (its `--working-dir` on every node) must stay the driver's; one given
     here would replace it. A local Ray starts its dashboard only when asked (`dashboard`): Ray
     Train frees a stopped worker group's placement group through it, and one-worker trials have
-    none (it takes seconds to start). While it is up, SIGTERM is Ctrl-C."""
+    none (it takes seconds to start). While it is up, SIGTERM is Ctrl-C. `address` is
+    `cluster_address`'s answer, checked by the command's preflight already."""
 
-    def __init__(self, cluster: ClusterConfig, address: str | None = None, verbose: bool = False, dashboard=True):
-        self.address = cluster_address(cluster, address)
+    def __init__(self, cluster: ClusterConfig, address: str | None, verbose: bool = False, dashboard: bool = True):
+        self.address = address
         self.kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": verbose}
         if self.address:
             self.kwargs["address"] = self.address
@@ -123,11 +124,6 @@ class RaySession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def ray_session(cluster: ClusterConfig, address: str | None = None, verbose: bool = False, dashboard: bool = True):
-    """Ray up for a `with` block (see RaySession)."""
-    return RaySession(cluster, address, verbose, dashboard)
 
 
 @contextlib.contextmanager

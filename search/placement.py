@@ -295,10 +295,11 @@ def plan_text(job, address: str | None = None) -> str:
 
 def _plan_on_nodes_up(job, address: str | None) -> Plan:
     """Without an autoscaler config: the cluster being joined as it is now, or this machine."""
-    from deeplab_sweep.search.cluster import cluster_address, ray_session
+    from deeplab_sweep.search.cluster import RaySession, cluster_address
 
-    if cluster_address(job.cluster, address):
-        with ray_session(job.cluster, address):
+    joined = cluster_address(job.cluster, address)
+    if joined:
+        with RaySession(job.cluster, joined):
             return make_plan(job.train, node_types_now(), "the nodes up now")
     import torch
 

@@ -22,11 +22,12 @@ from deeplab_sweep.trainable.storage import Storage, is_uri
 
 @dataclass(frozen=True)
 class PreparedSweep:
-    """A sweep ready to start: its job (absolute paths, data ready, weights staged), folder,
+    """A sweep ready to start: its job (absolute paths, data ready, weights staged), cluster, folder,
     searcher (None for a grid) and Tune's param space, and its plan where the autoscaler's
     node types are known."""
 
     job: JobConfig
+    address: str | None  # the cluster to join, checked (cluster.cluster_address); None: a local Ray
     folder: SweepFolder
     searcher: object | None
     param_space: dict
@@ -43,7 +44,7 @@ def prepare_sweep(job: JobConfig, resume: bool = False, address: str | None = No
 
     check_sweep(job)
     plan = plan_before_ray(job)
-    cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
+    address = cluster_address(job.cluster, address)  # an unreachable cluster is reported before any MLflow run
     job = prepare_job(job)
     name = job.sweep.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = SweepFolder.at(job.storage.path, name)
@@ -59,7 +60,7 @@ def prepare_sweep(job: JobConfig, resume: bool = False, address: str | None = No
             f"sweep.name = {name!r}: {searcher.storage_url} already holds an Optuna study of "
             "that name; pick another name, or add --resume to continue that sweep"
         )
-    return PreparedSweep(job, folder, searcher, param_space, plan, resume, dataset_fingerprint(job))
+    return PreparedSweep(job, address, folder, searcher, param_space, plan, resume, dataset_fingerprint(job))
 
 
 def dataset_fingerprint(job: JobConfig) -> str:

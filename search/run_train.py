@@ -13,7 +13,7 @@ from ray.train import TrainingFailedError, UserCallback
 
 from deeplab_sweep.errors import RunFailed
 from deeplab_sweep.search import tracking
-from deeplab_sweep.search.cluster import cluster_address, ray_session
+from deeplab_sweep.search.cluster import RaySession, cluster_address
 from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.prepare import prepare_job
 from deeplab_sweep.search.run_writer import RunWriter
@@ -64,14 +64,15 @@ def run_training(job: JobConfig, address: str | None = None, verbose: bool = Fal
     is started), retried from its last stored checkpoint up to `train.max_failures` times. More
     workers, or a cluster named (`--address`, `cluster.address`, `RAY_ADDRESS`: the run belongs
     on its nodes, e.g. the GPU one), are a Ray Train worker group, which Ray Train retries."""
+    joined = cluster_address(job.cluster, address)  # unreachable: one line, before anything is made
     job = prepare_job(job)
     name = job.storage.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Storage(job.storage.path)
     run_dir = storage.join(name)
     c = tracking.client(job.mlflow)
     exp_id = tracking.ensure_experiment(job.mlflow)
-    in_process = runs_in_process(job.train.num_workers) and cluster_address(job.cluster, address) is None
-    with contextlib.nullcontext() if in_process else ray_session(job.cluster, address, verbose):
+    in_process = runs_in_process(job.train.num_workers) and joined is None
+    with contextlib.nullcontext() if in_process else RaySession(job.cluster, joined, verbose):
         # Created once Ray is up: a cluster that cannot be reached leaves no dangling run.
         run_id = tracking.start_run(c, exp_id, name, job.run.to_dict(), tags={tracking.KIND_TAG: tracking.KIND_TRAIN})
         writer = RunWriter(c, run_id, metric=DEFAULT_METRIC, mode="max", storage=storage, run_dir=run_dir)

@@ -52,7 +52,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
     timeline = Timeline(verbose)
     sweep = prepare_sweep(job, resume, address)
     timeline.mark("checks and preparation")
-    ray_up = RaySession(job.cluster, address, verbose, dashboard=not runs_in_process(job.train.num_workers))
+    ray_up = RaySession(job.cluster, sweep.address, verbose, dashboard=not runs_in_process(job.train.num_workers))
     with contextlib.closing(ray_up):
         job, searcher = sweep.job, sweep.searcher
         _quiet_mlflow_retries()

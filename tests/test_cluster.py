@@ -31,7 +31,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, descendants, free_port, pids_naming, stop_processes_naming, sweep_command
+from tests.conftest import CONF, REPO, descendants, free_port, pids_naming, stop_processes_naming, sweep_command
 
 pytestmark = pytest.mark.slow
 
@@ -348,7 +348,8 @@ from deeplab_sweep.search.job_config import ClusterConfig
 try:
     cluster_address(ClusterConfig(), sys.argv[1])
 except UserInputError as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 """
 
 
@@ -358,9 +359,9 @@ def test_a_cluster_that_cannot_take_the_driver_is_one_line_before_anything_is_lo
     """Joined by its address, a cluster with Ray's token authentication on refuses a driver
     without the token: `deeplab sweep` says so in one line naming cluster.address and what to
     set, exit 2, before anything is logged (`ray.init` retried for a minute, a log line a second,
-    with the sweep's parent run open). The same check, alone: another token is refused, and at
-    the cluster's dashboard port something answers that is not Ray (`ray.init` retried for
-    minutes)."""
+    with the sweep's parent run open). `deeplab train` with another token: refused the same way,
+    before its MLflow experiment is made. The check alone at the cluster's dashboard port:
+    something answers there that is not Ray (`ray.init` retried for minutes)."""
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(
         TINY + "sweep: {num_samples: 1, asha: {enabled: false}}\n"
@@ -376,14 +377,14 @@ def test_a_cluster_that_cannot_take_the_driver_is_one_line_before_anything_is_lo
     assert not (tmp_path / "runs").exists(), "nothing logged, nothing stored"
 
     other_token = "1" * 64
+    train = [sys.executable, "-m", "deeplab_sweep.cli", "train", str(CONF / "train" / "demo.yaml"), "--address"]
     dashboard = f"127.0.0.1:{exact_fit_cluster.dashboard_port}"
-    for address, env, says in [
-        (exact_fit_cluster.address, cluster_env(RAY_AUTH_TOKEN=other_token), "this driver's token"),
-        (dashboard, cluster_env(), "something answers there, but not a Ray cluster"),
+    for cmd, address, env, says in [
+        (train, exact_fit_cluster.address, cluster_env(RAY_AUTH_TOKEN=other_token), "this driver's token"),
+        ([sys.executable, "-c", CHECK_ADDRESS], dashboard, cluster_env(), "something answers there, but not a Ray"),
     ]:
-        res = subprocess.run(
-            [sys.executable, "-c", CHECK_ADDRESS, address], capture_output=True, text=True, env=env, timeout=120
-        )
+        res = subprocess.run([*cmd, address], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2 and not (tmp_path / "runs").exists(), res.stderr[-3000:]
         said = res.stderr.splitlines()
         assert len(said) == 1 and said[0].startswith(f"error: cluster.address = '{address}': "), res.stderr[-3000:]
         assert says in said[0] and other_token not in res.stderr and TOKEN not in res.stderr, said[0]
