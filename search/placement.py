@@ -229,10 +229,17 @@ def cost_lines(job) -> list[str]:
     if not job.train.use_gpu:
         return ["expected cost: none estimated (a CPU sweep; the estimate is for GPUs)"]
     images = min(job.data.spec.train_images, job.data.max_train_images or job.data.spec.train_images)
+    counted = {}  # the base config is usually one of the variants: each counted once
+
+    def train_flops(j) -> float:
+        key = (j.model.model_dump_json(), j.data.num_classes, j.data.crop_size)
+        if key not in counted:
+            counted[key] = flops_per_image(j.model, j.data.num_classes, j.data.crop_size, train=True)
+        return counted[key]
+
     variants = _space_variants(job)
-    flops = [flops_per_image(v.model, v.data.num_classes, v.data.crop_size, train=True) for v in variants]
-    mean_flops = sum(flops) / len(flops)
-    full = job.train.epochs * images * flops_per_image(job.model, job.data.num_classes, job.data.crop_size, True)
+    mean_flops = sum(map(train_flops, variants)) / len(variants)
+    full = job.train.epochs * images * train_flops(job)
     s = job.sweep
     epochs = asha_epochs_per_trial(job.train.epochs, s.asha.grace_period, s.asha.reduction_factor)
     epochs = epochs if s.asha.enabled else float(job.train.epochs)

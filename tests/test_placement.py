@@ -86,3 +86,35 @@ def test_sweep_that_cannot_fit_is_refused_before_ray(synth_voc_root, workdir, tm
     )
     assert rc == 2 and "train.num_workers = 3 x {CPU: 1} does not fit" in capsys.readouterr().err
     assert ray.is_initialized() == ray_before and not (workdir / "runs" / "ray").exists()
+
+
+@pytest.mark.parametrize(("backbone", "separable"), [("mobilenet_v2", False), ("resnet50", True)])
+def test_the_estimates_flops_equal_a_count_from_the_convolutions_shapes(backbone, separable):
+    """The FLOPs behind `--plan`'s GPU-hours against a count made without torch's FLOP counter:
+    a convolution's forward is 2 x batch x output pixels x weight elements; in training its
+    weight's gradient costs the same, and so does its input's, except for the convolution that
+    takes the image (nothing asks for the image's gradient). Depthwise convolutions (MobileNetV2,
+    the separable head) included: torch 2.14's own backward formula counts them `groups` times."""
+    import torch
+
+    from deeplab_sweep.trainable.cost import flops_per_image
+    from deeplab_sweep.trainable.models import build_from_config
+    from deeplab_sweep.trainable.run_config import ModelConfig
+
+    cfg, crop = ModelConfig(backbone=backbone, output_stride=16, separable=separable), 65
+    convs = []  # (the conv's forward FLOPs, whether its input is the image)
+    with torch.device("meta"), torch.no_grad():
+        model, x = build_from_config(cfg, 21).train(), torch.empty(2, 3, crop, crop)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(
+                    lambda m, inp, out: convs.append(
+                        (2 * out.shape[0] * out[0, 0].numel() * m.weight.numel(), inp[0] is x)
+                    )
+                )
+        model(x)
+    forward = sum(f for f, _ in convs)
+    images_gradient = sum(f for f, is_image in convs if is_image)
+    assert images_gradient > 0 and any(m.groups > 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert flops_per_image(cfg, 21, crop, train=False) == forward / 2
+    assert flops_per_image(cfg, 21, crop, train=True) == (3 * forward - images_gradient) / 2
