@@ -20,7 +20,7 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None,
     """A convolution's backward: each gradient asked for (input, weight) costs its forward's
     multiply-adds. torch's own formula (2.14) leaves out the groups in the weight's gradient
     and so counts a depthwise convolution's `groups` times over (MobileNetV2: 2-3x its real
-    training FLOPs)."""
+    training FLOPs; pytorch/pytorch#183405 divides it by groups)."""
     transposed, output_mask = args[4], args[7]
     forward = 2 * x_shape[0] * prod((x_shape if transposed else grad_out_shape)[2:]) * prod(w_shape)
     return forward * (int(output_mask[0]) + int(output_mask[1]))
