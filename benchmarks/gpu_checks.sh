@@ -21,6 +21,10 @@ step() {  # step LOG BOX_S COMMAND...: COMMAND under min(BOX_S, time left), tee'
 
 { nvidia-smi -L; python3 -c 'import torch, torchvision, pydantic; print("torch", torch.__version__, "torchvision", torchvision.__version__, "pydantic", pydantic.__version__, "cpus", __import__("os").cpu_count())'; } 2>&1 | tee "$OUT/env.log"
 step gpu_tests.log 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# Unmeasured: MobileNetV2's training rate. `--plan` prices every backbone at ResNet's measured
+# 127 TFLOP/s (103 GFLOP per image at OS 16, crop 513: ~1,230 img/s if it held; depthwise
+# convolutions are memory-bound, so expect fewer).
+step gpu_mobilenet.log 90 python3 benchmarks/gpu_train.py --backbones mobilenet_v2 --iters 24 --variants bf16+cl+bench
 # Unmeasured: data.device_augment (<= 2 CPU cores per GPU at crop 513, no loss of throughput).
 step data_pipeline.log 150 python3 benchmarks/data_pipeline.py --images 200 --workers 0 1 2 4 8 --crops 513 --device cuda
 # Unmeasured: train.compile (inductor; reduce-overhead adds CUDA graphs) against the same eager
