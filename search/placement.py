@@ -186,21 +186,6 @@ def describe(plan: Plan) -> list[str]:
     return lines
 
 
-def asha_epochs_per_trial(max_epochs: int, grace: int, factor: int) -> float:
-    """Epochs an average trial trains under ASHA: all reach the grace period, 1/factor of them
-    each further rung, and 1/factor^k the last epoch (ASHA's nominal budget)."""
-    rungs, r = [], grace
-    while r < max_epochs:
-        rungs.append(r)
-        r *= factor
-    rungs.append(max_epochs)
-    total, previous = 0.0, 0
-    for k, rung in enumerate(rungs):
-        total += (rung - previous) / factor**k
-        previous = rung
-    return total
-
-
 def _space_variants(job) -> list:
     """The model configs and crops a sweep's space can give (the keys that change the FLOPs)."""
     import itertools
@@ -222,8 +207,9 @@ def _space_variants(job) -> list:
 
 def cost_lines(job) -> list[str]:
     """Expected GPU-hours from the config: FLOPs per image (counted), images per epoch (the
-    dataset's real size), epochs (ASHA's nominal budget), at the training rate measured on an
-    H100. An estimate, and said to be one."""
+    dataset's real size), epochs (what the sweep's scheduler trains where early epochs rank trials
+    as the last does), at the training rate measured on an H100. An estimate, and said to be one."""
+    from deeplab_sweep.search.early_stopping import expected_epochs
     from deeplab_sweep.trainable.cost import H100_TRAIN_FLOPS_PER_S, flops_per_image
 
     if not job.train.use_gpu:
@@ -241,17 +227,18 @@ def cost_lines(job) -> list[str]:
     mean_flops = sum(map(train_flops, variants)) / len(variants)
     full = job.train.epochs * images * train_flops(job)
     s = job.sweep
-    epochs = asha_epochs_per_trial(job.train.epochs, s.asha.grace_period, s.asha.reduction_factor)
-    epochs = epochs if s.asha.enabled else float(job.train.epochs)
-    sweep_hours = s.num_samples * epochs * images * mean_flops / H100_TRAIN_FLOPS_PER_S / 3600
+    epochs = expected_epochs(job)
+    sweep_hours = epochs * images * mean_flops / H100_TRAIN_FLOPS_PER_S / 3600
+    how = " (ASHA, where early epochs rank trials as the last does"
+    how += f"; the self-check's first {s.asha.check_trials} in full)" if s.asha.min_rank_corr is not None else ")"
     return [
         "expected cost (an ESTIMATE from the config, not a measurement: H100 GPU-hours at the "
         f"{H100_TRAIN_FLOPS_PER_S / 1e12:.0f} TFLOP/s",
         "  measured for DeepLabv3+ training in bf16 at 16 images per GPU; evaluation not counted):",
         f"  one full trial of the base config: {job.train.epochs} epochs x {images} images x "
         f"{full / job.train.epochs / images / 1e9:.0f} GFLOP = {full / H100_TRAIN_FLOPS_PER_S / 3600:.1f} GPU-hours",
-        f"  the sweep: {s.num_samples} trials x {epochs:.1f} epochs each"
-        f"{' (ASHA)' if s.asha.enabled else ''} x {mean_flops / 1e9:.0f} GFLOP per image on average over "
+        f"  the sweep: {s.num_samples} trials x {epochs / s.num_samples:.1f} epochs each"
+        f"{how if s.asha.enabled else ''} x {mean_flops / 1e9:.0f} GFLOP per image on average over "
         f"{len(variants)} variant(s) of the space = {sweep_hours:.1f} GPU-hours",
     ]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deeplab_sweep.cli import main
-from deeplab_sweep.search.placement import NodeType, asha_epochs_per_trial, make_plan, pack
+from deeplab_sweep.search.placement import NodeType, make_plan, pack
 from tests.conftest import CONF
 
 LAUNCHERS = sorted((CONF / "cluster" / "launcher").glob("*.yaml"))
@@ -35,11 +35,6 @@ def test_plan_counts_now_and_at_the_largest():
 
     plan = make_plan(Train, [NodeType("head", {"CPU": 0.0}, 1, 1), NodeType("w", {"CPU": 1.0}, 0, 6)], "test")
     assert (plan.at_once_now, plan.at_once_most, plan.one_trial) == (0, 3, {"w": 2})
-
-
-def test_asha_budget():
-    assert asha_epochs_per_trial(46, 6, 3) == pytest.approx(6 + 12 / 3 + 28 / 9)
-    assert asha_epochs_per_trial(4, 1, 2) == pytest.approx(1 + 1 / 2 + 2 / 4)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda p: p.name)
