@@ -172,16 +172,15 @@ def test_every_search_replays_with_hyperband_brackets(tmp_path, search):
 
 
 @pytest.mark.parametrize(
-    "asha",
-    [["sweep.asha.min_rank_corr=null"], ["sweep.asha.brackets=3"], ["sweep.asha.enabled=false"], []],
-    ids=["asha", "brackets", "no-asha", "self-check"],
+    "asha", [["sweep.asha.min_rank_corr=null"], ["sweep.asha.brackets=3"], []], ids=["asha", "brackets", "self-check"]
 )
 def test_the_plans_epochs_are_what_replayed_sweeps_train(asha):
     """`--plan` prices a sweep at `expected_epochs`: here voc.yaml's ASHA (46 epochs, grace 6,
     factor 3, 24 trials, the self-check's 8 in full) against its sweep replayed, with Optuna's
     random search and a report every epoch, on 2,000 curves that never cross (every rung ranks
-    trials as the last epoch does), over 24 seeds (their mean varies by about 7 %). Asynchronous ASHA's first trials are
-    promoted on few results: the nominal budget (13.1 epochs a trial) is far below it."""
+    trials as the last epoch does), over twelve seeds (their mean varies by about 8 %).
+    Asynchronous ASHA's first trials are promoted on few results: the nominal budget (13.1
+    epochs a trial) is far below it."""
     from statistics import mean
 
     from deeplab_sweep.search.early_stopping import expected_epochs
@@ -193,6 +192,6 @@ def test_the_plans_epochs_are_what_replayed_sweeps_train(asha):
     table = Table.from_trials(("train.lr",), curves)
     voc = ["train.epochs=46", "sweep.num_samples=24", "sweep.asha.grace_period=6", "sweep.asha.reduction_factor=3"]
     job = _job("sweep.search=random", *voc, "sweep.asha.min_rank_corr=0.5", "sweep.asha.check_trials=8", *asha)
-    seeded = (job.model_copy(update={"sweep": job.sweep.model_copy(update={"seed": s})}) for s in range(24))
+    seeded = (job.model_copy(update={"sweep": job.sweep.model_copy(update={"seed": s})}) for s in range(12))
     trained = mean(sum(replay(j, table, seed=s).epochs().values()) for s, j in enumerate(seeded))
     assert expected_epochs(job) == pytest.approx(trained, rel=0.15)
