@@ -17,11 +17,12 @@ H100_TRAIN_FLOPS_PER_S = 340 * 373e9
 
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """A convolution's backward: each gradient asked for (input, weight) costs its forward's
-    multiply-adds. torch's own formula (2.14) leaves out the groups in the weight's gradient
-    and so counts a depthwise convolution's `groups` times over (MobileNetV2: 2-3x its real
-    training FLOPs; pytorch/pytorch#183405 divides it by groups)."""
-    transposed, output_mask = args[4], args[7]
+    """A convolution's backward (aten.convolution_backward's arguments, tensors as shapes): each
+    gradient asked for (input, weight) costs its forward's multiply-adds. torch's own formula
+    (2.14) leaves out the groups in the weight's gradient and so counts a depthwise
+    convolution's `groups` times over (MobileNetV2: 2-3x its real training FLOPs;
+    pytorch/pytorch#183405 divides it by groups)."""
+    _bias, _stride, _padding, _dilation, transposed, _output_padding, _groups, output_mask = args
     forward = 2 * x_shape[0] * prod((x_shape if transposed else grad_out_shape)[2:]) * prod(w_shape)
     return forward * (int(output_mask[0]) + int(output_mask[1]))
 
