@@ -50,12 +50,14 @@ def rungs(max_t: int, grace_period: int, reduction_factor: int, brackets: int) -
     return sorted(out)
 
 
-def expected_epochs(job, seeds: int = 100) -> float:
+def expected_epochs(job, trials: int = 5000) -> float:
     """The epochs a sweep's trials train in all under the scheduler it builds, where every rung
-    ranks trials as their last epoch does: that scheduler run on `seeds` draws of `num_samples`
-    trials one after another, each reporting at the rungs and at its last epoch. Asynchronous
-    ASHA promotes its first trials on few results, so a small sweep trains more than ASHA's
-    nominal budget; the self-check's first trials run in full; a rung it turns off adds more."""
+    ranks trials as their last epoch does: that scheduler run on seeded draws of `num_samples`
+    trials one after another (up to 100 draws, about `trials` trials in all: each result costs
+    ASHA a percentile over its rung), each reporting at the rungs and at its last epoch.
+    Asynchronous ASHA promotes its first trials on few results, so a small sweep trains more
+    than ASHA's nominal budget; the self-check's first trials run in full; a rung it turns off
+    adds more."""
     import random
 
     import numpy as np
@@ -65,6 +67,7 @@ def expected_epochs(job, seeds: int = 100) -> float:
     if not a.enabled:
         return float(n * max_t)
     stops = [*rungs(max_t, a.grace_period, a.reduction_factor, a.brackets), max_t]
+    seeds = max(1, min(100, trials // n))
     state, total = np.random.get_state(), 0
     for seed in range(seeds):
         np.random.seed(seed)  # Ray draws each trial's bracket from numpy's global generator
