@@ -48,7 +48,7 @@ def flops_per_image(model_cfg, num_classes: int, crop: int, train: bool) -> floa
     cfg = model_cfg.model_copy(update={"pretrained_backbone": False})
     with torch.device("meta"):
         model = without_batchnorm(build_from_config(cfg, num_classes))
-        x = torch.empty(2, 3, crop, crop)  # two: BatchNorm in training mode needs more than one
+        x = torch.empty(2, 3, crop, crop)  # two: a normalisation in training mode may need more than one
         counter = FlopCounterMode(
             display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}
         )
