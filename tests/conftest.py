@@ -46,7 +46,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # rewrites (pytest-dev/pytest-xdist#1386). The chains are split to take about as long.
 # The chains run at once: a test that kills or counts Ray processes must find its own by more
 # than a name (`descendants`, `pids_naming`), or it hits the other chain's trials.
-SERVICES = {"ray_cluster", "ray_tmpdir", "mlflow_server", "s3_server", "exact_fit_cluster", "autoscaling_cluster"}
+SERVICES = {
+    "ray_cluster",
+    "ray_tmpdir",
+    "mlflow_server",
+    "s3_service",
+    "s3_server",
+    "exact_fit_cluster",
+    "autoscaling_cluster",
+}
 CHAINS = {
     "services-1": {"test_cluster.py", "test_sweep.py", "test_packaging.py"},
     "services-2": {
@@ -280,12 +288,10 @@ def mlflow_server(tmp_path):
 
 
 class S3Server:
-    """A real S3-compatible server (moto's) on 127.0.0.1, a bucket in it, and the environment
-    that points pyarrow (Ray's storage), boto3 and MLflow at it."""
+    """A real S3-compatible server (moto's) on 127.0.0.1, and the environment that points
+    pyarrow (Ray's storage), boto3 and MLflow at it."""
 
-    bucket = "deeplab-test"
-
-    def __init__(self, folder: Path):
+    def __init__(self):
         import subprocess
         import sys
 
@@ -305,15 +311,21 @@ class S3Server:
             "AWS_ENDPOINT_URL": self.url,
             "MLFLOW_S3_ENDPOINT_URL": self.url,
         }
+
+    def new_bucket(self) -> str:
+        import uuid
+
         import boto3
 
+        name = f"deeplab-test-{uuid.uuid4().hex[:12]}"
         boto3.client(
             "s3",
             endpoint_url=self.url,
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
-        ).create_bucket(Bucket=self.bucket)
+        ).create_bucket(Bucket=name)
+        return name
 
     def stop(self) -> None:
         import signal
@@ -323,8 +335,17 @@ class S3Server:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def s3_server(tmp_path):
-    server = S3Server(tmp_path)
+@pytest.fixture(scope="session")
+def s3_service():
+    """One S3 server for the test session (a worker's): tests share it, each in its own bucket."""
+    server = S3Server()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def s3_server(s3_service):
+    """The session's S3 server, seen through a bucket of this test's own (`.bucket`, `.env`, `.url`)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(bucket=s3_service.new_bucket(), env=s3_service.env, url=s3_service.url)
