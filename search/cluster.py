@@ -25,22 +25,57 @@ def cluster_address(cluster: ClusterConfig, address: str | None = None) -> str |
         return address
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5) as conn:
+            not_grpc = _answers_not_grpc(conn)
     except (OSError, ValueError) as e:
         raise ServiceUnreachable(
             f"cluster.address = {address!r}: no Ray cluster answers there ({e}); "
             "start one with `ray start --head` or leave the address unset for a local Ray"
         ) from None
+    if not_grpc:
+        raise _not_ray(address)
     _check_cluster_takes_this_driver(address)
     return address
 
 
+# The opening of an HTTP/2 connection, as a gRPC client (Ray's GCS client) sends it: the
+# preface, then an empty SETTINGS frame. A gRPC server's first frame in reply is SETTINGS too.
+HTTP2_OPENING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _answers_not_grpc(conn: socket.socket) -> bool:
+    """Whether what answers on `conn` says it is not a gRPC server such as Ray's GCS: a web
+    server (a Ray dashboard, an MLflow UI) replies to an HTTP/2 opening with an error page in
+    milliseconds, where Ray's GCS client tries for about 11 s before it gives up. A reply that
+    opens with a SETTINGS frame, silence, or a cluster that speaks TLS (RAY_USE_TLS: this opening
+    is plaintext) is left to the GCS client to judge."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return False
+    got = b""
+    try:
+        conn.settimeout(2)
+        conn.sendall(HTTP2_OPENING)
+        while len(got) < 9 and (more := conn.recv(9 - len(got))):
+            got += more
+    except OSError:
+        return False
+    settings = len(got) == 9 and got[3] == 4 and got[5:] == bytes(4)
+    return bool(got) and not settings
+
+
+def _not_ray(address: str) -> ServiceUnreachable:
+    return ServiceUnreachable(
+        f"cluster.address = {address!r}: something answers there, but not a Ray cluster; give the "
+        "head's GCS address (`ray start --head --port`, 6379 by default), not its dashboard's (8265, "
+        "which `ray job submit` takes)"
+    )
+
+
 def _check_cluster_takes_this_driver(address: str) -> None:
     """What answers at `address` is a Ray cluster's GCS, and it takes this driver's token: known
-    in milliseconds when it is, in about 11 s when something else answers there. `ray.init`
-    would retry for minutes instead, a line of Ray's log each time, after the sweep's parent run
-    was opened."""
+    in milliseconds when it is, in about 11 s when something else (not a web server) answers
+    there. `ray.init` would retry for minutes instead, a line of Ray's log each time, after the
+    sweep's parent run was opened."""
     from ray.exceptions import AuthenticationError, RpcError
 
     try:
@@ -56,11 +91,7 @@ def _check_cluster_takes_this_driver(address: str) -> None:
             "it; on the head itself, --address auto finds it)"
         ) from None
     except RpcError:
-        raise ServiceUnreachable(
-            f"cluster.address = {address!r}: something answers there, but not a Ray cluster; give the "
-            "head's GCS address (`ray start --head --port`, 6379 by default), not its dashboard's (8265, "
-            "which `ray job submit` takes)"
-        ) from None
+        raise _not_ray(address) from None
 
 
 class RaySession:
