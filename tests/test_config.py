@@ -134,6 +134,30 @@ def test_every_subcommand_has_help_with_examples(cmd):
     assert out.returncode == 0 and "examples:" in out.stdout and "deeplab " + cmd in out.stdout
 
 
+def test_a_web_server_at_the_cluster_address_is_named_not_ray(workdir, capsys, synth_voc_root):
+    """A web server where the GCS should be (a dashboard's or MLflow's port, given by mistake):
+    one line saying it is not a Ray cluster, exit 2, nothing logged."""
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the server's lines would mix with the command's one
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        rc = main(["train", str(CONF / "train/demo.yaml"), f"data.root={synth_voc_root}", "--address", address])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: cluster.address = '{address}': something answers there, but not a Ray cluster")
+    assert not (workdir / "runs").exists(), "nothing logged"
+
+
 @pytest.mark.parametrize("cmd", ["train", "sweep"])
 def test_unreachable_cluster_is_a_clear_error_without_dangling_runs(cmd, workdir, capsys, synth_voc_root):
     from mlflow.tracking import MlflowClient
