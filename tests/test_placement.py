@@ -83,20 +83,24 @@ def test_sweep_that_cannot_fit_is_refused_before_ray(synth_voc_root, workdir, tm
     assert ray.is_initialized() == ray_before and not (workdir / "runs" / "ray").exists()
 
 
-@pytest.mark.parametrize(("backbone", "separable"), [("mobilenet_v2", False), ("resnet50", True)])
-def test_the_estimates_flops_equal_a_count_from_the_convolutions_shapes(backbone, separable):
+@pytest.mark.parametrize(
+    ("backbone", "separable", "norm"),
+    [("mobilenet_v2", False, "bn"), ("resnet50", True, "bn"), ("mobilenet_v2", False, "gn")],
+)
+def test_the_estimates_flops_equal_a_count_from_the_convolutions_shapes(backbone, separable, norm):
     """The FLOPs behind `--plan`'s GPU-hours against a count made without torch's FLOP counter:
     a convolution's forward is 2 x batch x output pixels x weight elements; in training its
     weight's gradient costs the same, and so does its input's, except for the convolution that
     takes the image (nothing asks for the image's gradient). Depthwise convolutions (MobileNetV2,
-    the separable head) included: torch 2.14's own backward formula counts them `groups` times."""
+    the separable head) included: torch 2.14's own backward formula counts them `groups` times.
+    BatchNorm or GroupNorm: the count leaves normalisation layers out of its model."""
     import torch
 
     from deeplab_sweep.trainable.cost import flops_per_image
     from deeplab_sweep.trainable.models import build_from_config
     from deeplab_sweep.trainable.run_config import ModelConfig
 
-    cfg, crop = ModelConfig(backbone=backbone, output_stride=16, separable=separable), 65
+    cfg, crop = ModelConfig(backbone=backbone, output_stride=16, separable=separable, norm=norm), 65
     convs = []  # (the conv's forward FLOPs, whether its input is the image)
     with torch.device("meta"), torch.no_grad():
         model, x = build_from_config(cfg, 21).train(), torch.empty(2, 3, crop, crop)
