@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Written next to the run and loaded with `-p`: each worker appends (test, start, end).
@@ -64,40 +66,31 @@ def kind(cmd: str) -> str:
 
 
 class CpuSampler(threading.Thread):
-    """Each process's CPU seconds (user + system), read from /proc every second; a process that
-    lived less than a second is missed, one that started before the sampler counts from then."""
+    """Each process's CPU seconds (user + system), read every second; a process that lived less
+    than a second is missed, one that started before the sampler counts from then."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.stop = threading.Event()
-        self.seen: dict[tuple[str, str], list] = {}  # (pid, start tick) -> [kind, cpu, base, sightings]
-        self.tick = os.sysconf("SC_CLK_TCK")
+        self.seen: dict[tuple[int, float], list] = {}  # (pid, create time) -> [kind, cpu, cpu at first sight]
 
     def run(self) -> None:
         first = True
         while not self.stop.is_set():
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{pid}/stat", "rb") as f:
-                        fields = f.read().rsplit(b")", 1)[1].split()
-                except OSError:
+            for p in psutil.process_iter(["cmdline", "cpu_times", "create_time"], ad_value=None):
+                if p.info["cpu_times"] is None:
                     continue
-                cpu = (int(fields[11]) + int(fields[12])) / self.tick
-                rec = self.seen.setdefault((pid, fields[19]), ["other", cpu, cpu if first else 0.0, 0])
-                rec[1], rec[3] = cpu, rec[3] + 1
-                if rec[3] <= 5:  # a Ray worker retitles itself soon after it starts
-                    try:
-                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    except OSError:
-                        continue
-                    if cmd.strip():
-                        rec[0] = kind(cmd)
+                cpu = p.info["cpu_times"].user + p.info["cpu_times"].system
+                rec = self.seen.setdefault((p.pid, p.info["create_time"]), ["other", cpu, cpu if first else 0.0])
+                rec[1] = cpu
+                if p.info["cmdline"]:  # the latest: a Ray worker retitles itself once it starts
+                    rec[0] = kind(" ".join(p.info["cmdline"]))
             first = False
             self.stop.wait(1.0)
 
     def by_kind(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for k, cpu, base, _ in self.seen.values():
+        for k, cpu, base in self.seen.values():
             out[k] = out.get(k, 0.0) + cpu - base
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
