@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -163,18 +164,22 @@ def _out_of_the_job_folder():
     unpacks it again (a new folder at the same path) as soon as the driver joins, on each node
     that shares this machine's temp folder (several `ray start` on one machine): the driver's
     working directory is then gone, and Tune, which needs one, fails at the end of the sweep.
-    Every path the sweep uses is absolute by now: the driver works from the temp folder
+    Every path the sweep uses is absolute by now: the driver works from a private temp folder
     meanwhile, and goes back by path."""
     folder = job_working_dir()
     if folder is None:
         yield
         return
-    os.chdir(tempfile.gettempdir())
+    # A folder of this process's own: a relative entry on sys.path (PYTHONPATH=.) is looked up
+    # in the working directory, which must not be one that other users can write.
+    private = tempfile.mkdtemp(prefix="deeplab-driver-")
+    os.chdir(private)
     try:
         yield
     finally:
         with contextlib.suppress(OSError):
             os.chdir(folder)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @contextlib.contextmanager

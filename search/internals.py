@@ -37,6 +37,31 @@ def tune_trial_states(experiment_state: str) -> dict[str, tuple[str, str | None]
         ) from None
 
 
+def in_ray_job() -> bool:
+    """Whether this process is a `ray job submit` entrypoint (Ray's job supervisor hands its
+    driver the job's config in the environment)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return bool(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR))
+
+
+def job_entrypoint_words() -> list[str]:
+    """The words of this job's entrypoint as far as this process can see them: its own command
+    line, and the shell's `-c` command where Ray's supervisor started it through one (an
+    entrypoint of several commands, or with `VAR=value` before the command)."""
+    import shlex
+
+    import psutil
+
+    words = list(sys.argv)
+    with contextlib.suppress(psutil.Error, ValueError):
+        parent = psutil.Process().parent()
+        cmd = parent.cmdline() if parent is not None else []
+        if len(cmd) >= 3 and Path(cmd[0]).name in ("sh", "bash", "dash") and cmd[1] == "-c":
+            words += shlex.split(cmd[2])
+    return words
+
+
 def job_working_dir() -> Path | None:
     """The folder a `ray job submit --working-dir` driver runs in (Ray unpacks the upload there
     and deletes it when the job ends), or None outside such a job. Read from the job config Ray's

@@ -9,9 +9,12 @@ digits, `.`, `_` and `-` only."""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.trainable.storage import Storage
@@ -65,8 +68,66 @@ class SweepFolder:
     def has_tuner(self) -> bool:
         return self.storage.is_file(self.storage.join(TUNER_FILE))
 
+    def check_trusted(self) -> None:
+        """`--resume` unpickles what the folder holds (Tune's tuner.pkl and searcher state, a
+        failed trial's error.pkl), so it must be as trusted as code: a local folder, or anything
+        in it, that another user can write is refused (a cloud bucket's access is its owner's
+        to set)."""
+        if not self.storage.local:
+            return
+        root = Path(self.uri)
+        for folder in root.parents:  # one that others may write could have our folder swapped
+            mode = folder.stat().st_mode
+            if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                _untrusted(folder, f"any user can replace what it holds (mode {oct(mode & 0o7777)})")
+        for dirpath, _, filenames in os.walk(root):
+            for path in [Path(dirpath), *(Path(dirpath, n) for n in filenames)]:
+                why = _others_can_write(path.lstat())
+                if why:
+                    _untrusted(path, why)
+
     def __getstate__(self) -> dict:
         return {"uri": self.uri}  # a filesystem client is made again where it is needed
 
     def __setstate__(self, state: dict) -> None:
         object.__setattr__(self, "uri", state["uri"])
+
+
+def _others_can_write(st: os.stat_result) -> str | None:
+    """Why users other than this one (and root) can write a file with this status, or None."""
+    import grp
+    import pwd
+
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        return f"it belongs to another user ({_user(st.st_uid)})"
+    if st.st_mode & stat.S_IWOTH:
+        return f"any user can write it (mode {oct(st.st_mode & 0o7777)})"
+    if st.st_mode & stat.S_IWGRP:
+        try:
+            group = grp.getgrgid(st.st_gid)
+        except KeyError:
+            return f"its group ({st.st_gid}) can write it"
+        mine = pwd.getpwuid(me).pw_name if me != 0 else "root"
+        others = {m for m in group.gr_mem if m != mine} | {
+            u.pw_name for u in pwd.getpwall() if u.pw_gid == st.st_gid and u.pw_uid not in (me, 0)
+        }
+        if others:
+            return f"its group {group.gr_name!r} can write it, and {sorted(others)[0]!r} is in that group"
+    return None
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _untrusted(path: Path, why: str) -> None:
+    raise ConfigError(
+        f"storage.path: {path}: {why}; --resume unpickles what a sweep's folder holds, so it must be as trusted "
+        "as code: make it writable by you alone (chmod go-w), or resume from a copy you own"
+    )

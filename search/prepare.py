@@ -50,6 +50,8 @@ def prepare_sweep(job: JobConfig, resume: bool = False, address: str | None = No
     folder = SweepFolder.at(job.storage.path, name)
     if resume and not folder.has_tuner():
         raise ConfigError(f"sweep.name = {name!r}: nothing to resume at {folder.uri}")
+    if resume:
+        folder.check_trusted()
     if not resume and folder.exists():
         raise ConfigError(
             f"sweep.name = {name!r}: {folder.uri} exists; add --resume to continue it, or pick another name"

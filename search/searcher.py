@@ -39,7 +39,7 @@ from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.objectives import Constraint, cost_metric, finite, units_held
 from deeplab_sweep.search.overrides import trial_epochs
 from deeplab_sweep.search.space import OptunaSpace, grid_param_space, optuna_params
-from deeplab_sweep.trainable.credentials import recall, remember
+from deeplab_sweep.trainable.credentials import database_url, remember
 from deeplab_sweep.trainable.run_folder import better
 
 STOP_REASON = "stop_reason"  # a study's user attribute: which criterion ended the sweep
@@ -80,7 +80,7 @@ class OptunaSearcher(Searcher):
     @property
     def storage(self) -> optuna.storages.BaseStorage:
         if self._storage is None:
-            self._storage = optuna.storages.get_storage(recall(self.storage_url))
+            self._storage = optuna.storages.get_storage(database_url(self.storage_url))
         return self._storage
 
     def study_exists(self) -> bool:

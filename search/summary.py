@@ -20,6 +20,7 @@ from deeplab_sweep.search.job_config import JobConfig
 from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.objectives import cost_metric, feasible, pareto_front
 from deeplab_sweep.search.overrides import trial_epochs, trial_overrides
+from deeplab_sweep.trainable.credentials import redacted
 from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints
 
 
@@ -118,9 +119,9 @@ def summarise(
         sweep=folder.name,
         parent_run_id=parent,
         experiment=job.mlflow.experiment,
-        tracking_uri=job.mlflow.tracking_uri,
+        tracking_uri=redacted(job.mlflow.tracking_uri),
         sweep_path=folder.uri,
-        runs_link=tracking.runs_link(job.mlflow.tracking_uri, exp_id),
+        runs_link=tracking.runs_link(redacted(job.mlflow.tracking_uri), exp_id),
         trials=rows,
         best=max(scored, key=lambda r: sign * r.values[s.metric]) if scored else None,
         pareto_front=front,

@@ -37,6 +37,7 @@ from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.timing import Timeline
 from deeplab_sweep.search.trial import sweep_trial
 from deeplab_sweep.search.warm_start import log_warm_start, read_warm_start, seed_searcher
+from deeplab_sweep.trainable.credentials import redacted_command
 from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
 
 MLFLOW_HTTP_DEFAULTS = {
@@ -246,7 +247,7 @@ def _finish(results, c, exp_id: str, sweep: PreparedSweep, parent: str) -> Sweep
         print(
             f"MLflow did not answer at the end of the sweep ({mlflow_error}). Nothing is lost: every "
             f"trial's results are in {folder.uri}. Once the server answers, run:\n"
-            f"  deeplab sync {folder.uri} --tracking-uri {job.mlflow.tracking_uri} "
+            f"  {redacted_command(['deeplab', 'sync', folder.uri, '--tracking-uri', job.mlflow.tracking_uri])} "
             f"--experiment {job.mlflow.experiment}",
             file=sys.stderr,
         )

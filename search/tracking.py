@@ -96,10 +96,11 @@ def resolve_tracking_uri(uri: str, library: str = "mlflow") -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return uri
-    path = Path(uri[len(prefix) :]).resolve()
+    file, query, options = uri[len(prefix) :].partition("?")  # sqlite:///x.db?timeout=30
+    path = Path(file).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_sqlite(path, library)
-    return prefix + str(path)
+    return prefix + str(path) + query + options
 
 
 def _auth_headers() -> dict[str, str]:
@@ -212,7 +213,7 @@ def log_checkpoint(c: MlflowClient, run_id: str, checkpoint_dir: str | Path, cfg
 
 def one_line(e: BaseException) -> str:
     """An exception as one short line (MLflow's and urllib3's span several)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return f"{type(e).__name__}: {redacted(' '.join(str(e).split()))[:200]}"
 
 
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:

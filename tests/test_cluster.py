@@ -434,7 +434,9 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
             ),
         )
 
-    # The embedded defaults (runs/...) would land in the uploaded folder, which Ray deletes.
+    # The embedded defaults (runs/...) would land in the uploaded folder, which Ray deletes. A
+    # credential on the entrypoint is kept by Ray in clear (its job table, the log's first line):
+    # the driver warns of it, and prints it nowhere.
     res = _job(
         exact_fit_cluster,
         "submit",
@@ -445,12 +447,16 @@ def test_the_readmes_job_flow_with_a_users_own_model(exact_fit_cluster, synth_vo
         "sweep",
         "job.yaml",
         f"data.root={synth_voc_root}",
+        "--tracking-uri",
+        "http://alice:EntryS3cret@127.0.0.1:9",
     )
     assert (
         res.returncode != 0
         and "storage.path: " in res.stdout
         and "inside this Ray job's uploaded working dir" in (res.stdout)
     ), res.stdout[-3000:]
+    assert "warning: this Ray job's entrypoint holds a credential, which Ray keeps in clear" in res.stdout
+    assert all(ln.startswith("Running entrypoint for job") for ln in res.stdout.splitlines() if "EntryS3cret" in ln)
 
     # --no-wait, the live log, `ray job stop` while the first trial waits at the gate in its
     # second epoch, then --resume without the gate.

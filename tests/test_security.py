@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import torch
@@ -270,3 +271,143 @@ def test_s3_credentials_in_an_artifact_location_or_a_sync_uri_are_never_printed_
     err = capsys.readouterr().err
     assert err.startswith(f"error: s3://{s3_server.bucket}/ray/sw: cannot be read (") and err.count("\n") == 1, err
     assert SECRET not in err
+
+
+def test_credentials_in_a_query_string_are_redacted_like_those_in_the_netloc():
+    from deeplab_sweep.trainable.credentials import redacted, remember
+
+    cases = {
+        "postgresql://db/optuna?user=bob&password=PW": "postgresql://db/optuna?user=***&password=***",
+        "mysql://db/optuna?password=PW&charset=utf8": "mysql://db/optuna?password=***&charset=utf8",
+        "https://host/x?token=T0K#top": "https://host/x?token=***#top",
+        "https://acct.blob.core.windows.net/c?sv=2024&sig=S1G": "https://acct.blob.core.windows.net/c?sv=2024&sig=***",
+        "s3://b/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc": "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***",
+        "sqlite:///x.db?timeout=30": "sqlite:///x.db?timeout=30",  # no credential: left alone
+    }
+    for given, shown in cases.items():
+        assert redacted(given) == shown
+    # As an MLflow parameter, and as what the searcher pickles and prints.
+    job = load_job(CONF / "sweep" / "demo.yaml", ["sweep.optuna_storage=postgresql://db/optuna?password=" + SECRET])
+    params = {p.key: p.value for p in config_params(job.to_dict())}
+    assert params["sweep.optuna_storage"] == "postgresql://db/optuna?password=***"
+    assert remember(f"postgresql://db/o?password={SECRET}") == "postgresql://db/o?password=***"
+
+
+def test_an_optuna_storage_password_can_come_from_the_environment(monkeypatch):
+    """The way to keep it off a command line (a Ray job's entrypoint is kept in clear)."""
+    from deeplab_sweep.trainable.credentials import DATABASE_PASSWORD_VAR, database_url
+
+    monkeypatch.setenv(DATABASE_PASSWORD_VAR, "p@ss/w:rd")
+    assert database_url("postgresql://bob@db:5432/optuna") == "postgresql://bob:p%40ss%2Fw%3Ard@db:5432/optuna"
+    assert database_url("postgresql://bob:given@db/optuna") == "postgresql://bob:given@db/optuna"
+    assert database_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+
+
+def test_the_resume_hint_leaves_credentials_out():
+    """What an interrupted sweep prints (under `ray job stop`, into `ray job logs`)."""
+    from deeplab_sweep.cli import parser
+    from deeplab_sweep.cli.sweep import options_as_overrides, resume_hint
+
+    args = parser().parse_args(
+        [
+            "sweep",
+            "conf/sweep/demo.yaml",
+            f"sweep.optuna_storage=postgresql://bob:{SECRET}@db/optuna",
+            "--tracking-uri",
+            f"http://alice:{SECRET}@mlflow:5000",
+        ]
+    )
+    options_as_overrides(args)
+    hint = resume_hint(args, "s1")
+    assert SECRET not in hint
+    assert hint.splitlines()[0] == (
+        "interrupted; continue it with: deeplab sweep conf/sweep/demo.yaml "
+        "'sweep.optuna_storage=postgresql://***@db/optuna' 'mlflow.tracking_uri=http://***@mlflow:5000' "
+        "mlflow.artifact_location= sweep.name=s1 --resume"
+    )
+    assert "*** marks a credential left out" in hint
+
+
+PICKLE_BOMB = b"cos\nsystem\n(S'touch %s'\ntR."  # what unpickling a hostile tuner.pkl runs
+
+
+def test_resume_refuses_a_sweep_folder_other_users_can_write(synth_voc_root, workdir, capsys):
+    """--resume unpickles the folder's tuner.pkl: a folder, or a file in it, that anyone may
+    write is refused in one line before anything is unpickled."""
+    from deeplab_sweep.cli import main
+
+    mark = workdir / "unpickled"
+    folder = workdir / "runs" / "ray" / "s1"
+    folder.mkdir(parents=True)
+    (folder / "tuner.pkl").write_bytes(PICKLE_BOMB % str(mark).encode())
+    argv = ["sweep", str(CONF / "sweep" / "demo.yaml"), f"data.root={synth_voc_root}", "sweep.name=s1", "--resume"]
+    for path, mode in ((folder, 0o777), (folder / "tuner.pkl", 0o666)):
+        path.chmod(mode)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: storage.path: {path}: any user can write it (mode {oct(mode)}); ")
+        assert err.count("\n") == 1 and not mark.exists()
+        path.chmod(mode & 0o755)
+
+
+def test_a_command_writes_what_mlflow_queued_before_it_exits(tmp_path):
+    """With MLflow's asynchronous logging on, writes after a run's set_terminated are only
+    queued: the `deeplab` command's fast exit writes them first (200 of 200, not 1)."""
+    script = (
+        "import sys\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "c = MlflowClient(sys.argv[1])\n"
+        "run = c.create_run(c.create_experiment('e')).info.run_id\n"
+        "c.set_terminated(run)\n"
+        "for i in range(200):\n"
+        "    c.log_metric(run, 'm', float(i), step=i)\n"
+        "from deeplab_sweep.cli import exit_now\n"
+        "exit_now(0)\n"
+    )
+    store = f"sqlite:///{tmp_path}/m.db"
+    env = {**os.environ, "MLFLOW_ENABLE_ASYNC_LOGGING": "true"}
+    subprocess.run([sys.executable, "-c", script, store], check=True, env=env, capture_output=True, timeout=120)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(store)
+    (run,) = c.search_runs([c.get_experiment_by_name("e").experiment_id])
+    assert len(c.get_metric_history(run.info.run_id, "m")) == 200
+
+
+def test_a_new_store_is_what_mlflow_would_have_created_here(tmp_path, monkeypatch):
+    """Stores are copied from a cached template: the copy's Default experiment points at this
+    folder's mlruns/0 as one MLflow makes here does, not at the folder the template was made in;
+    and a sqlite URI's options are not part of its file name."""
+    from mlflow.tracking import MlflowClient
+
+    from deeplab_sweep.search.tracking import resolve_tracking_uri
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+        monkeypatch.chdir(tmp_path / project)
+        copied = MlflowClient(resolve_tracking_uri("sqlite:///runs/mlflow.db?timeout=30")).get_experiment("0")
+        made = MlflowClient(f"sqlite:///{tmp_path / project / 'own.db'}").get_experiment("0")
+        assert copied.artifact_location == made.artifact_location
+        assert sorted(os.listdir("runs")) == ["mlflow.db"]
+    assert len(os.listdir(tmp_path / "cache" / "deeplab-sweep")) == 1  # b's store was a copy
+
+
+def test_a_job_driver_works_from_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Out of the job's working dir (which Ray may unpack again), but not into the shared temp
+    folder, where a relative sys.path entry would find other users' modules."""
+    import stat
+    import tempfile
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from deeplab_sweep.search.cluster import _out_of_the_job_folder
+
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    monkeypatch.chdir(tmp_path)
+    with _out_of_the_job_folder():
+        inside = Path.cwd()
+        assert inside != Path(tempfile.gettempdir()) and inside.parent == Path(tempfile.gettempdir())
+        st = inside.stat()
+        assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+    assert Path.cwd() == tmp_path and not inside.exists()

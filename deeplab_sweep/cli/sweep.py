@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from deeplab_sweep.cli.common import add_job_args, command, load_job
 
 NAME = "sweep"
@@ -40,15 +43,21 @@ def add(sub) -> None:
     )
 
 
-def run(args) -> int:
+def options_as_overrides(args) -> None:
+    """--cluster-config and --tracking-uri as the overrides they stand for."""
     if args.cluster_config:
         args.overrides += [f"cluster.autoscaler_config={args.cluster_config}"]
     if args.tracking_uri:
         # A server keeps artifacts where it is configured to, not in a local folder of ours.
         args.overrides += [f"mlflow.tracking_uri={args.tracking_uri}", "mlflow.artifact_location="]
+
+
+def run(args) -> int:
+    options_as_overrides(args)
     job = load_job(args)
     if job is None:
         return 0
+    _warn_of_a_kept_command_line(args.address or job.cluster.address or os.environ.get("RAY_ADDRESS"))
     if args.plan:
         from deeplab_sweep.search.placement import plan_text
 
@@ -62,9 +71,7 @@ def run(args) -> int:
     metric = job.sweep.metric
     print(summary_table(summary, metric))
     if summary.interrupted:
-        conf = ["--conf-dir", str(args.conf_dir)] if args.conf_dir else []
-        again = " ".join([str(args.config), *conf, *args.overrides, f"sweep.name={summary.sweep}", "--resume"])
-        print(f"\ninterrupted; continue it with: deeplab sweep {again}\nMLflow: {summary.runs_link}")
+        print(f"\n{resume_hint(args, summary.sweep)}\nMLflow: {summary.runs_link}")
         return EXIT_INTERRUPTED
     best = summary.best
     print(f"\nMLflow: {summary.runs_link}")
@@ -77,3 +84,34 @@ def run(args) -> int:
     print(f"  fetch it:   deeplab best --experiment {summary.experiment} --out best/")
     Timeline(args.verbose).mark("the command's end")
     return 0
+
+
+def resume_hint(args, sweep: str) -> str:
+    """The command that continues an interrupted sweep, its credentials left out (under `ray job
+    stop` this line lands in `ray job logs`)."""
+    from deeplab_sweep.trainable.credentials import holds_credentials, redacted_command
+
+    conf = ["--conf-dir", str(args.conf_dir)] if args.conf_dir else []
+    words = ["deeplab", "sweep", str(args.config), *conf, *args.overrides, f"sweep.name={sweep}", "--resume"]
+    hint = f"interrupted; continue it with: {redacted_command(words)}"
+    if holds_credentials(words):
+        hint += "\n(*** marks a credential left out: give it again, or through the environment; README: Security)"
+    return hint
+
+
+def _warn_of_a_kept_command_line(address: str | None) -> None:
+    """Ray keeps a driver's command line in its job table, in clear: a `ray job submit`
+    entrypoint (also written at the top of the job's log), and any driver that joins a cluster.
+    One line where that command line holds a credential."""
+    from deeplab_sweep.search.internals import in_ray_job, job_entrypoint_words
+    from deeplab_sweep.trainable.credentials import holds_credentials
+
+    words = job_entrypoint_words() if in_ray_job() else (sys.argv if address else [])
+    if holds_credentials(words):
+        where = "this Ray job's entrypoint" if in_ray_job() else "this command line, which Ray keeps as the job's"
+        print(
+            f"warning: {where} holds a credential, which Ray keeps in clear in its job table (`ray job list`, the "
+            "dashboard): give it through the cluster's environment instead (MLFLOW_TRACKING_USERNAME/_PASSWORD "
+            "or _TOKEN, AWS_*, DEEPLAB_OPTUNA_STORAGE_PASSWORD; README: Security)",
+            file=sys.stderr,
+        )
