@@ -74,6 +74,7 @@ class OptunaSearcher(Searcher):
         self.start_with = list(start_with)  # enqueued into the study on the first suggestion, once
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
+        self._ids: dict[str, int] = {}  # Ray trial id -> the storage's trial id
 
     # -- the study, in Optuna's storage -----------------------------------------------------------
 
@@ -164,8 +165,11 @@ class OptunaSearcher(Searcher):
 
     def _storage_id(self, trial_id: str) -> int:
         # Through the storage API: a trial resumed by a later driver has no optuna.Trial object.
-        study_id = self.storage.get_study_id_from_name(self.study_name)
-        return self.storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
+        # Looked up once per trial: each result would otherwise cost two more queries.
+        if trial_id not in self._ids:
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            self._ids[trial_id] = self.storage.get_trial_id_from_study_id_trial_number(study_id, self.numbers[trial_id])
+        return self._ids[trial_id]
 
     def _report(self, trial_id: str, result: dict) -> None:
         """The first objective by epoch, when it is the only one (Optuna prunes by one value)."""
@@ -179,7 +183,7 @@ class OptunaSearcher(Searcher):
 
     # -- Tune saves the searcher with the experiment, and restores it on resume -------------------
 
-    _LIVE = ("_study", "_storage")  # connections, made again where they are needed
+    _LIVE = ("_study", "_storage", "_ids")  # connections and what they answered, made again where needed
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
@@ -187,6 +191,7 @@ class OptunaSearcher(Searcher):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._study = self._storage = None
+        self._ids = {}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
