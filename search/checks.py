@@ -43,10 +43,29 @@ def check_sweep(job: JobConfig) -> None:
             f"sweep.asha.grace_period = {s.asha.grace_period} is more than train.epochs = {fewest}: "
             "lower the grace period, raise train.epochs, or set sweep.asha.enabled=false"
         )
+    if s.asha.enabled:
+        check_rungs_evaluated(job)
     check_completion(job)
     check_space_values(job)
     for i, values in enumerate(s.start_with):
         optuna_params(job.space, values, f"sweep.start_with[{i}]")
+
+
+def check_rungs_evaluated(job: JobConfig) -> None:
+    """ASHA judges a trial at each rung by its result there: a rung must be an epoch the trials
+    evaluate (a multiple of train.eval_every), or ASHA would judge at a later epoch than the
+    rung's, and the self-check would have nothing to measure there."""
+    from deeplab_sweep.search.early_stopping import rungs
+
+    a, every = job.sweep.asha, job.train.eval_every
+    at = rungs(job.epoch_bounds()[1], a.grace_period, a.reduction_factor, a.brackets)
+    skipped = [r for r in at if r % every]
+    if skipped:
+        raise ConfigError(
+            f"sweep.asha.grace_period = {a.grace_period}: ASHA judges trials at epochs {', '.join(map(str, at))}; "
+            f"train.eval_every = {every} evaluates no result at epoch {skipped[0]}: make the grace period a "
+            f"multiple of {every}, or evaluate more often"
+        )
 
 
 def check_space_shape(job: JobConfig) -> None:

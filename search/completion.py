@@ -16,6 +16,8 @@ from deeplab_sweep.search.objectives import Constraint, TrialCost, dominates, sc
 
 
 class Completion:
+    clock = staticmethod(time.monotonic)  # the wall clock of this driver: not pickled
+
     def __init__(
         self,
         *,
@@ -38,7 +40,7 @@ class Completion:
         self.without_improvement = 0
         self.elapsed_s = 0.0  # wall time of earlier drivers of this sweep
         self.reason: str | None = None
-        self._since = time.monotonic()
+        self._since = self.clock()
 
     # -- what trials report -------------------------------------------------------------------
 
@@ -80,7 +82,12 @@ class Completion:
         return sum(self.epochs.values())
 
     def wall_s(self) -> float:
-        return self.elapsed_s + time.monotonic() - self._since
+        return self.elapsed_s + self.clock() - self._since
+
+    def use_clock(self, clock) -> None:
+        """Count time on `clock` (a replay's simulated one) instead of the driver's."""
+        self.clock = self.cost.clock = clock
+        self._since = clock()
 
     def check(self) -> str | None:
         """Why no new trial should start, or None."""
@@ -99,10 +106,10 @@ class Completion:
     # -- pickled with the searcher: the clock of this driver is not -----------------------------
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k != "_since"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_since", "clock")}
         state["elapsed_s"] = self.wall_s()
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._since = time.monotonic()
+        self._since = self.clock()

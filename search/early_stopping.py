@@ -3,17 +3,23 @@ when `sweep.asha.brackets` > 1), and a self-check no tuner we know of makes.
 
 ASHA stops a trial at a rung (an epoch) when it ranks below the top 1/reduction_factor of the
 trials seen there. That only helps where the rung's ranking predicts the last epoch's. With
-`sweep.asha.min_rank_corr` set, the sweep measures it: the first `check_trials` trials run in
-full (none is stopped), and every trial that runs in full adds its values at each rung and at
-its last epoch; once `check_trials` have, each rung's Spearman correlation with the last epoch
-is computed after every full trial, and a rung below `min_rank_corr` stops no trial for the rest
-of the sweep (as if the grace period were raised past it). What it measured and decided is
-printed, kept in `<sweep folder>/asha_check.json` and logged on the parent run
+`sweep.asha.min_rank_corr` set, the sweep measures it on an unselected sample: its first
+`check_trials` trials run in full whatever ASHA decides (trials that ASHA promoted would be a
+sample that agrees with the rungs by construction). Each rung's Spearman correlation between
+their results at the rung (the result ASHA judged there) and at the last epoch decides, once
+all of them have run in full, with a stated error rate: a rung is turned off (stops no trial
+for the rest of the sweep) when the upper bound of its correlation's one-sided confidence
+interval at `check_confidence` is below `min_rank_corr`, so a rung that does rank that well is
+turned off with a chance of at most 1 - `check_confidence` (Fisher's z of Spearman's rho, with
+Bonett and Wright's variance (1 + rho^2 / 2) / (n - 3)). What it measured and decided is printed,
+kept in `<sweep folder>/asha_check.json` (which a resumed sweep reads back: Tune restores the
+searcher and the callbacks, never the scheduler) and logged on the parent run
 (`asha/rank_corr/epoch_N`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -35,7 +41,13 @@ def scheduler(job, folder=None) -> TrialScheduler:
     )
     if a.min_rank_corr is None:
         return ASHAScheduler(**kwargs)
-    return SelfCheckingASHA(**kwargs, min_rank_corr=a.min_rank_corr, check_trials=a.check_trials, folder=folder)
+    return SelfCheckingASHA(
+        **kwargs,
+        min_rank_corr=a.min_rank_corr,
+        check_trials=a.check_trials,
+        confidence=a.check_confidence,
+        folder=folder,
+    )
 
 
 def rungs(max_t: int, grace_period: int, reduction_factor: int, brackets: int) -> list[int]:
@@ -87,64 +99,116 @@ def expected_epochs(job, trials: int = 5000) -> float:
 
 
 class SelfCheckingASHA(ASHAScheduler):
-    """ASHA whose rungs stop trials only while their ranking is shown to predict the last epoch's."""
+    """ASHA whose rungs stop trials only while an unselected sample has not shown, at the stated
+    confidence, that their ranking fails to predict the last epoch's."""
 
-    def __init__(self, *, min_rank_corr: float, check_trials: int, folder=None, **asha):
+    def __init__(self, *, min_rank_corr: float, check_trials: int, confidence: float = 0.9, folder=None, **asha):
         super().__init__(**asha)
-        self.min_rank_corr, self.check_trials, self.folder = min_rank_corr, check_trials, folder
+        self.min_rank_corr, self.check_trials, self.confidence = min_rank_corr, check_trials, confidence
+        self.folder = folder
         self.max_t = asha["max_t"]
         self.rungs = rungs(self.max_t, asha["grace_period"], asha["reduction_factor"], asha.get("brackets", 1))
-        self.curves: dict[str, dict[int, float]] = {}  # trial -> its value at each epoch it reported
-        self.full: list[dict[int, float]] = []  # the curves of trials that ran in full
-        self.corr: dict[int, float | None] = {}  # rung -> Spearman with the last epoch, over `full`
+        self.sample: list[str] = []  # the trials that run in full whatever ASHA decides
+        self.curves: dict[str, dict[int, float]] = {}  # sampled trial -> its result at each rung judged, and last
+        self.corr: dict[int, float | None] = {}  # rung -> Spearman with the last epoch over the sample
+        self.upper: dict[int, float | None] = {}  # rung -> the upper confidence bound of that correlation
         self.off: dict[int, str] = {}  # rung -> why it stops no trial any more
+        self._restored = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._restore()
+        super().on_trial_add(tune_controller, trial)
+        if len(self.sample) < self.check_trials and trial.trial_id not in self.sample:
+            self.sample.append(trial.trial_id)
+            self._save()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         epoch, value = result.get(self._time_attr), result.get(self._metric)
         if epoch is None or value is None:
             return decision
-        self.curves.setdefault(trial.trial_id, {})[int(epoch)] = float(value)
+        if trial.trial_id in self.sample:
+            curve = self.curves.setdefault(trial.trial_id, {})
+            for r in [*self.rungs, self.max_t]:  # the result ASHA judges a rung by: the first at or past it
+                if r <= epoch and r not in curve:
+                    curve[r] = float(value)
         if decision == TrialScheduler.STOP and epoch < self.max_t:
-            if len(self.full) < self.check_trials or int(epoch) in self.off:
-                return TrialScheduler.CONTINUE  # still measuring, or a rung that ranks poorly
+            if trial.trial_id in self.sample or self._judged_at(epoch) in self.off:
+                return TrialScheduler.CONTINUE  # measuring, or a rung shown to rank poorly
         return decision
+
+    def _judged_at(self, epoch: float) -> int | None:
+        """The rung a stop at `epoch` comes from: the latest rung at or before it."""
+        return max((r for r in self.rungs if r <= epoch), default=None)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         super().on_trial_complete(tune_controller, trial, result)
-        curve = self.curves.pop(trial.trial_id, {})
-        if curve.get(self.max_t) is not None:
-            self.full.append(curve)
-            self._check()
+        if trial.trial_id in self.sample:
+            self._save()
+            if self._measured() == len(self.sample) == self.check_trials and not self.corr:
+                self._decide()
 
-    def on_trial_remove(self, tune_controller, trial) -> None:
-        super().on_trial_remove(tune_controller, trial)
-        self.curves.pop(trial.trial_id, None)
+    def _measured(self) -> int:
+        return sum(self.max_t in self.curves.get(t, {}) for t in self.sample)
 
-    def _check(self) -> None:
-        last = [c[self.max_t] for c in self.full]
+    def _decide(self) -> None:
+        full = [self.curves[t] for t in self.sample if self.max_t in self.curves.get(t, {})]
+        last = [c[self.max_t] for c in full]
         for rung in self.rungs:
-            pairs = [(c[rung], v) for c, v in zip(self.full, last, strict=True) if rung in c]
+            pairs = [(c[rung], v) for c, v in zip(full, last, strict=True) if rung in c]
             rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-            self.corr[rung] = rho
-            low = rho is not None and rho < self.min_rank_corr
-            if low and len(self.full) >= self.check_trials and rung not in self.off:
+            self.corr[rung], self.upper[rung] = rho, upper_bound(rho, len(pairs), self.confidence)
+            if self.upper[rung] is not None and self.upper[rung] < self.min_rank_corr:
                 self.off[rung] = (
-                    f"asha: the rung at epoch {rung} stops no more trials: its ranking predicted the last "
-                    f"epoch's with Spearman {rho:+.2f} over {len(pairs)} trials that ran in full "
-                    f"(sweep.asha.min_rank_corr = {self.min_rank_corr:g})"
+                    f"asha: the rung at epoch {rung} stops no more trials: over the {len(pairs)} trials that ran in "
+                    f"full unselected, its ranking predicted the last epoch's with Spearman {rho:+.2f}, at most "
+                    f"{self.upper[rung]:+.2f} at {self.confidence:.0%} confidence (sweep.asha.min_rank_corr = "
+                    f"{self.min_rank_corr:g})"
                 )
                 print(self.off[rung], file=sys.stderr)
-        if self.folder is not None:
-            self.folder.storage.write_bytes(self.folder.storage.join(CHECK_FILE), json.dumps(self.report()).encode())
+        self._save()
 
     def report(self) -> dict:
         return {
             "min_rank_corr": self.min_rank_corr,
-            "trials_in_full": len(self.full),
+            "confidence": self.confidence,
+            "trials_in_full": self._measured(),
+            "sample": self.sample,
+            "curves": {t: {str(e): v for e, v in c.items()} for t, c in self.curves.items()},
             "rank_corr": {str(r): c for r, c in self.corr.items()},
+            "upper_bound": {str(r): c for r, c in self.upper.items()},
             "rungs_off": {str(r): why for r, why in self.off.items()},
         }
+
+    def _save(self) -> None:
+        if self.folder is not None:
+            self.folder.storage.write_bytes(self.folder.storage.join(CHECK_FILE), json.dumps(self.report()).encode())
+
+    def _restore(self) -> None:
+        """What a previous driver of this sweep measured and decided (a resumed sweep's scheduler
+        is the one pickled when the sweep started)."""
+        if self._restored:
+            return
+        self._restored = True
+        saved = read_check(self.folder) if self.folder is not None else None
+        if saved:
+            self.sample = list(saved["sample"])
+            self.curves = {t: {int(e): v for e, v in c.items()} for t, c in saved["curves"].items()}
+            self.corr = {int(r): c for r, c in saved["rank_corr"].items()}
+            self.upper = {int(r): c for r, c in saved["upper_bound"].items()}
+            self.off = {int(r): why for r, why in saved["rungs_off"].items()}
+
+
+def upper_bound(rho: float | None, n: int, confidence: float) -> float | None:
+    """The upper bound of a one-sided confidence interval of a Spearman correlation `rho` over
+    `n` pairs (Fisher's z with Bonett and Wright's variance); None below 4 pairs."""
+    if rho is None or n < 4:
+        return None
+    from statistics import NormalDist
+
+    z = math.atanh(max(-0.999999, min(0.999999, rho)))
+    se = math.sqrt((1 + rho * rho / 2) / (n - 3))
+    return math.tanh(z + NormalDist().inv_cdf(confidence) * se)
 
 
 def read_check(folder) -> dict | None:

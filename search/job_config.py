@@ -60,12 +60,15 @@ class AshaConfig(Strict):
     # ASHA's brackets (asynchronous Hyperband): bracket k first stops trials at grace_period x
     # reduction_factor^k; with enough of them the last never stops a trial early.
     brackets: int = Field(1, strict=True, ge=1)
-    # The self-check: the first `check_trials` trials run in full, and every trial that runs in
-    # full measures how well each rung's ranking predicts the last epoch's (Spearman); a rung
-    # whose correlation falls below `min_rank_corr` stops no more trials for the rest of the
-    # sweep. None: no check, no trial run in full on purpose.
+    # The self-check: the first `check_trials` trials run in full whatever ASHA decides (an
+    # unselected sample), and measure how well each rung's ranking predicts the last epoch's
+    # (Spearman); once they have, a rung whose correlation is below `min_rank_corr` at
+    # `check_confidence` (the upper bound of a one-sided interval) stops no more trials. A rung
+    # that does rank that well is turned off with a chance of at most 1 - check_confidence.
+    # None: no check, no trial run in full on purpose.
     min_rank_corr: float | None = Field(None, ge=-1, le=1)
-    check_trials: int = Field(8, strict=True, ge=3)
+    check_trials: int = Field(8, strict=True, ge=4)
+    check_confidence: float = Field(0.9, gt=0.5, lt=1)
 
 
 class TpeConfig(Strict):
@@ -78,6 +81,8 @@ class TpeConfig(Strict):
     multivariate: bool = False
     # Running trials count as bad results, so trials side by side spread out.
     constant_liar: bool = False
+    # With sweep.learn_from_rungs: the share of trials drawn at random instead (BOHB's 1/3).
+    random_share: float = Field(0.0, ge=0, le=1)
 
 
 class BudgetConfig(Strict):
@@ -120,6 +125,11 @@ class SweepConfig(Strict):
     start_with: list[dict[str, Any]] = []
     seed: int = Field(0, strict=True, ge=0)
     asha: AshaConfig = AshaConfig()
+    # The searcher's model (tpe, gp) learns from the results at ASHA's rungs as well as from
+    # trials run in full: each trial is drawn from the trials scored at the latest rung (or the
+    # last epoch) that enough of them reached, as BOHB does. False: Optuna's own way (trials
+    # ASHA stopped are PRUNED, ranked below every finished one). One objective only.
+    learn_from_rungs: bool = False
     tpe: TpeConfig = TpeConfig()
     # None: as many trials at once as the cluster's resources fit.
     max_concurrent: int | None = Field(None, strict=True, ge=1)

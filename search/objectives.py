@@ -90,23 +90,26 @@ class TrialCost:
     a running attempt counts up to now. Pickled (a resumed sweep), a running attempt counts up
     to that moment: the driver that resumes does not know when it ended."""
 
+    # The clock: the driver's time.time, a replay's simulated one. Not pickled.
+    clock = staticmethod(time.time)
+
     def __init__(self, units: float):
         self.units = units
         self.closed_s: dict[str, float] = {}  # trial -> seconds of its attempts that ended
-        self._open: dict[str, float] = {}  # trial -> when its running attempt started (time.time())
+        self._open: dict[str, float] = {}  # trial -> when its running attempt started (clock())
 
     def started(self, trial_id: str) -> None:
         self.ended(trial_id)  # a start without an end (a reused actor's reset) closes the last one
-        self._open[trial_id] = time.time()
+        self._open[trial_id] = self.clock()
 
     def ended(self, trial_id: str) -> None:
         start = self._open.pop(trial_id, None)
         if start is not None:
-            self.closed_s[trial_id] = self.closed_s.get(trial_id, 0.0) + max(0.0, time.time() - start)
+            self.closed_s[trial_id] = self.closed_s.get(trial_id, 0.0) + max(0.0, self.clock() - start)
 
     def seconds(self, trial_id: str) -> float:
         start = self._open.get(trial_id)
-        return self.closed_s.get(trial_id, 0.0) + (max(0.0, time.time() - start) if start is not None else 0.0)
+        return self.closed_s.get(trial_id, 0.0) + (max(0.0, self.clock() - start) if start is not None else 0.0)
 
     def hours(self, trial_id: str) -> float:
         return self.seconds(trial_id) * self.units / 3600

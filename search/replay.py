@@ -8,11 +8,14 @@ checks that a replay makes the decisions a real sweep made.
 A table is one CSV row per (configuration, training seed, epoch), keyed by config paths, as
 `benchmarks/learning_curves.py` writes it. A trial's config is looked up by the nearest value of
 each key the table holds (on a log scale for positive numbers), so a continuous space
-(`train.lr: loguniform`) replays on a grid of it."""
+(`train.lr: loguniform`) replays on a grid of it. A table of a real sweep's own trials may give
+each report's arrival on that sweep's driver (`arrival_s`): the replay then takes the reports
+in that order, as that sweep did with several trials at a time."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +40,26 @@ class Table:
     curves: dict[tuple, list[dict]]
 
     @classmethod
-    def from_csv(cls, path: str | Path, seed: int = 0) -> Table:
-        """The rows of one training seed; numbers parsed, config keys typed as the grid holds them."""
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r.get(SEED, 0)) == seed]
-        keys = tuple(k for k in rows[0] if "." in k and k != SEED)
+    def from_csv(cls, path: str | Path, keys: tuple[str, ...] | list[str], seed: int = 0) -> Table:
+        """The rows of one training seed of a CSV file (gzipped where it ends in .gz): `keys`,
+        the configuration's columns (a sweep's space: every other column but `epoch` and
+        `train.seed` is a report), typed as the grid holds them; the reports parsed as numbers."""
+        keys = tuple(keys)
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [k for k in (*keys, EPOCH) if k not in columns]
+            if missing:
+                raise ConfigError(f"{path}: no column {missing[0]!r} (its columns: {', '.join(columns)})")
+            rows = [r for r in reader if int(r.get(SEED) or 0) == seed]
+        if not rows:
+            raise ConfigError(f"{path}: no rows of train.seed {seed}")
+        reported = [k for k in rows[0] if k not in keys and k not in (EPOCH, SEED)]
         curves: dict[tuple, list[dict]] = {}
         for r in rows:
             config = tuple(_typed(r[k]) for k in keys)
-            report = {k: float(v) for k, v in r.items() if "/" in k and v != ""}
+            report = {k: float(r[k]) for k in reported if r[k] != ""}
             curves.setdefault(config, []).append({**report, EPOCH: int(r[EPOCH])})
         return cls(keys, {c: sorted(reps, key=lambda x: x[EPOCH]) for c, reps in curves.items()})
 
@@ -136,7 +150,9 @@ def replay(job: JobConfig, table: Table, seed: int | None = None) -> Replayed:
         raise ConfigError("sweep.search: a replay draws trials from Optuna (tpe, random or gp), not a grid")
     sched = scheduler(job)
     sched.set_search_properties(s.metric, s.mode)
-    out, live, clock, started = Replayed(study=searcher.study), [], 0.0, 0
+    out, live, started = Replayed(study=searcher.study), [], 0
+    clock = [0.0]  # the simulated time: the budget's clock too (SearcherClock's calls, replayed)
+    searcher.completion.use_clock(lambda: clock[0])
     while True:
         while len(live) < (s.max_concurrent or 1) and started < s.num_samples and out.stop_reason is None:
             trial_id = f"{started:05d}"
@@ -147,31 +163,42 @@ def replay(job: JobConfig, table: Table, seed: int | None = None) -> Replayed:
             started += 1
             trial = Trial("replay", trial_id=trial_id, config=config, stub=True)
             out.configs[trial_id], curve = table.lookup(trial_overrides(config))
-            epochs = min(len(curve), trial_epochs(config, job.train.epochs))
-            live.append(_Live(trial, curve, epochs, clock + _epoch_s(curve[0])))
+            epochs = trial_epochs(config, job.train.epochs)
+            searcher.completion.cost.started(trial_id)
+            live.append(_Live(trial, curve, epochs, _arrival(curve[0], clock[0])))
             sched.on_trial_add(None, trial)
         if not live:
             out.stop_reason = out.stop_reason or f"num_samples: all {started} trials ran"
             out.asha_check = sched.report() if hasattr(sched, "report") else None
             return out
         t = min(live, key=lambda x: x.next_s)
-        clock = t.next_s
-        result = {**t.curve[t.done], "trial_id": t.trial.trial_id, "time_total_s": clock}
+        clock[0] = t.next_s
+        result = {**t.curve[t.done], "trial_id": t.trial.trial_id, "time_total_s": clock[0]}
         t.done += 1
-        out.reports.append({**result, "time_s": clock})
+        out.reports.append({**result, "time_s": clock[0]})
         decision = sched.on_trial_result(None, t.trial, result)
         if decision == TrialScheduler.CONTINUE and t.done < t.epochs:
+            if t.done == len(t.curve):  # a real sweep's stopped trial goes on here: not in the table
+                shown = dict(zip(table.keys, out.configs[t.trial.trial_id], strict=True))
+                raise ConfigError(
+                    f"the table's curve of {shown} ends at epoch {t.done}, and the trial trains {t.epochs}"
+                )
             searcher.on_trial_result(t.trial.trial_id, result)
-            t.next_s = clock + _epoch_s(t.curve[t.done])
+            t.next_s = _arrival(t.curve[t.done], clock[0])
             continue
         if decision == TrialScheduler.STOP and t.done < t.epochs:
             out.stopped[t.trial.trial_id] = t.done
         elif decision == TrialScheduler.CONTINUE:  # its last epoch: the searcher hears it, then its end
             searcher.on_trial_result(t.trial.trial_id, result)
         sched.on_trial_complete(None, t.trial, result)
+        searcher.completion.cost.ended(t.trial.trial_id)
         searcher.on_trial_complete(t.trial.trial_id, result)
         live.remove(t)
 
 
-def _epoch_s(report: dict) -> float:
-    return report.get("train/epoch_time_s", 0.0) + report.get("val/time_s", 0.0)
+def _arrival(report: dict, now: float) -> float:
+    """When a report arrives: where the table gives it (a real sweep's), then; else an epoch's
+    train + val time after `now` (the trial's start, or its previous report)."""
+    if "arrival_s" in report:
+        return max(now, report["arrival_s"])
+    return now + report.get("train/epoch_time_s", 0.0) + report.get("val/time_s", 0.0)

@@ -25,6 +25,7 @@ reported at all. Here:
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 
@@ -35,10 +36,12 @@ from ray.tune.search import Searcher
 
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.completion import Completion
+from deeplab_sweep.search.early_stopping import rungs
 from deeplab_sweep.search.job_config import JobConfig
+from deeplab_sweep.search.multifidelity import ModelDraw
 from deeplab_sweep.search.objectives import Constraint, cost_metric, finite, units_held
 from deeplab_sweep.search.overrides import trial_epochs
-from deeplab_sweep.search.space import OptunaSpace, grid_param_space, optuna_params
+from deeplab_sweep.search.space import OptunaSpace, choice_grid, grid_param_space, optuna_params
 from deeplab_sweep.trainable.credentials import database_url, remember
 from deeplab_sweep.trainable.run_folder import better
 
@@ -58,8 +61,11 @@ class OptunaSearcher(Searcher):
         max_epochs: int,
         completion: Completion,
         start_with: list[dict] = (),
+        model: ModelDraw | None = None,
     ):
-        """`start_with`: Optuna params of configurations asked first, in order (a new study only)."""
+        """`start_with`: Optuna params of configurations asked first, in order (a new study only);
+        `model`: draws each trial's params from the results at ASHA's rungs too (BOHB's way), in
+        place of `sampler`, which then only records them."""
         # Tune's own view (ASHA, its progress) is the first objective.
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.space, self.sampler, self.study_name = space, sampler, study_name
@@ -72,6 +78,7 @@ class OptunaSearcher(Searcher):
         self.best: dict[str, dict] = {}  # per trial, its best epoch's report so far
         self.told: set[str] = set()
         self.start_with = list(start_with)  # enqueued into the study on the first suggestion, once
+        self.model = model
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
         self._ids: dict[str, int] = {}  # Ray trial id -> the storage's trial id
@@ -114,6 +121,8 @@ class OptunaSearcher(Searcher):
         for params in self.start_with:
             self.study.enqueue_trial(params)
         self.start_with = []
+        if self.model is not None and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.enqueue_trial(self.model.params(self.study, self.space))
         trial = self.study.ask()
         self.space(trial)
         self.numbers[trial_id] = trial.number
@@ -234,30 +243,52 @@ class SearcherClock(Callback):
     on_trial_recover = on_trial_error = on_trial_complete = _ended
 
 
-def tpe_sampler(job: JobConfig) -> optuna.samplers.TPESampler:
-    s, t = job.sweep, job.sweep.tpe
+def make_sampler(seed: int, *, search: str, startup: int, multivariate: bool, constant_liar: bool):
+    """Optuna's sampler for `sweep.search` (tpe, gp or random), seeded."""
     with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=s.seed,
-            n_startup_trials=t.startup_trials or min(4, s.num_samples),
-            multivariate=t.multivariate,
-            group=t.multivariate,  # the conditional space's branches get their own densities
-            constant_liar=t.constant_liar,
-        )
-
-
-def sampler(job: JobConfig) -> optuna.samplers.BaseSampler:
-    s = job.sweep
-    if s.search == "tpe":
-        return tpe_sampler(job)
-    if s.search == "gp":
-        with warnings.catch_warnings():  # chosen knowingly: not a warning for the user
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.GPSampler(
-                seed=s.seed, n_startup_trials=s.tpe.startup_trials or min(4, s.num_samples)
+        if search == "tpe":
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=startup,
+                multivariate=multivariate,
+                group=multivariate,  # the conditional space's branches get their own densities
+                constant_liar=constant_liar,
             )
-    return optuna.samplers.RandomSampler(seed=s.seed)
+        if search == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def sampler_factory(job: JobConfig) -> functools.partial:
+    """seed -> the sweep's sampler (a partial: Tune pickles the searcher)."""
+    s, t = job.sweep, job.sweep.tpe
+    return functools.partial(
+        make_sampler,
+        search=s.search,
+        startup=t.startup_trials or min(4, s.num_samples),
+        multivariate=t.multivariate,
+        constant_liar=t.constant_liar,
+    )
+
+
+def model_draw(job: JobConfig) -> ModelDraw | None:
+    """The model that learns from ASHA's rungs (`sweep.learn_from_rungs`), for one objective."""
+    s = job.sweep
+    if not s.learn_from_rungs or s.objectives:
+        return None
+    max_t = job.epoch_bounds()[1]
+    fidelities = rungs(max_t, s.asha.grace_period, s.asha.reduction_factor, s.asha.brackets) if s.asha.enabled else []
+    startup = s.tpe.startup_trials or min(4, s.num_samples)
+    return ModelDraw(
+        make_sampler=sampler_factory(job),
+        fidelities=[*fidelities, max_t],
+        min_points=max(startup, len(job.space) + 1),
+        direction="maximize" if s.mode == "max" else "minimize",
+        seed=s.seed,
+        grid=choice_grid(job.space),
+        random_share=s.tpe.random_share,
+    )
 
 
 def completion(job: JobConfig) -> Completion:
@@ -281,15 +312,18 @@ def build_searcher(job: JobConfig, study_name: str) -> tuple[OptunaSearcher | No
     s = job.sweep
     if s.search == "grid":
         return None, grid_param_space(job.space)
+    model = model_draw(job)
     searcher = OptunaSearcher(
         space=OptunaSpace(job.space),
         objectives=s.objective_list,
         constraints=s.constraint_list(),
-        sampler=sampler(job),
+        # With a model, the study's own sampler draws nothing: every trial's params are given.
+        sampler=sampler_factory(job)(s.seed) if model is None else optuna.samplers.RandomSampler(seed=s.seed),
         storage_url=s.optuna_storage,
         study_name=study_name,
         max_epochs=job.train.epochs,
         completion=completion(job),
         start_with=[optuna_params(job.space, v, f"sweep.start_with[{i}]") for i, v in enumerate(s.start_with)],
+        model=model,
     )
     return searcher, {}

@@ -80,6 +80,25 @@ class OptunaSpace:
                 chosen[key] = trial.suggest_categorical(key, p.values)
 
 
+def choice_grid(space: dict[str, SearchParam], limit: int = 100_000) -> list[dict] | None:
+    """Every configuration of a space of choices only, as Optuna params (conditional ones under
+    their parent's value); None where the space holds a range or more than `limit`."""
+    configs: list[tuple[dict, dict]] = [({}, {})]  # (Optuna params, {space key: value})
+    for key, p in _ordered(space):
+        if p.depends_on is None and p.type not in ("choice", "grid"):
+            return None
+        grown = []
+        for params, chosen in configs:
+            values = p.values if p.depends_on is None else p.cases.get(str(chosen[p.depends_on])) or []
+            for v in values:
+                c = {**chosen, key: v}
+                grown.append(({**params, param_name(key, p, c): v}, c))
+        configs = grown
+        if len(configs) > limit:
+            return None
+    return [params for params, _ in configs]
+
+
 def grid_param_space(space: dict[str, SearchParam]) -> dict[str, Any]:
     out = {}
     for key, p in space.items():

@@ -180,12 +180,13 @@ def _preload() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import optuna.importance  # noqa: F401
-    import optuna.visualization.matplotlib  # noqa: F401
 
 
-def log_summary(c, summary: SweepSummary, job: JobConfig, study) -> None:
+def log_summary(c, summary: SweepSummary, job: JobConfig, study, records=()) -> None:
     """The summary on the parent run: summary.json, the stop reason, the compute, the best, the
-    front, and (from Optuna's study) parameter importances and a parallel-coordinates plot."""
+    front, the pictures of the search (`pictures.py`, from the trials' `records`), and (from
+    Optuna's study) parameter importances."""
+    from deeplab_sweep.search import pictures
     from deeplab_sweep.search.pareto import log_pareto
 
     parent, metric = summary.parent_run_id, job.sweep.metric
@@ -205,15 +206,15 @@ def log_summary(c, summary: SweepSummary, job: JobConfig, study) -> None:
     for rung, rho in ((summary.asha_check or {}).get("rank_corr") or {}).items():
         if rho is not None:
             c.log_metric(parent, f"asha/rank_corr/epoch_{rung}", rho)
+    pictures.log_all(c, parent, records, summary, job)
     if study is not None and sum(t.state.name == "COMPLETE" for t in study.trials) >= 2:
         with warnings.catch_warnings():
-            # Optuna warns about small samples and experimental plots: expected in small sweeps.
+            # Optuna warns about small samples: expected in small sweeps.
             warnings.simplefilter("ignore")
             _log_importances(c, parent, study)
 
 
 def _log_importances(c, parent: str, study) -> None:
-    import matplotlib
     import optuna
 
     # With several objectives: importances for the first (the sweep's metric).
@@ -227,16 +228,6 @@ def _log_importances(c, parent: str, study) -> None:
             c.log_metric(parent, f"importance/{k.replace('|', '_')}", float(v))
     except (ValueError, RuntimeError):
         pass  # too few distinct trials for an importance estimate
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization.matplotlib import plot_parallel_coordinate
-
-    try:
-        ax = plot_parallel_coordinate(study, target=target)
-    except (ValueError, RuntimeError):
-        return
-    c.log_figure(parent, ax.figure, "parallel_coordinates.png")
-    plt.close(ax.figure)
 
 
 def summary_table(summary: SweepSummary, metric: str) -> str:

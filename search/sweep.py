@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import ray
 from ray import tune
 
@@ -71,6 +72,9 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
             ray_up.start()  # and, from here, SIGTERM (`ray job stop`) is Ctrl-C
             timeline.mark("Ray")
             tuner = _tuner(sweep, exp_id, parent, verbose)
+            # Ray's ASHA draws each trial's bracket from numpy's global generator: seeded, a
+            # sweep's brackets are drawn again alike (and a replay of it draws the same).
+            np.random.seed(job.sweep.seed)
             gc.freeze()  # what the driver made so far lives as long as it does (FreezeSurvivors)
             results = tuner.fit()
             timeline.mark("Tune's run")
@@ -261,7 +265,7 @@ def _finish(results, c, exp_id: str, sweep: PreparedSweep, parent: str) -> Sweep
         states = [t.state.name for t in searcher.study.trials]
         summary.optuna_states = {st: states.count(st) for st in sorted(set(states))}
     if mlflow_error is None:
-        log_summary(c, summary, job, searcher.study if searcher is not None else None)
+        log_summary(c, summary, job, searcher.study if searcher is not None else None, records)
         for row in summary.trials:
             if row.trial_id in unfinished and row.run_id:
                 tracking.finish_run(c, row.run_id, tracking.INTERRUPTED)

@@ -205,6 +205,11 @@ SWEEP = CONF / "sweep" / "demo.yaml"
             "raise train.epochs, or set sweep.asha.enabled=false",
         ),
         (
+            "train.eval_every=3",
+            "error: sweep.asha.grace_period = 2: ASHA judges trials at epochs 2; train.eval_every = 3 evaluates "
+            "no result at epoch 2: make the grace period a multiple of 3, or evaluate more often",
+        ),
+        (
             "sweep.metric=val/not_a_metric",
             "error: sweep.metric = 'val/not_a_metric': no trial reports it; allowed: train/loss, train/lr, "
             "train/images_per_s, train/epoch_time_s, train/first_step_s, val/mIoU, val/overall_acc, val/mean_acc, "

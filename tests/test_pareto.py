@@ -224,9 +224,9 @@ def test_warm_start_seeds_the_next_sweep_without_running_its_trials_again(swept)
     assert len(warm) >= 2, "more warm trials than TPE's 2 start-up trials"
     with contextlib.chdir(swept.workdir):
         job = load_job(swept.workdir / "p2.yaml", [], conf_root=CONF)
-    from deeplab_sweep.search.searcher import tpe_sampler
+    from deeplab_sweep.search.searcher import sampler_factory
 
-    cold = optuna.create_study(directions=["maximize", "minimize"], sampler=tpe_sampler(job))
+    cold = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler_factory(job)(job.sweep.seed))
     first_cold = cold.ask()
     OptunaSpace(job.space)(first_cold)
     first_new = min(new, key=lambda t: t.number)
