@@ -48,23 +48,23 @@ class Timings:
 
 def run(arm: str, trials: int, overrides: list[str]) -> Timings:
     from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
 
     from deeplab_sweep.search import sweep
-    from deeplab_sweep.search.early_stopping import SelfCheckingASHA
     from deeplab_sweep.search.searcher import OptunaSearcher
 
     timings = Timings()
     gc.callbacks.append(timings.on_gc)
     patched = [
         (OptunaSearcher, "on_trial_result"),
-        (SelfCheckingASHA, "on_trial_result"),
+        (ASHAScheduler, "on_trial_result"),
         (tune.Tuner, "fit"),
     ]
     saved = [(cls, name, getattr(cls, name)) for cls, name in patched]
     freeze = gc.freeze
     try:
         OptunaSearcher.on_trial_result = timings.timed("searcher.on_trial_result", OptunaSearcher.on_trial_result)
-        SelfCheckingASHA.on_trial_result = timings.timed("scheduler.on_trial_result", SelfCheckingASHA.on_trial_result)
+        ASHAScheduler.on_trial_result = timings.timed("scheduler.on_trial_result", ASHAScheduler.on_trial_result)
         fit = tune.Tuner.fit
 
         def fitting(self):

@@ -273,12 +273,19 @@ def sampler_factory(job: JobConfig) -> functools.partial:
 
 
 def model_draw(job: JobConfig) -> ModelDraw | None:
-    """The model that learns from ASHA's rungs (`sweep.learn_from_rungs`), for one objective."""
+    """How a trial is drawn, for one objective: from a model that learns from ASHA's rungs
+    (`sweep.learn_from_rungs`), or, in a space of choices only, from the trials run in full
+    (so that none is trained in full twice); else (None) by Optuna's own ask."""
     s = job.sweep
-    if not s.learn_from_rungs or s.objectives:
+    grid = choice_grid(job.space)
+    if s.objectives or not (s.learn_from_rungs or grid):
         return None
     max_t = job.epoch_bounds()[1]
-    fidelities = rungs(max_t, s.asha.grace_period, s.asha.reduction_factor, s.asha.brackets) if s.asha.enabled else []
+    fidelities = (
+        rungs(max_t, s.asha.grace_period, s.asha.reduction_factor, s.asha.brackets)
+        if s.asha.enabled and s.learn_from_rungs
+        else []
+    )
     startup = s.tpe.startup_trials or min(4, s.num_samples)
     return ModelDraw(
         make_sampler=sampler_factory(job),
@@ -286,7 +293,7 @@ def model_draw(job: JobConfig) -> ModelDraw | None:
         min_points=max(startup, len(job.space) + 1),
         direction="maximize" if s.mode == "max" else "minimize",
         seed=s.seed,
-        grid=choice_grid(job.space),
+        grid=grid,
         random_share=s.tpe.random_share,
     )
 

@@ -151,7 +151,7 @@ def _job(*overrides: str):
             *(f"space.{k}=null" for k in ("data.crop_size", "model.backbone", "data.batch_size")),
             "sweep.asha.grace_period=1",
             "sweep.asha.reduction_factor=2",
-            "sweep.asha.min_rank_corr=null",  # the demo's self-check: on where a test turns it on
+            "sweep.asha.min_rank_corr=null",  # the rung check: on where a test turns it on
             *overrides,
         ],
     )
@@ -363,3 +363,23 @@ def test_the_check_is_read_back_by_a_resumed_sweeps_scheduler(tmp_path):
     # A trial far below the others at epochs 1 and 2 goes on: those rungs are off.
     decisions = [resumed.on_trial_result(None, trials[5], {"epoch": e, "val/mIoU": -9.0}) for e in (1, 2)]
     assert decisions == [TrialScheduler.CONTINUE] * 2
+
+
+@pytest.mark.parametrize("search", ["random", "tpe", "gp"])
+def test_no_configuration_is_trained_in_full_twice_in_a_space_of_choices(tmp_path, search):
+    """8 configurations (lr x stride, choices only), 8 trials run in full: each a different
+    one; the 9th, with none left, may repeat."""
+    table = _synthetic(tmp_path / "t.csv", True)
+    out = replay(
+        _job(
+            f"sweep.search={search}",
+            "sweep.asha.enabled=false",
+            "sweep.num_samples=9",
+            "space.train.lr={type: choice, values: [0.001, 0.008, 0.064, 0.128]}",
+            "space.model.output_stride={type: choice, values: [8, 16]}",
+        ),
+        table,
+        seed=3,
+    )
+    drawn = [out.configs[t] for t in sorted(out.configs)]
+    assert len(set(drawn[:8])) == 8 and len(drawn) == 9
