@@ -56,27 +56,20 @@ class ModelDraw:
             if self.grid is None or _key(drawn.params) not in trained:
                 return dict(drawn.params)
         untried = [p for p in self.grid if _key(p) not in trained]
-        return dict(random.Random(self.seed * 100_003 + self.draws).choice(untried or self.grid))
-
-    def fidelity(self, trials: list[optuna.trial.FrozenTrial]) -> int | None:
-        """The latest fidelity that at least `min_points` trials reached, or None."""
-        for b in reversed(self.fidelities):
-            if sum(_score(t, b, self.fidelities[-1], self.direction) is not None for t in trials) >= self.min_points:
-                return b
-        return None
+        return dict(random.Random(seed).choice(untried or self.grid))
 
     def view(self, trials: list[optuna.trial.FrozenTrial]) -> optuna.Study:
         """An in-memory study of every trial that has a result, each COMPLETE: a trial that
-        reached the model's fidelity scores its best result up to it; one stopped before it
-        scores below all of those, lower the earlier it stopped, in the order of its results
-        where it stopped (as Optuna ranks PRUNED trials; a GP needs values, so they are put on
-        the same scale). The other running trials are in it as RUNNING. Empty while no fidelity
-        has enough trials: the sampler's start-up draws."""
+        reached the model's fidelity (the latest at which at least `min_points` trials have a
+        result) scores its best result up to it; one stopped before it scores below all of
+        those, lower the earlier it stopped, in the order of its results where it stopped (as
+        Optuna ranks PRUNED trials; a GP needs values, so they are put on the same scale). The
+        other running trials are in it as RUNNING. Empty while no fidelity has enough trials:
+        the sampler's start-up draws."""
         view = optuna.create_study(
             direction=self.direction, sampler=self.make_sampler(self.seed * 100_003 + self.draws)
         )
-        b = self.fidelity(trials)
-        scores = self._scores(trials, b) if b is not None else {}
+        scores = self._scores(trials)
         for t in trials:
             if t.number in scores:
                 view.add_trial(create_trial(params=t.params, distributions=t.distributions, value=scores[t.number]))
@@ -84,26 +77,30 @@ class ModelDraw:
                 view.add_trial(create_trial(params=t.params, distributions=t.distributions, state=TrialState.RUNNING))
         return view
 
-    def _scores(self, trials: list[optuna.trial.FrozenTrial], b: int) -> dict[int, float]:
-        """Trial number -> its score in the view, at fidelity `b` and below (see `view`)."""
+    def _scores(self, trials: list[optuna.trial.FrozenTrial]) -> dict[int, float]:
+        """Trial number -> its score in the view (see `view`); empty below `min_points`."""
         sign = 1.0 if self.direction == "maximize" else -1.0
-        last, levels = self.fidelities[-1], [f for f in self.fidelities if f <= b]
-        at = {f: {} for f in levels}  # fidelity -> trial number -> its (signed) best result up to it
-        for t in trials:
-            for f in levels:
-                v = _score(t, f, last, self.direction)
+        at: dict[int, dict[int, float]] = {}  # fidelity -> trial number -> its (signed) best result up to it
+        for f in self.fidelities:
+            at[f] = {}
+            for t in trials:
+                v = _score(t, f, self.fidelities[-1], self.direction)
                 if v is not None:
                     at[f][t.number] = sign * v
-        top = at[b]
-        lo, hi = min(top.values()), max(top.values())
+        reached = [f for f in self.fidelities if len(at[f]) >= self.min_points]
+        if not reached:
+            return {}
+        b = reached[-1]
+        lo, hi = min(at[b].values()), max(at[b].values())
         spread = (hi - lo) or 1.0
-        out = dict(top)
+        out = dict(at[b])
         running = {t.number for t in trials if t.state == TrialState.RUNNING}
-        for depth, f in enumerate(reversed(levels[:-1]), 1):  # the level below b first
-            reached = sorted(at[f].values())
+        below = [f for f in self.fidelities if f < b]
+        for depth, f in enumerate(reversed(below), 1):  # the level below b first
+            ranked = sorted(at[f].values())
             for number, v in at[f].items():
                 if number not in out and number not in running:  # stopped at f: below all that went further
-                    u = (bisect.bisect_left(reached, v) + 0.5) / len(reached)
+                    u = (bisect.bisect_left(ranked, v) + 0.5) / len(ranked)
                     out[number] = lo - spread * (depth - u)
         return {n: sign * v for n, v in out.items()}
 

@@ -4,6 +4,7 @@ make the decisions a real sweep of the same configurations made (real Ray, real 
 from __future__ import annotations
 
 import csv
+import functools
 
 import optuna
 import pytest
@@ -383,3 +384,45 @@ def test_no_configuration_is_trained_in_full_twice_in_a_space_of_choices(tmp_pat
     )
     drawn = [out.configs[t] for t in sorted(out.configs)]
     assert len(set(drawn[:8])) == 8 and len(drawn) == 9
+
+
+def test_learning_from_rungs_scores_trials_at_the_latest_rung_enough_reached():
+    """BOHB's rule: while fewer than `min_points` trials ran in full, the model sees every trial
+    at the rung they all reached (epoch 2); once enough have, their final results, and the
+    trials stopped at epoch 2 rank below all of them, in the order of their epoch-2 results."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from deeplab_sweep.search.multifidelity import ModelDraw
+    from deeplab_sweep.search.searcher import make_sampler
+
+    def trial(lr: float, curve: dict[int, float], full: bool):
+        return create_trial(
+            params={"train.lr": lr},
+            distributions={"train.lr": FloatDistribution(1e-4, 1, log=True)},
+            value=curve[max(curve)] if full else None,
+            state=TrialState.COMPLETE if full else TrialState.PRUNED,
+            intermediate_values=curve,
+        )
+
+    stopped = [trial(0.001 * (i + 1), {1: 0.1, 2: 0.2 + i / 100}, False) for i in range(4)]
+    full = [trial(0.1 * (i + 1), {1: 0.1, 2: 0.5, 3: 0.6, 4: 0.7 + i / 100}, True) for i in range(3)]
+    model = ModelDraw(
+        make_sampler=functools.partial(make_sampler, search="tpe", startup=2, multivariate=False, constant_liar=False),
+        fidelities=[2, 4],
+        min_points=4,
+        direction="maximize",
+        seed=0,
+    )
+
+    def study(trials):
+        out = optuna.create_study()
+        out.add_trials(trials)
+        return out.get_trials()
+
+    early = model.view(study(stopped + full[:2]))
+    assert sorted(t.value for t in early.trials) == pytest.approx([0.2, 0.21, 0.22, 0.23, 0.5, 0.5])  # at epoch 2
+    late = model.view(study(stopped + full + [trial(0.9, {2: 0.4, 4: 0.8}, True)]))
+    values = [t.value for t in sorted(late.trials, key=lambda t: t.params["train.lr"])]
+    assert values[4:] == pytest.approx([0.7, 0.71, 0.72, 0.8])  # the final results of the trials run in full
+    assert values[:4] == sorted(values[:4]) and max(values[:4]) < 0.7  # stopped ones below, in their order
