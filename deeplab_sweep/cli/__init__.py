@@ -10,12 +10,12 @@ import os
 import sys
 import textwrap
 
-from deeplab_sweep.cli import best, data, evaluate, import_checkpoint, predict, sweep, sync, train, ui
+from deeplab_sweep.cli import best, data, evaluate, export, import_checkpoint, predict, sweep, sync, train, ui
 from deeplab_sweep.cli.common import FORMATTER
 from deeplab_sweep.errors import RunFailed, UserInputError
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-COMMANDS = {m.NAME: m for m in (data, train, sweep, best, sync, ui, import_checkpoint, evaluate, predict)}
+COMMANDS = {m.NAME: m for m in (data, train, sweep, best, sync, ui, import_checkpoint, evaluate, predict, export)}
 
 
 def parser() -> argparse.ArgumentParser:
