@@ -9,6 +9,7 @@ digits, `.`, `_` and `-` only."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -95,26 +96,35 @@ class SweepFolder:
 
 def _others_can_write(st: os.stat_result) -> str | None:
     """Why users other than this one (and root) can write a file with this status, or None."""
-    import grp
-    import pwd
-
     me = os.geteuid()
     if st.st_uid not in (me, 0):
         return f"it belongs to another user ({_user(st.st_uid)})"
     if st.st_mode & stat.S_IWOTH:
         return f"any user can write it (mode {oct(st.st_mode & 0o7777)})"
     if st.st_mode & stat.S_IWGRP:
-        try:
-            group = grp.getgrgid(st.st_gid)
-        except KeyError:
-            return f"its group ({st.st_gid}) can write it"
-        mine = pwd.getpwuid(me).pw_name if me != 0 else "root"
-        others = {m for m in group.gr_mem if m != mine} | {
-            u.pw_name for u in pwd.getpwall() if u.pw_gid == st.st_gid and u.pw_uid not in (me, 0)
-        }
-        if others:
-            return f"its group {group.gr_name!r} can write it, and {sorted(others)[0]!r} is in that group"
+        name, other = _group_and_another_member(st.st_gid)
+        if other is not None:
+            return f"its group {name!r} can write it, and {other!r} is in that group"
     return None
+
+
+@functools.cache
+def _group_and_another_member(gid: int) -> tuple[str, str | None]:
+    """A group's name and one of its members other than this user and root (None: none), read
+    once per group (a folder of a sweep holds thousands of files of one group)."""
+    import grp
+    import pwd
+
+    me = os.geteuid()
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return str(gid), "an unknown user"
+    mine = pwd.getpwuid(me).pw_name if me != 0 else "root"
+    others = {m for m in group.gr_mem if m not in (mine, "root")} | {
+        u.pw_name for u in pwd.getpwall() if u.pw_gid == gid and u.pw_uid not in (me, 0)
+    }
+    return group.gr_name, min(others) if others else None
 
 
 def _user(uid: int) -> str:
