@@ -27,8 +27,8 @@ EXAMPLE_SIDE = 97  # the example input traced: its sides are none of the dimensi
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, model_factory: str | None = None) -> list[Path]:
     """The checkpoint's model in `fmt` under `out`, and its sidecar; the files written."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format = {fmt!r}: not one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS:  # before the checkpoint is read
+        raise ConfigError(f"--format = {fmt!r}: not one of {', '.join(FORMATS)}")
     model, cfg, ckpt = load_model(checkpoint, "cpu", model_factory)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

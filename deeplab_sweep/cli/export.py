@@ -31,12 +31,8 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
-    from deeplab_sweep.trainable.export import FORMATS, export
+    from deeplab_sweep.trainable.export import export
 
-    if args.format not in FORMATS:  # before the checkpoint is read
-        from deeplab_sweep.errors import ConfigError
-
-        raise ConfigError(f"--format = {args.format!r}: not one of {', '.join(FORMATS)}")
     for path in export(args.checkpoint, args.format, args.out, args.model_factory):
         print(f"wrote {path}")
     return 0

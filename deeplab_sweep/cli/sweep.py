@@ -106,9 +106,10 @@ def _warn_of_a_kept_command_line(address: str | None) -> None:
     from deeplab_sweep.search.internals import in_ray_job, job_entrypoint_words
     from deeplab_sweep.trainable.credentials import holds_credentials
 
-    words = job_entrypoint_words() if in_ray_job() else (sys.argv if address else [])
+    job = in_ray_job()
+    words = job_entrypoint_words() if job else (sys.argv if address else [])
     if holds_credentials(words):
-        where = "this Ray job's entrypoint" if in_ray_job() else "this command line, which Ray keeps as the job's"
+        where = "this Ray job's entrypoint" if job else "this command line, which Ray keeps as the job's"
         print(
             f"warning: {where} holds a credential, which Ray keeps in clear in its job table (`ray job list`, the "
             "dashboard): give it through the cluster's environment instead (MLFLOW_TRACKING_USERNAME/_PASSWORD "
