@@ -19,7 +19,7 @@ warnings.filterwarnings(
 )
 
 
-__all__ = ["DatasetError", "SegmentationDataset", "read_image", "read_mask", "read_id_list"]
+__all__ = ["DatasetError", "SegmentationDataset", "decode_image_bytes", "read_image", "read_mask", "read_id_list"]
 
 
 def _read_bytes(path: Path, what: str) -> torch.Tensor:
@@ -33,11 +33,18 @@ def _read_bytes(path: Path, what: str) -> torch.Tensor:
 
 def read_image(path: Path) -> torch.Tensor:
     """uint8 [3, H, W], decoded by libjpeg-turbo / libpng (not PIL)."""
-    data = _read_bytes(path, "image")
+    return decode_image_bytes(_read_bytes(path, "image"), str(path))
+
+
+def decode_image_bytes(data: torch.Tensor | bytes, name: str) -> torch.Tensor:
+    """An encoded image (JPEG, PNG, ...; a file's bytes) as uint8 [3, H, W], RGB; `name` says
+    where it came from in the error."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise DatasetError(f"{path}: corrupt or unreadable image ({str(e).splitlines()[0]})") from None
+        raise DatasetError(f"{name}: corrupt or unreadable image ({str(e).splitlines()[0]})") from None
 
 
 def read_mask(path: Path) -> torch.Tensor:

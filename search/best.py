@@ -124,14 +124,17 @@ def fetch_best(
     objective: str | None = None,
     constraints: tuple[str, ...] = (),
     model_factory: str | None = None,
+    log_model: bool = False,
 ) -> dict:
     """The best run by `metric`; or, with `objective`, the best on it of a multi-objective
     sweep's Pareto front that meets `constraints` (METRIC<=N / METRIC>=N). `model_factory`:
-    the user's own model the checkpoint may name (`inference.load_model`)."""
+    the user's own model the checkpoint may name (`inference.load_model`). `log_model` (and
+    `register`, which implies it): the checkpoint as an MLflow Model, an output of its run."""
     parsed = [parse_constraint(text, "--constraint") for text in constraints]
     tracking_uri = credentials_to_env(tracking_uri)
     check_server(tracking_uri)
-    c = MlflowClient(resolve_tracking_uri(tracking_uri))
+    resolved = resolve_tracking_uri(tracking_uri)
+    c = MlflowClient(resolved)
     try:
         if objective is not None:
             run, mode = pick_from_front(c, experiment, sweep, objective, parsed)
@@ -168,20 +171,14 @@ def fetch_best(
             "parameters": sum(p.numel() for p in model.parameters()),
         },
     }
-    if register:
-        info["registered"] = _register(c, run.info.run_id, register, alias)
+    if log_model or register:
+        from deeplab_sweep.search import mlflow_model  # MLflow's model machinery: only when asked
+
+        logged = mlflow_model.log_model(c, resolved, run, local / "checkpoint.pt", cfg, ckpt, model_factory)
+        info["logged_model"] = {"model_id": logged.model_id, "uri": f"models:/{logged.model_id}"}
+        if register:
+            info["registered"] = mlflow_model.register(c, resolved, logged, register, alias)
     return info
-
-
-def _register(c: MlflowClient, run_id: str, name: str, alias: str) -> dict:
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        c.create_registered_model(name, description="DeepLabv3+ checkpoints registered by `deeplab best`")
-    run = c.get_run(run_id)
-    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/checkpoint", run_id=run_id)
-    c.set_registered_model_alias(name, alias, mv.version)
-    return {"name": name, "version": mv.version, "alias": alias}
 
 
 def list_front(tracking_uri: str, experiment: str, sweep: str | None) -> dict:

@@ -66,6 +66,7 @@ CHAINS = {
         "test_models.py",
         "test_replay.py",
         "test_model_factory.py",
+        "test_mlflow_model.py",
     },
 }
 CHAIN_OF = {module: chain for chain, modules in CHAINS.items() for module in modules}
@@ -201,6 +202,27 @@ def ray_tmpdir():
     left = pids_naming(folder)
     shutil.rmtree(folder, ignore_errors=True)
     assert not left, f"processes of the test's Ray still running: {left}"
+
+
+def random_checkpoint(folder: Path, *overrides: str, metrics: dict | None = None) -> Path:
+    """A checkpoint of the demo's model (with `overrides`) at random weights, with batch-norm
+    statistics that are not the identity."""
+    import torch
+
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.trainable.checkpoint import save_checkpoint
+    from deeplab_sweep.trainable.models import build_from_config
+
+    base = ["data.root=unused", "model.pretrained_backbone=false"]
+    cfg = load_job(CONF / "train" / "demo.yaml", [*base, *overrides]).run
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model, cfg.data.num_classes)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    state = {"model_state": model.state_dict(), "config": cfg.to_dict(), "epoch": 3}
+    return save_checkpoint(folder, **state, metrics=metrics or {"val/mIoU": 0.5})
 
 
 def free_port() -> int:

@@ -10,26 +10,11 @@ import pytest
 import torch
 
 from deeplab_sweep.cli import main
-from deeplab_sweep.search.compose import load_job
-from deeplab_sweep.trainable.checkpoint import save_checkpoint
 from deeplab_sweep.trainable.inference import load_model
-from deeplab_sweep.trainable.models import build_from_config
-from tests.conftest import CONF
+from tests.conftest import random_checkpoint
 
 VOC_CLASSES = 21
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-
-
-def _checkpoint(folder, *overrides: str):
-    base = ["data.root=unused", "model.pretrained_backbone=false"]
-    cfg = load_job(CONF / "train" / "demo.yaml", [*base, *overrides]).run
-    torch.manual_seed(0)
-    model = build_from_config(cfg.model, cfg.data.num_classes)
-    for m in model.modules():  # batch-norm statistics that are not the identity
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return save_checkpoint(folder, model_state=model.state_dict(), config=cfg.to_dict(), epoch=3, metrics={"m": 0.5})
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50"])
@@ -37,7 +22,7 @@ def _checkpoint(folder, *overrides: str):
 def test_onnx_and_torchscript_give_the_eager_logits(tmp_path, backbone, stride, capsys):
     import onnxruntime
 
-    path = _checkpoint(tmp_path / "ckpt", f"model.backbone={backbone}", f"model.output_stride={stride}")
+    path = random_checkpoint(tmp_path / "ckpt", f"model.backbone={backbone}", f"model.output_stride={stride}")
     for fmt in ("onnx", "torchscript"):
         assert main(["export", "--checkpoint", str(path), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
     eager, _, _ = load_model(path)
@@ -65,8 +50,8 @@ def test_bad_input_to_export_is_one_line(tmp_path, capsys):
     garbage = tmp_path / "bad" / "checkpoint.pt"
     garbage.parent.mkdir()
     garbage.write_bytes(b"not a checkpoint")
-    own = _checkpoint(tmp_path / "own", "model.factory=tests.toy_model:build")
-    good = _checkpoint(tmp_path / "good", "model.backbone=mobilenet_v2")
+    own = random_checkpoint(tmp_path / "own", "model.factory=tests.toy_model:build")
+    good = random_checkpoint(tmp_path / "good", "model.backbone=mobilenet_v2")
     cases = {
         (str(garbage), "onnx"): f"error: {garbage}: not a loadable checkpoint (",
         (str(good), "tflite"): "error: --format = 'tflite': not one of onnx, torchscript",

@@ -61,6 +61,23 @@ def evaluate_checkpoint(
 
 
 @torch.no_grad()
+def predict_images(
+    model: torch.nn.Module, images: list[torch.Tensor], device: str | torch.device = "cpu", probabilities: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per uint8 [3, H, W] RGB image: its class-id mask [H, W] (uint8), and with
+    `probabilities` its softmax [classes, H, W]. Whole images, one at a time, through the
+    validation transform: what evaluation scores (padding a batch would change the predictions)."""
+    transform = val_transform(None)
+    out = []
+    for image in images:
+        x, _ = transform(image, torch.zeros(image.shape[-2:], dtype=torch.long))
+        logits = model(x.unsqueeze(0).to(device))[0]
+        mask = logits.argmax(0).to(torch.uint8 if logits.shape[0] <= 256 else torch.int32).cpu()
+        out.append((mask, logits.softmax(0).cpu() if probabilities else None))
+    return out
+
+
+@torch.no_grad()
 def predict_files(
     path: str | Path,
     inputs: list[Path],
@@ -70,13 +87,11 @@ def predict_files(
     model_factory: str | None = None,
 ) -> list[Path]:
     model, cfg, _ = load_model(path, device, model_factory)
-    transform = val_transform(None)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for p in inputs:
         image = read_image(p)
-        x, _ = transform(image, torch.zeros(image.shape[-2:], dtype=torch.long))
-        pred = model(x.unsqueeze(0).to(device)).argmax(1)[0].cpu()
+        ((pred, _),) = predict_images(model, [image], device)
         colour = Image.fromarray(colorize(pred, cfg.data.spec.palette).permute(1, 2, 0).numpy())
         overlay = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()), colour, alpha)
         for suffix, im in (("mask", colour), ("overlay", overlay)):

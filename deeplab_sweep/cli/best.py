@@ -28,7 +28,8 @@ def add(sub) -> None:
         """
         deeplab best --experiment deeplab
         deeplab best --experiment deeplab --sweep lr-study --out best/ --json
-        deeplab best --experiment deeplab --register deeplabv3plus-voc      # alias "best"
+        deeplab best --experiment deeplab --log-model                      # an MLflow Model on the best run
+        deeplab best --experiment deeplab --register deeplabv3plus-voc      # logged and registered, alias "best"
         deeplab best --experiment deeplab --tracking-uri http://127.0.0.1:5000
         deeplab best --pareto --sweep pareto-demo                          # a multi-objective sweep's front
         deeplab best --sweep pareto-demo --objective model/latency_ms --constraint "val/mIoU>=0.7"
@@ -40,7 +41,14 @@ def add(sub) -> None:
     b.add_argument("--sweep", default=None, help="only the trials of this sweep (its sweep.name)")
     b.add_argument("--out", type=Path, default=Path("best"))
     b.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI)
-    b.add_argument("--register", default=None, metavar="MODEL", help="register in the MLflow model registry")
+    b.add_argument(
+        "--log-model",
+        action="store_true",
+        help="log the checkpoint as an MLflow Model (pyfunc: images in, class-id masks out) on its run",
+    )
+    b.add_argument(
+        "--register", default=None, metavar="MODEL", help="log it as an MLflow Model and register it under this name"
+    )
     b.add_argument("--alias", default="best")
     b.add_argument("--json", action="store_true")
     b.add_argument(
@@ -62,6 +70,7 @@ def add(sub) -> None:
 def run(args) -> int:
     from deeplab_sweep.errors import ConfigError
     from deeplab_sweep.search.best import fetch_best
+    from deeplab_sweep.trainable.credentials import redacted
 
     if args.pareto:
         return _front(args)
@@ -79,6 +88,7 @@ def run(args) -> int:
         args.objective,
         tuple(args.constraint),
         args.model_factory,
+        args.log_model,
     )
     if args.json:
         print(json.dumps(json_safe(info), indent=2))
@@ -92,10 +102,16 @@ def run(args) -> int:
     print(f"  checkpoint: {info['local_path']}")
     print(f"  artifact:   {info['artifact_uri']}")
     print("  " + " ".join(f"{k}={info['params'][k]}" for k in SHOWN_PARAMS if k in info["params"]))
+    if "logged_model" in info:
+        print(f"  MLflow Model: {info['logged_model']['uri']}")
     if "registered" in info:
         r = info["registered"]
         print(f"  registered: models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
+    if "logged_model" in info:
+        uri = f"models:/{r['name']}@{r['alias']}" if "registered" in info else info["logged_model"]["uri"]
+        where = redacted(args.tracking_uri)
+        print(f"serve it:    MLFLOW_TRACKING_URI={where} mlflow models serve -m {uri} --env-manager local -p 5001")
     return 0
 
 
