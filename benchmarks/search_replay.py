@@ -147,7 +147,7 @@ SLOW = ("gp-asha", "gp-rungs-asha")
 
 @cache
 def table(name: str, seed: int = 0):
-    from deeplab_sweep.search.replay import Table
+    from deeplab_sweep.search.curves import Table
 
     task = TASKS[name]
     return Table.from_csv(task.path, task.keys, seed=seed)

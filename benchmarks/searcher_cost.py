@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 
 from deeplab_sweep.search.compose import load_job
-from deeplab_sweep.search.replay import Table
+from deeplab_sweep.search.curves import Table
 from deeplab_sweep.search.searcher import build_searcher
 from deeplab_sweep.search.tracking import resolve_tracking_uri
 

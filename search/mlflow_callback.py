@@ -4,8 +4,9 @@ sweep continues the same runs instead of duplicating them.
 
 Tune calls its callbacks on its own event loop, which also moves every trial's results. The
 writes (a ResNet-101 checkpoint is ~470 MB; a hung server costs timeouts) therefore happen on
-one writer thread, in the order Tune reported them, so each trial's run sees its epochs, then
-its end. MLflow being down never stops training: the writes wait in that queue and are tried
+writer threads, a trial's always on the same one and in the order Tune reported them, so each
+trial's run sees its epochs, then its end; the results of a trial queued meanwhile go in one
+request. MLflow being down never stops training: the writes wait in their queues and are tried
 again every `retry_s`; what is still queued when the sweep ends is in Ray's results, which
 `deeplab sync` (and the sweep itself, at its end) writes.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections import deque
+import time
+import zlib
 from pathlib import Path
 
 from ray.tune import Callback
@@ -24,6 +26,10 @@ from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.objectives import TrialCost
 from deeplab_sweep.search.overrides import apply_overrides, trial_epochs, trial_overrides
 from deeplab_sweep.search.run_writer import RunWriter, trial_run
+
+# Writer threads: a tracking server takes tens of milliseconds a request, and one thread writing
+# every trial's run in turn fell 20-40 s behind 8 stand-in trials at once (driver_scale.py).
+WRITERS = 4
 
 
 class MlflowTrialCallback(Callback):
@@ -51,16 +57,16 @@ class MlflowTrialCallback(Callback):
         self._init_runtime()
 
     def _init_runtime(self) -> None:
-        self._ops: deque[tuple[str, tuple]] = deque()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._lanes = [_Lane() for _ in range(WRITERS)]
         self._closing = False
         self._writers: dict[str, RunWriter] = {}
+        self._said = threading.Lock()
         self.outage: str | None = None  # the last MLflow error, while writes are queued
+        self.drained = False  # at the experiment's end, every write queued was written
 
     # Tune pickles its callbacks with the experiment: the thread, its queue and the clients stay
     # behind; the cost so far travels in Tune's callback state (`get_state`).
-    _LIVE = ("_ops", "_cv", "_thread", "_closing", "_writers", "outage")
+    _LIVE = ("_lanes", "_closing", "_writers", "_said", "outage", "drained")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
@@ -102,54 +108,69 @@ class MlflowTrialCallback(Callback):
         self._enqueue(trial.trial_id, ("finish", dict(trial.config), status, reason, {self.cost_metric: hours}))
 
     def on_experiment_end(self, trials, **info):
-        self.close()
+        self.drained = self.close()
 
     def _enqueue(self, trial_id: str, op: tuple) -> None:
-        with self._cv:
-            self._ops.append((trial_id, op))
-            self._cv.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
-                self._thread.start()
+        lane = self._lanes[zlib.crc32(trial_id.encode()) % len(self._lanes)]
+        with lane.cv:
+            lane.ops.append((trial_id, op))
+            lane.cv.notify()
+            if lane.thread is None:
+                lane.thread = threading.Thread(target=self._drain, args=(lane,), name="mlflow-writer", daemon=True)
+                lane.thread.start()
 
     def close(self, timeout_s: float = 600.0) -> bool:
         """Write what is queued (one more try if MLflow is down); True when nothing is left."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
-        return not self._ops
+        self._closing = True
+        for lane in self._lanes:
+            with lane.cv:
+                lane.cv.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for lane in self._lanes:
+            if lane.thread is not None:
+                lane.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(lane.ops for lane in self._lanes)
 
-    # -- the writer thread ---------------------------------------------------------------------
+    # -- the writer threads --------------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def _drain(self, lane: _Lane) -> None:
+        """Everything queued in the lane at once, trial by trial, each trial's ops in order and
+        its consecutive results in one request; what is written leaves the queue."""
         while True:
-            with self._cv:
-                while not self._ops and not self._closing:
-                    self._cv.wait()
-                if not self._ops:
+            with lane.cv:
+                while not lane.ops and not self._closing:
+                    lane.cv.wait()
+                if not lane.ops:
                     return
-                trial_id, op = self._ops[0]
+                batch = list(lane.ops)
+            written: set[int] = set()
             try:
-                self._apply(trial_id, op)
+                for trial_id, ops in _by_trial(batch).items():
+                    self._apply_all(trial_id, [op for _, op in ops])
+                    written.update(id(item) for item in ops)
             except Exception as e:  # noqa: BLE001 - any client/transport error: keep it queued
                 self._mark_down(e)
-                with self._cv:
+                with lane.cv:
+                    lane.ops = [item for item in lane.ops if id(item) not in written]
                     if self._closing:
                         return  # what is left is in Ray's results: the sweep syncs it
-                    self._cv.wait(self.retry_s)
+                    lane.cv.wait(self.retry_s)
                 continue
-            with self._cv:
-                self._ops.popleft()
+            with lane.cv:
+                lane.ops = [item for item in lane.ops if id(item) not in written]
             if self.outage is not None:
-                print(f"MLflow answers again: the queued trial results are written ({self.outage})", file=sys.stderr)
-                self.outage = None
+                with self._said:
+                    if self.outage is not None:
+                        print(
+                            f"MLflow answers again: the queued trial results are written ({self.outage})",
+                            file=sys.stderr,
+                        )
+                        self.outage = None
 
     def _mark_down(self, e: Exception) -> None:
-        first = self.outage is None
-        self.outage = tracking.one_line(e)
+        with self._said:
+            first = self.outage is None
+            self.outage = tracking.one_line(e)
         if first:
             print(
                 f"MLflow is not answering; training goes on and the results are queued "
@@ -157,11 +178,25 @@ class MlflowTrialCallback(Callback):
                 file=sys.stderr,
             )
 
+    def _apply_all(self, trial_id: str, ops: list[tuple]) -> None:
+        """A trial's ops in order, its consecutive results written together."""
+        results: list[dict] = []
+        for op in ops:
+            if op[0] == "result":
+                results.append(op[2])
+                continue
+            if results:
+                self._apply(trial_id, ("result", op[1], *results))
+                results = []
+            self._apply(trial_id, op)
+        if results:
+            self._apply(trial_id, ("result", ops[-1][1], *results))
+
     def _apply(self, trial_id: str, op: tuple) -> None:
         kind, config = op[0], op[1]
         writer = self._writer(trial_id, config)
         if kind == "result":
-            writer.log_epochs([op[2]])
+            writer.log_epochs(op[2:])
             writer.log_visuals()
         elif kind == "finish":
             # What a previous driver, killed, never wrote is in storage: reconcile first.
@@ -195,6 +230,22 @@ class MlflowTrialCallback(Callback):
                 also=self.also,
             )
         return self._writers[trial_id]
+
+
+class _Lane:
+    """One writer thread and its queue: a trial's writes always go to the same lane, in order."""
+
+    def __init__(self):
+        self.ops: list[tuple[str, tuple]] = []
+        self.cv = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+
+def _by_trial(batch: list[tuple[str, tuple]]) -> dict[str, list[tuple[str, tuple]]]:
+    grouped: dict[str, list[tuple[str, tuple]]] = {}
+    for item in batch:
+        grouped.setdefault(item[0], []).append(item)
+    return grouped
 
 
 def _error_reason(trial) -> str:

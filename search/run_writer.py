@@ -16,8 +16,7 @@ from collections.abc import Iterable
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.search import tracking
-from deeplab_sweep.trainable.engine import VISUALS_DIR
-from deeplab_sweep.trainable.run_folder import best_report, stored_checkpoints, stored_epochs
+from deeplab_sweep.trainable.run_folder import VISUALS_DIR, best_report, stored_checkpoints, stored_epochs
 from deeplab_sweep.trainable.storage import Storage
 
 
@@ -53,14 +52,13 @@ class RunWriter:
         return logged
 
     def log_visuals(self) -> int:
+        folder = f"{self.run_dir}/{VISUALS_DIR}"
+        stored = [f.base_name for f in self.storage.list(folder) if f.base_name.endswith(".png")]
+        if not stored:  # asks MLflow nothing (a run with `train.visuals: 0`)
+            return 0
         if self._visuals is None:
             self._visuals = {a.path for a in self.c.list_artifacts(self.run_id, VISUALS_DIR)}
-        folder = f"{self.run_dir}/{VISUALS_DIR}"
-        new = [
-            f.base_name
-            for f in self.storage.list(folder)
-            if f.base_name.endswith(".png") and f"{VISUALS_DIR}/{f.base_name}" not in self._visuals
-        ]
+        new = [name for name in stored if f"{VISUALS_DIR}/{name}" not in self._visuals]
         if new:
             with self.storage.local_copy(folder) as local:
                 for name in new:

@@ -90,7 +90,7 @@ def summarise(
         if c is None
         else {
             r.data.tags.get(tracking.TRIAL_TAG): r
-            for r in c.search_runs([exp_id], filter_string=tracking.sweep_filter(folder.name, tracking.KIND_TRIAL))
+            for r in tracking.all_runs(c, [exp_id], tracking.sweep_filter(folder.name, tracking.KIND_TRIAL))
         }
     )
     known = {rec.trial_id for rec in records}

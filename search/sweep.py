@@ -34,6 +34,7 @@ from deeplab_sweep.search.placement import TRIAL_DRIVER_MEMORY, trials_at_once
 from deeplab_sweep.search.prepare import PreparedSweep, prepare_sweep
 from deeplab_sweep.search.progress import ProgressTable
 from deeplab_sweep.search.searcher import SearcherClock
+from deeplab_sweep.search.standin import StandIn, standin_trial
 from deeplab_sweep.search.summary import PreloadSummary, SweepSummary, log_summary, summarise
 from deeplab_sweep.search.sync import read_trials, sync_runs
 from deeplab_sweep.search.timing import Timeline
@@ -46,12 +47,23 @@ MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # MLflow's client prints two lines (and reads the run again) each time it ends a run on a
+    # tracking server: two lines per trial on the sweep's console.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
-def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, verbose: bool = False) -> SweepSummary:
+def run_sweep(
+    job: JobConfig,
+    address: str | None = None,
+    resume: bool = False,
+    verbose: bool = False,
+    standin: StandIn | None = None,
+) -> SweepSummary:
     """Run (or, with `resume`, continue) the sweep `job` describes; its summary once every trial
-    has ended. Bad input is a ConfigError before Ray starts and before anything is logged."""
+    has ended. Bad input is a ConfigError before Ray starts and before anything is logged.
+    `standin`: trials that report a learning-curve table's rows instead of training (the
+    driver's benchmark)."""
     timeline = Timeline(verbose)
     sweep = prepare_sweep(job, resume, address)
     timeline.mark("checks and preparation")
@@ -71,7 +83,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
         try:
             ray_up.start()  # and, from here, SIGTERM (`ray job stop`) is Ctrl-C
             timeline.mark("Ray")
-            tuner = _tuner(sweep, exp_id, parent, verbose)
+            tuner, writer = _tuner(sweep, exp_id, parent, verbose, standin)
             # Ray's ASHA draws each trial's bracket from numpy's global generator: seeded, a
             # sweep's brackets are drawn again alike (and a replay of it draws the same).
             np.random.seed(job.sweep.seed)
@@ -79,7 +91,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
             results = tuner.fit()
             timeline.mark("Tune's run")
             ray_up.release()  # shut down beside the summary
-            summary = _finish(results, c, exp_id, sweep, parent)
+            summary = _finish(results, c, exp_id, sweep, parent, writer)
             timeline.mark("the summary")
         except KeyboardInterrupt:  # outside Tune's run, which stops gracefully on Ctrl-C itself
             with contextlib.suppress(Exception):
@@ -96,7 +108,7 @@ def run_sweep(job: JobConfig, address: str | None = None, resume: bool = False, 
 def _quiet_mlflow_retries() -> None:
     """A tracking server that goes down mid-sweep must cost seconds per attempt, not MLflow's
     default minutes of retries; and each retry would print a urllib3 warning, where the
-    callback says once that MLflow is down."""
+    callback says once that MLflow is down. No run URLs printed."""
     for var, value in MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(var, value)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -154,30 +166,34 @@ def trial_resources(job: JobConfig) -> tune.PlacementGroupFactory:
     )
 
 
-def _tuner(sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool) -> tune.Tuner:
-    """Tune over the sweep's trials; on resume, the Tuner (its searcher and callbacks as they
-    were pickled) restored from the sweep's folder."""
+def _tuner(
+    sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool, standin: StandIn | None
+) -> tuple[tune.Tuner, MlflowTrialCallback | None]:
+    """Tune over the sweep's trials, and its MLflow callback; on resume, the Tuner (its searcher
+    and callbacks as they were pickled) restored from the sweep's folder, and no callback here."""
     job, folder, s = sweep.job, sweep.folder, sweep.job.sweep
     in_process = runs_in_process(job.train.num_workers)
+    fn, extra = (sweep_trial, {}) if standin is None else (standin_trial, {"standin": standin})
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, base=job.run.to_dict(), sweep_uri=folder.uri, metric=s.metric, mode=s.mode),
+        tune.with_parameters(fn, base=job.run.to_dict(), sweep_uri=folder.uri, metric=s.metric, mode=s.mode, **extra),
         trial_resources(job),
     )
     if sweep.resume:
-        return tune.Tuner.restore(folder.uri, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(folder.uri, trainable=trainable, resume_unfinished=True, resume_errored=True), None
+    writer = MlflowTrialCallback(
+        mlflow_cfg=job.mlflow,
+        experiment_id=exp_id,
+        parent_run_id=parent,
+        folder=folder,
+        base_config=job.run.to_dict(),
+        metric=s.metric,
+        mode=s.mode,
+        max_epochs=job.train.epochs,
+        also=s.also_best,
+        cost=(cost_metric(job.train), units_held(job.train)),
+    )
     callbacks = [
-        MlflowTrialCallback(
-            mlflow_cfg=job.mlflow,
-            experiment_id=exp_id,
-            parent_run_id=parent,
-            folder=folder,
-            base_config=job.run.to_dict(),
-            metric=s.metric,
-            mode=s.mode,
-            max_epochs=job.train.epochs,
-            also=s.also_best,
-            cost=(cost_metric(job.train), units_held(job.train)),
-        ),
+        writer,
         ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
         FreezeSurvivors(),
     ]
@@ -187,7 +203,7 @@ def _tuner(sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool) -> tun
         callbacks.append(PreloadSummary())
     if sweep.searcher is not None:
         callbacks.append(SearcherClock(sweep.searcher))
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=sweep.param_space,
         tune_config=tune_config(job, sweep.searcher, trials_at_once(job, sweep.plan), folder),
@@ -201,6 +217,7 @@ def _tuner(sweep: PreparedSweep, exp_id: str, parent: str, verbose: bool) -> tun
             failure_config=tune.FailureConfig(max_failures=job.train.max_failures if in_process else 0),
         ),
     )
+    return tuner, writer
 
 
 class FreezeSurvivors(tune.Callback):
@@ -240,13 +257,17 @@ def tune_config(job: JobConfig, searcher, at_once: int, folder: SweepFolder) -> 
     )
 
 
-def _finish(results, c, exp_id: str, sweep: PreparedSweep, parent: str) -> SweepSummary:
+def _finish(results, c, exp_id: str, sweep: PreparedSweep, parent: str, writer) -> SweepSummary:
     """What the trial callback could not write (MLflow down, or a previous driver's queue lost
-    to a crash) is in Ray's results: written now; then the summary on the parent run."""
+    to a crash) is in Ray's results: written now; then the summary on the parent run. A trial
+    that ended in a sweep whose callback wrote all it was given is in MLflow already (its end
+    reconciled its run with its folder): one request or more a trial saved."""
     job, folder, searcher = sweep.job, sweep.folder, sweep.searcher
     records = read_trials(folder)
+    written = writer is not None and writer.drained
     try:
-        sync_runs(c, exp_id, parent, job, folder, update_parent=False, records=records)
+        unsynced = [r for r in records if not (written and r.finished)]
+        sync_runs(c, exp_id, parent, job, folder, update_parent=False, records=unsynced)
         mlflow_error = None
     except Exception as e:  # noqa: BLE001 - any client/transport error
         mlflow_error = tracking.one_line(e)

@@ -76,6 +76,17 @@ def error_reason(text: str) -> str:
     return (found[-1] if found else lines[-1] if lines else "unknown error")[:500]
 
 
+def all_runs(c: MlflowClient, experiment_ids: list[str], filter_string: str) -> list:
+    """Every run the filter matches (a page of `search_runs` holds 1,000 at most)."""
+    runs, token = [], None
+    while True:
+        page = c.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def runs_link(tracking_uri: str, experiment_id: str) -> str:
     """Where MLflow's UI lists an experiment's training runs (it opens on an empty GenAI page
     otherwise). A local store is served by `deeplab ui`."""

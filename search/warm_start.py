@@ -55,7 +55,7 @@ def read_warm_start(c, exp_id: str, job: JobConfig, fingerprint: str) -> WarmSta
                 f"sweep.warm_start: no sweep named {name!r} in MLflow experiment {job.mlflow.experiment!r}"
             )
         _check_same_task(parents[0], name, job, fingerprint)
-        runs = c.search_runs([exp_id], filter_string=tracking.sweep_filter(name, tracking.KIND_TRIAL))
+        runs = tracking.all_runs(c, [exp_id], tracking.sweep_filter(name, tracking.KIND_TRIAL))
         out.per_sweep[name] = 0
         for run in runs:
             trial = _trial(c, run, job, metrics, constraints, out)

@@ -56,7 +56,7 @@ SERVICES = {
     "autoscaling_cluster",
 }
 CHAINS = {
-    "services-1": {"test_cluster.py", "test_sweep.py", "test_packaging.py"},
+    "services-1": {"test_cluster.py", "test_sweep.py", "test_packaging.py", "test_driver_scale.py"},
     "services-2": {
         "test_faults.py",
         "test_ray_train.py",

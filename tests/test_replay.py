@@ -11,9 +11,10 @@ import pytest
 
 from deeplab_sweep.errors import ConfigError
 from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.curves import Table
 from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.overrides import trial_overrides
-from deeplab_sweep.search.replay import Table, replay
+from deeplab_sweep.search.replay import replay
 from deeplab_sweep.search.sync import read_trials
 from tests.conftest import CONF, REPO
 

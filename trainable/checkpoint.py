@@ -5,7 +5,6 @@ input and must not be able to run code."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
@@ -13,11 +12,8 @@ from pathlib import Path
 import torch
 
 from deeplab_sweep.errors import UserInputError
+from deeplab_sweep.trainable.run_folder import FILENAME, write_meta
 
-FILENAME = "checkpoint.pt"
-# Beside checkpoint.pt: its epoch, its metrics and its size in bytes, small enough to read for
-# every checkpoint in storage (a copy cut short by a killed upload does not have that size).
-META = "checkpoint.json"
 FORMAT_VERSION = 1
 
 
@@ -61,8 +57,7 @@ def save_checkpoint(
     if failed is not None:
         raise failed
     tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated checkpoint.pt
-    meta = {"epoch": epoch, "metrics": metrics, "bytes": path.stat().st_size}
-    (path.parent / META).write_text(json.dumps(meta))
+    write_meta(path, epoch, metrics)
     return path
 
 

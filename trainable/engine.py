@@ -30,6 +30,7 @@ from deeplab_sweep.trainable.metrics import ConfusionMatrix
 from deeplab_sweep.trainable.models import build_from_config, param_groups
 from deeplab_sweep.trainable.profile import MODEL_METRICS, PeakMemory, forward_profile, profile_crop, sync_device
 from deeplab_sweep.trainable.run_config import BUILTIN_MODEL, RunConfig
+from deeplab_sweep.trainable.run_folder import VISUALS_DIR
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -302,9 +303,6 @@ def val_metrics(cm: ConfusionMatrix, class_names: tuple[str, ...]) -> dict:
     for name, iou in zip(class_names, m["per_class_iou"], strict=True):
         out[f"val/iou/{name}"] = iou
     return out
-
-
-VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
 
 
 def _write_visuals(out: Path, epoch: int, samples: Samples, cm: ConfusionMatrix, cfg: RunConfig) -> None:

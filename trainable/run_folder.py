@@ -14,12 +14,21 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from deeplab_sweep.trainable.checkpoint import FILENAME, META
-from deeplab_sweep.trainable.engine import VISUALS_DIR
 from deeplab_sweep.trainable.storage import Storage
 
+FILENAME = "checkpoint.pt"
+# Beside checkpoint.pt: its epoch, its metrics and its size in bytes, small enough to read for
+# every checkpoint in storage (a copy cut short by a killed upload does not have that size).
+META = "checkpoint.json"
+VISUALS_DIR = "visuals"  # inside each checkpoint folder: the eval's PNGs travel with it to storage
 EPOCHS_DIR = "epochs"
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def write_meta(weights: Path, epoch: int, metrics: dict) -> None:
+    """checkpoint.json beside a whole `weights` file."""
+    meta = {"epoch": epoch, "metrics": metrics, "bytes": weights.stat().st_size}
+    (weights.parent / META).write_text(json.dumps(meta))
 
 
 def epoch_file(epoch: int) -> str:

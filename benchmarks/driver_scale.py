@@ -1,0 +1,222 @@
+"""The sweep's driver at scale: `run_sweep`'s real path (Tuner, searcher, ASHA, callbacks,
+storage, summary) with stand-in trials that train nothing (`search/standin.py`: a learning-curve
+table's rows, one every --epoch-s, each with a small checkpoint), MLflow on a real `mlflow
+server` on 127.0.0.1, Ray given a logical CPU per trial (the stand-ins mostly sleep). Prints:
+
+- results per second the driver took in, the driver's CPU time per result, its RSS before and
+  after the sweep;
+- the lag from a trial's report to its metric being in MLflow (the metric's MLflow timestamp,
+  which the writer sets when it writes, less the stand-in's clock at its report): median, p99;
+- how long the summary took (the driver's own timeline), and `deeplab best` over the runs;
+- whether every report is in MLflow once.
+
+    python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.standin import REPORTED_AT, StandIn
+from deeplab_sweep.search.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "benchmarks" / "learning_curves" / "demo_space.csv"
+TABLE_EPOCHS = 12
+SPACE = {  # the demo's space over what its table holds (as benchmarks/search_replay.py searches it)
+    "train.lr": "{type: loguniform, low: 0.005, high: 0.2}",
+    "model.output_stride": "{type: choice, values: [8, 16]}",
+    "data.crop_size": "{type: choice, values: [48, 64]}",
+    "model.backbone": "{type: choice, values: [mobilenet_v2, resnet50]}",
+    "data.batch_size": "{type: choice, values: [4, 8]}",
+}
+
+
+class Tee(io.TextIOBase):
+    """stderr as it was, and the driver's timeline lines kept."""
+
+    def __init__(self, real):
+        self.real, self.timeline = real, {}
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.startswith("timing: "):
+                step, _, at = line[len("timing: ") :].rpartition(" at ")
+                self.timeline[step] = float(at.split()[0])
+        return self.real.write(text)
+
+    def flush(self):
+        self.real.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art")]
+        + ["--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def synth_data(folder: Path) -> Path:
+    from deeplab_sweep.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["data", "synth", "voc", "--out", str(folder)]) == 0
+    return folder
+
+
+def overrides(args, data: Path, work: Path, tracking_uri: str) -> list[str]:
+    return [
+        f"data.root={data}",
+        f"train.epochs={TABLE_EPOCHS}",
+        "train.cpus_per_worker=1",
+        "train.keep_checkpoints=1",
+        f"sweep.num_samples={args.trials}",
+        f"sweep.max_concurrent={args.at_once}",
+        f"sweep.name=scale-{args.trials}x{args.at_once}",
+        f"cluster.num_cpus={args.at_once + 1}",
+        "cluster.object_store_memory=200000000",
+        f"storage.path={work / 'ray'}",
+        f"mlflow.tracking_uri={tracking_uri}",
+        "mlflow.system_metrics_interval_s=null",
+        *(f"space.{k}={v}" for k, v in SPACE.items()),
+        *args.overrides,
+    ]
+
+
+def mlflow_figures(tracking_uri: str, experiment: str, sweep: str) -> dict:
+    """Each trial run's epochs (steps of val/mIoU) and each report's lag into MLflow."""
+    from mlflow import MlflowClient
+
+    from deeplab_sweep.search import tracking
+
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name(experiment).experiment_id
+    runs = c.search_runs([exp], tracking.sweep_filter(sweep, tracking.KIND_TRIAL), max_results=5000)
+    lags, duplicates, reports = [], 0, 0
+    for r in runs:
+        history = c.get_metric_history(r.info.run_id, REPORTED_AT)
+        steps = [m.step for m in history]
+        duplicates += len(steps) - len(set(steps))
+        reports += len(set(steps))
+        lags += [m.timestamp / 1000 - m.value for m in history]
+    return {"runs": len(runs), "reports": reports, "duplicates": duplicates, "lags": sorted(lags)}
+
+
+def timed_best(tracking_uri: str, experiment: str, sweep: str, out: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("deeplab")), "best", "--experiment", experiment]
+        + ["--sweep", sweep, "--tracking-uri", tracking_uri, "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    took = time.perf_counter() - start
+    # A stand-in's checkpoint is not a model: `best` finds and downloads it, then refuses to load it.
+    return took if "not a loadable checkpoint" in done.stderr or done.returncode == 0 else float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=1000)
+    p.add_argument("--at-once", type=int, default=64)
+    p.add_argument("--epoch-s", type=float, default=0.25)
+    p.add_argument("--writers", type=int, default=None, help="MLflow writer threads (the callback's WRITERS)")
+    p.add_argument("overrides", nargs="*", help="more key=value for the sweep")
+    args = p.parse_args()
+    if args.writers:
+        from deeplab_sweep.search import mlflow_callback
+
+        mlflow_callback.WRITERS = args.writers
+
+    me = psutil.Process()
+    with tempfile.TemporaryDirectory(prefix="driver-scale-") as tmp, mlflow_server(Path(tmp)) as url:
+        work = Path(tmp)
+        data = synth_data(work / "voc")
+        job = load_job(REPO / "conf" / "sweep" / "demo.yaml", overrides(args, data, work, url))
+        standin = StandIn(str(TABLE), tuple(SPACE), args.epoch_s)
+        rss_start = me.memory_info().rss
+        cpu_start, wall_start = me.cpu_times(), time.perf_counter()
+        tee = Tee(sys.stderr)
+        with contextlib.redirect_stderr(tee):
+            summary = run_sweep(job, verbose=True, standin=standin)
+        wall = time.perf_counter() - wall_start
+        cpu = me.cpu_times()
+        cpu_s = (cpu.user - cpu_start.user) + (cpu.system - cpu_start.system)
+        rss_end = me.memory_info().rss
+        figures = mlflow_figures(url, job.mlflow.experiment, job.sweep.name)
+        best_s = timed_best(url, job.mlflow.experiment, job.sweep.name, work / "best")
+
+    results = sum(t.epochs for t in summary.trials)
+    tune_s = tee.timeline.get("Tune's run", 0) - tee.timeline.get("Ray", 0)
+    summary_s = tee.timeline.get("the summary", 0) - tee.timeline.get("Tune's run", 0)
+    lags = figures["lags"]
+    from deeplab_sweep.search.mlflow_callback import WRITERS
+
+    print(
+        f"\n{args.trials} stand-in trials, {args.at_once} at once, an epoch every {args.epoch_s} s, {WRITERS} writers"
+    )
+    print(f"  trials finished:        {sum(1 for t in summary.trials if not t.error)} of {len(summary.trials)}")
+    print(f"  results:                {results} in Tune's run of {tune_s:.1f} s: {results / tune_s:.1f} results/s")
+    print(f"  offered at most:        {args.at_once / args.epoch_s:.0f} results/s (trials x 1/epoch-s)")
+    print(f"  driver CPU:             {cpu_s:.1f} s over {wall:.1f} s; {1000 * cpu_s / results:.2f} ms per result")
+    print(f"  driver RSS:             {rss_start / 2**20:.0f} MiB before, {rss_end / 2**20:.0f} MiB after")
+    print(
+        f"  MLflow lag:             median {statistics.median(lags):.2f} s, "
+        f"p99 {lags[int(0.99 * (len(lags) - 1))]:.2f} s, max {lags[-1]:.2f} s"
+    )
+    print(
+        f"  in MLflow:              {figures['runs']} runs, {figures['reports']} reports "
+        f"({results} made), {figures['duplicates']} twice"
+    )
+    print(f"  summary:                {summary_s:.1f} s")
+    print(f"  deeplab best:           {best_s:.1f} s (a process, over {figures['runs']} runs)")
+    print(f"  driver peak RSS:        {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The sweep's driver under many trials at once (benchmarks/driver_scale.py, smaller): stand-in
+trials that train nothing report a learning-curve table's rows through the real sweep path, to a
+real `mlflow server`; every epoch arrives in MLflow once, soon, and Tune never warns that the
+driver's own work was slow."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from mlflow import MlflowClient
+
+from deeplab_sweep.search import tracking
+from deeplab_sweep.search.compose import load_job
+from deeplab_sweep.search.layout import SweepFolder
+from deeplab_sweep.search.standin import REPORTED_AT, StandIn
+from deeplab_sweep.search.sweep import run_sweep
+from deeplab_sweep.trainable.run_folder import stored_epochs
+from tests.conftest import CONF, REPO
+
+TABLE = REPO / "benchmarks" / "learning_curves" / "demo_space.csv"
+SPACE = {
+    "train.lr": "{type: loguniform, low: 0.005, high: 0.2}",
+    "model.output_stride": "{type: choice, values: [8, 16]}",
+    "data.crop_size": "{type: choice, values: [48, 64]}",
+    "model.backbone": "{type: choice, values: [mobilenet_v2, resnet50]}",
+    "data.batch_size": "{type: choice, values: [4, 8]}",
+}
+TRIALS, AT_ONCE = 48, 16
+MAX_LAG_S = 30  # from a trial's report to its metric in MLflow, on a 2-core machine running both chains
+SLOW_TUNE = re.compile(r"The `\w+` operation took|Processing trial results took")
+
+
+@pytest.mark.slow
+def test_many_stand_in_trials_reach_mlflow_once_and_soon(ray_cluster, synth_voc_root, mlflow_server, tmp_path, capfd):
+    job = load_job(
+        CONF / "sweep" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "train.epochs=12",
+            # 16 stand-ins (asleep most of the time) on the session cluster's 2 CPUs.
+            f"train.cpus_per_worker={2 / AT_ONCE}",
+            f"sweep.num_samples={TRIALS}",
+            f"sweep.max_concurrent={AT_ONCE}",
+            "sweep.name=standins",
+            f"storage.path={tmp_path / 'ray'}",
+            f"mlflow.tracking_uri={mlflow_server.url}",
+            "mlflow.system_metrics_interval_s=null",
+            *(f"space.{k}={v}" for k, v in SPACE.items()),
+        ],
+    )
+    summary = run_sweep(job, standin=StandIn(str(TABLE), tuple(SPACE), epoch_s=0.05))
+    out, err = capfd.readouterr()
+    assert len(summary.trials) == TRIALS and not [t for t in summary.trials if t.error]
+
+    c = MlflowClient(mlflow_server.url)
+    exp = c.get_experiment_by_name("deeplab").experiment_id
+    runs = tracking.all_runs(c, [exp], tracking.sweep_filter("standins", tracking.KIND_TRIAL))
+    assert len(runs) == TRIALS
+    folder = SweepFolder(str(tmp_path / "ray" / "standins"))
+    lags = []
+    for run in runs:
+        stored = [
+            e["epoch"] for e in stored_epochs(folder.storage, folder.trial_dir(run.data.tags[tracking.TRIAL_TAG]))
+        ]
+        history = c.get_metric_history(run.info.run_id, REPORTED_AT)
+        assert sorted(m.step for m in history) == sorted(stored) == list(range(1, len(stored) + 1))
+        lags += [m.timestamp / 1000 - m.value for m in history]
+    assert max(lags) < MAX_LAG_S, sorted(lags)[-5:]
+    assert not SLOW_TUNE.search(out + err), SLOW_TUNE.search(out + err)
+    assert "View run" not in out  # MLflow's client prints two lines per ended run unless told not to
