@@ -7,7 +7,8 @@ server` on 127.0.0.1, Ray given a logical CPU per trial (the stand-ins mostly sl
   after the sweep;
 - the lag from a trial's report to its metric being in MLflow (the metric's MLflow timestamp,
   which the writer sets when it writes, less the stand-in's clock at its report): median, p99;
-- how long the summary took (the driver's own timeline), and `deeplab best` over the runs;
+- how long the sweep's end took (MLflow's catch-up and the summary), and `deeplab best` over
+  the runs;
 - whether every report is in MLflow once.
 
     python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4]
@@ -48,21 +49,21 @@ SPACE = {  # the demo's space over what its table holds (as benchmarks/search_re
 }
 
 
-class Tee(io.TextIOBase):
-    """stderr as it was, and the driver's timeline lines kept."""
+def timed_summary(timings: dict):
+    """The sweep's end (`_finish`: MLflow's catch-up and the summary), timed as the sweep runs
+    it; the sweep itself runs as a user's does (not verbose: Tune prints a box per result then)."""
+    from deeplab_sweep.search import sweep
 
-    def __init__(self, real):
-        self.real, self.timeline = real, {}
+    finish = sweep._finish
 
-    def write(self, text):
-        for line in text.splitlines():
-            if line.startswith("timing: "):
-                step, _, at = line[len("timing: ") :].rpartition(" at ")
-                self.timeline[step] = float(at.split()[0])
-        return self.real.write(text)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return finish(*args, **kwargs)
+        finally:
+            timings["summary"] = time.perf_counter() - start
 
-    def flush(self):
-        self.real.flush()
+    sweep._finish = timed
 
 
 def free_port() -> int:
@@ -137,14 +138,16 @@ def mlflow_figures(tracking_uri: str, experiment: str, sweep: str) -> dict:
     c = MlflowClient(tracking_uri)
     exp = c.get_experiment_by_name(experiment).experiment_id
     runs = c.search_runs([exp], tracking.sweep_filter(sweep, tracking.KIND_TRIAL), max_results=5000)
-    lags, duplicates, reports = [], 0, 0
+    lags, duplicates, reports, times = [], 0, 0, []
     for r in runs:
         history = c.get_metric_history(r.info.run_id, REPORTED_AT)
         steps = [m.step for m in history]
         duplicates += len(steps) - len(set(steps))
         reports += len(set(steps))
         lags += [m.timestamp / 1000 - m.value for m in history]
-    return {"runs": len(runs), "reports": reports, "duplicates": duplicates, "lags": sorted(lags)}
+        times += [m.value for m in history]
+    span = max(times) - min(times) if times else float("nan")
+    return {"runs": len(runs), "reports": reports, "duplicates": duplicates, "lags": sorted(lags), "span_s": span}
 
 
 def timed_best(tracking_uri: str, experiment: str, sweep: str, out: Path) -> float:
@@ -181,9 +184,9 @@ def main() -> None:
         standin = StandIn(str(TABLE), tuple(SPACE), args.epoch_s)
         rss_start = me.memory_info().rss
         cpu_start, wall_start = me.cpu_times(), time.perf_counter()
-        tee = Tee(sys.stderr)
-        with contextlib.redirect_stderr(tee):
-            summary = run_sweep(job, verbose=True, standin=standin)
+        timings: dict = {}
+        timed_summary(timings)
+        summary = run_sweep(job, standin=standin)
         wall = time.perf_counter() - wall_start
         cpu = me.cpu_times()
         cpu_s = (cpu.user - cpu_start.user) + (cpu.system - cpu_start.system)
@@ -192,8 +195,7 @@ def main() -> None:
         best_s = timed_best(url, job.mlflow.experiment, job.sweep.name, work / "best")
 
     results = sum(t.epochs for t in summary.trials)
-    tune_s = tee.timeline.get("Tune's run", 0) - tee.timeline.get("Ray", 0)
-    summary_s = tee.timeline.get("the summary", 0) - tee.timeline.get("Tune's run", 0)
+    summary_s = timings["summary"]
     lags = figures["lags"]
     from deeplab_sweep.search.mlflow_callback import WRITERS
 
@@ -201,7 +203,8 @@ def main() -> None:
         f"\n{args.trials} stand-in trials, {args.at_once} at once, an epoch every {args.epoch_s} s, {WRITERS} writers"
     )
     print(f"  trials finished:        {sum(1 for t in summary.trials if not t.error)} of {len(summary.trials)}")
-    print(f"  results:                {results} in Tune's run of {tune_s:.1f} s: {results / tune_s:.1f} results/s")
+    span = figures["span_s"]
+    print(f"  results:                {results} over {span:.1f} s from the first to the last: {results / span:.1f}/s")
     print(f"  offered at most:        {args.at_once / args.epoch_s:.0f} results/s (trials x 1/epoch-s)")
     print(f"  driver CPU:             {cpu_s:.1f} s over {wall:.1f} s; {1000 * cpu_s / results:.2f} ms per result")
     print(f"  driver RSS:             {rss_start / 2**20:.0f} MiB before, {rss_end / 2**20:.0f} MiB after")

@@ -133,6 +133,12 @@ class SweepConfig(Strict):
     tpe: TpeConfig = TpeConfig()
     # None: as many trials at once as the cluster's resources fit.
     max_concurrent: int | None = Field(None, strict=True, ge=1)
+    # The console: a line per trial event (`events`), or one status line at most every
+    # `status_every_s` (`status`: trials running / done / stopped early / failed, best so far,
+    # epochs against the budget) with every event in the sweep's events.log; `auto`: events
+    # when 4 trials or fewer run at once.
+    progress: Literal["auto", "events", "status"] = "auto"
+    status_every_s: float = Field(10.0, gt=0)
     name: str | None = None
     # Optuna's RDB storage, one study per sweep (optuna-dashboard opens it). None: optuna.db
     # beside a local MLflow store, else runs/optuna.db.

@@ -32,7 +32,7 @@ from deeplab_sweep.search.mlflow_callback import MlflowTrialCallback
 from deeplab_sweep.search.objectives import cost_metric, units_held
 from deeplab_sweep.search.placement import TRIAL_DRIVER_MEMORY, trials_at_once
 from deeplab_sweep.search.prepare import PreparedSweep, prepare_sweep
-from deeplab_sweep.search.progress import ProgressTable
+from deeplab_sweep.search.progress import ProgressTable, StatusLines
 from deeplab_sweep.search.searcher import SearcherClock
 from deeplab_sweep.search.standin import StandIn, standin_trial
 from deeplab_sweep.search.summary import PreloadSummary, SweepSummary, log_summary, summarise
@@ -42,7 +42,11 @@ from deeplab_sweep.search.trial import sweep_trial
 from deeplab_sweep.search.warm_start import log_warm_start, read_warm_start, seed_searcher
 from deeplab_sweep.trainable.credentials import redacted_command
 from deeplab_sweep.trainable.ray_train import runs_in_process, worker_resources
+from deeplab_sweep.trainable.run_config import RUNS_DIR
 
+# With this many trials at once or more, `sweep.progress: auto` prints status lines, not events.
+STATUS_LINES_FROM = 5
+EVENTS_LOG = "events.log"
 MLFLOW_HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -173,6 +177,7 @@ def _tuner(
     and callbacks as they were pickled) restored from the sweep's folder, and no callback here."""
     job, folder, s = sweep.job, sweep.folder, sweep.job.sweep
     in_process = runs_in_process(job.train.num_workers)
+    at_once = trials_at_once(job, sweep.plan)
     fn, extra = (sweep_trial, {}) if standin is None else (standin_trial, {"standin": standin})
     trainable = tune.with_resources(
         tune.with_parameters(fn, base=job.run.to_dict(), sweep_uri=folder.uri, metric=s.metric, mode=s.mode, **extra),
@@ -194,7 +199,14 @@ def _tuner(
     )
     callbacks = [
         writer,
-        ProgressTable(s.metric, job.train.epochs, worker_resources(job.train), job.train.num_workers),
+        ProgressTable(
+            s.metric,
+            s.mode,
+            job.train.epochs,
+            worker_resources(job.train),
+            job.train.num_workers,
+            status_lines(job, folder, at_once),
+        ),
         FreezeSurvivors(),
     ]
     # What it loads draws the Pareto front and, from the study of an Optuna search of two trials
@@ -206,7 +218,7 @@ def _tuner(
     tuner = tune.Tuner(
         trainable,
         param_space=sweep.param_space,
-        tune_config=tune_config(job, sweep.searcher, trials_at_once(job, sweep.plan), folder),
+        tune_config=tune_config(job, sweep.searcher, at_once, folder),
         run_config=tune.RunConfig(
             name=folder.name,
             storage_path=job.storage.path,
@@ -218,6 +230,17 @@ def _tuner(
         ),
     )
     return tuner, writer
+
+
+def status_lines(job: JobConfig, folder: SweepFolder, at_once: int) -> StatusLines | None:
+    """The console's status lines (`sweep.progress`), or None for a line per event; the events
+    then go to events.log in the sweep's folder (under runs/ when that is not local)."""
+    s = job.sweep
+    if s.progress == "events" or (s.progress == "auto" and at_once < STATUS_LINES_FROM):
+        return None
+    where = Path(folder.uri) if folder.storage.local else Path(RUNS_DIR) / folder.name
+    where.mkdir(parents=True, exist_ok=True)
+    return StatusLines(s.status_every_s, str((where / EVENTS_LOG).absolute()), s.budget.epochs, s.budget.wall_time_s)
 
 
 class FreezeSurvivors(tune.Callback):

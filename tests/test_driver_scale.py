@@ -69,3 +69,14 @@ def test_many_stand_in_trials_reach_mlflow_once_and_soon(ray_cluster, synth_voc_
     assert max(lags) < MAX_LAG_S, sorted(lags)[-5:]
     assert not SLOW_TUNE.search(out + err), SLOW_TUNE.search(out + err)
     assert "View run" not in out  # MLflow's client prints two lines per ended run unless told not to
+
+    # The console: status lines, not a line per event; every event in the sweep's events.log.
+    events = (tmp_path / "ray" / "standins" / "events.log").read_text().splitlines()
+    kinds = [line.split()[2] for line in events[1:]]
+    reports = sum(len(c.get_metric_history(r.info.run_id, REPORTED_AT)) for r in runs)
+    assert (kinds.count("started"), kinds.count("running")) == (TRIALS, reports)
+    assert kinds.count("done") + kinds.count("pruned") == TRIALS
+    assert not re.search(r"^\S+ [0-9a-f]{8} +(started|running)", out, re.M)
+    last = [line for line in out.splitlines() if " trials " in line][-1]
+    ended = re.search(r"trials 0 running, 0 pending, (\d+) done, (\d+) stopped early, 0 failed \| best val/mIoU", last)
+    assert ended and int(ended[1]) + int(ended[2]) == TRIALS, last
