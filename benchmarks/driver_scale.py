@@ -137,7 +137,7 @@ def mlflow_figures(tracking_uri: str, experiment: str, sweep: str) -> dict:
 
     c = MlflowClient(tracking_uri)
     exp = c.get_experiment_by_name(experiment).experiment_id
-    runs = c.search_runs([exp], tracking.sweep_filter(sweep, tracking.KIND_TRIAL), max_results=5000)
+    runs = tracking.all_runs(c, [exp], tracking.sweep_filter(sweep, tracking.KIND_TRIAL))
     lags, duplicates, reports, times = [], 0, 0, []
     for r in runs:
         history = c.get_metric_history(r.info.run_id, REPORTED_AT)

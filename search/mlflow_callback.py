@@ -55,18 +55,20 @@ class MlflowTrialCallback(Callback):
         self.max_epochs, self.retry_s = max_epochs, retry_s
         self.also, self.cost_metric, self.cost = also, cost[0], TrialCost(cost[1])
         self._init_runtime()
+        self._fresh = True  # a sweep not resumed: a trial's first start has no run yet
 
     def _init_runtime(self) -> None:
         self._lanes = [_Lane() for _ in range(WRITERS)]
         self._closing = False
         self._writers: dict[str, RunWriter] = {}
+        self._attempted: set[str] = set()  # trials whose run this process set out to create
         self._said = threading.Lock()
         self.outage: str | None = None  # the last MLflow error, while writes are queued
         self.drained = False  # at the experiment's end, every write queued was written
 
     # Tune pickles its callbacks with the experiment: the thread, its queue and the clients stay
     # behind; the cost so far travels in Tune's callback state (`get_state`).
-    _LIVE = ("_lanes", "_closing", "_writers", "_said", "outage", "drained")
+    _LIVE = ("_lanes", "_closing", "_writers", "_attempted", "_said", "outage", "drained")
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
@@ -74,6 +76,7 @@ class MlflowTrialCallback(Callback):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_runtime()
+        self._fresh = False  # restored: runs of its trials may exist
 
     def get_state(self) -> dict:
         return {"cost": self.cost}
@@ -201,15 +204,16 @@ class MlflowTrialCallback(Callback):
         elif kind == "finish":
             # What a previous driver, killed, never wrote is in storage: reconcile first.
             writer.reconcile()
-            for name, value in op[4].items():
-                writer.c.log_metric(writer.run_id, name, value)
-            writer.finish(op[2], op[3], self._trial_config(config), again=True)
+            writer.finish(op[2], op[3], self._trial_config(config), again=True, metrics=op[4])
 
     def _trial_config(self, config: dict) -> dict:
         return apply_overrides(self.base, trial_overrides(config))
 
     def _writer(self, trial_id: str, config: dict) -> RunWriter:
         if trial_id not in self._writers:
+            # A retry after a failed attempt searches: that attempt may have created the run.
+            new = self._fresh and trial_id not in self._attempted
+            self._attempted.add(trial_id)
             c = tracking.client(self.cfg)
             run_id, _ = trial_run(
                 c,
@@ -219,6 +223,7 @@ class MlflowTrialCallback(Callback):
                 self.parent_run_id,
                 self._trial_config(config),
                 reopen=True,
+                new=new,
             )
             self._writers[trial_id] = RunWriter(
                 c,

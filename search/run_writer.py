@@ -11,8 +11,10 @@ reconcile through it, as often as they like.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.search import tracking
@@ -76,16 +78,20 @@ class RunWriter:
         self.log_visuals()
         return logged
 
-    def finish(self, status: str, reason: str | None, cfg: dict, again: bool) -> bool:
-        """Best checkpoint + config, best metric and end status. A run that has an end status
-        already is left as it is, unless `again` (its trial just ended once more, after a
-        resume); it is only closed if a resume reopened it. Returns whether it wrote the end."""
+    def finish(self, status: str, reason: str | None, cfg: dict, again: bool, metrics: dict | None = None) -> bool:
+        """Best checkpoint + config, best metric and end status (with `metrics`, e.g. the
+        trial's cost, in the same request). A run that has an end status already is left as it
+        is, unless `again` (its trial just ended once more, after a resume); it is only closed
+        if a resume reopened it. Returns whether it wrote the end."""
         run = self.c.get_run(self.run_id)
         ended = run.data.tags.get(tracking.STATUS_TAG)
         if ended and not again:
             if run.info.status == "RUNNING":
                 self.c.set_terminated(self.run_id, "FAILED" if ended.startswith(tracking.FAILED) else "FINISHED")
             return False
+        now = int(time.time() * 1000)
+        values = [Metric(name, float(v), now, 0) for name, v in (metrics or {}).items()]
+        tags = {tracking.STATUS_TAG: tracking.status_text(status, reason)}
         best = best_report(stored_checkpoints(self.storage, self.run_dir), self.metric, self.mode)
         uri = self.storage.uri(best["checkpoint_path"]) if best else None
         if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != uri:
@@ -93,21 +99,34 @@ class RunWriter:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
             for name in (self.metric, *self.also):
                 if isinstance(best.get(name), (int, float)):
-                    self.c.log_metric(self.run_id, tracking.best_metric(name), float(best[name]), step=best["epoch"])
-            self.c.set_tag(self.run_id, tracking.BEST_CHECKPOINT_TAG, uri)
-        tracking.finish_run(self.c, self.run_id, status, reason)
+                    values.append(Metric(tracking.best_metric(name), float(best[name]), now, best["epoch"]))
+            tags[tracking.BEST_CHECKPOINT_TAG] = uri
+        self.c.log_batch(self.run_id, metrics=values, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.c.set_terminated(self.run_id, tracking.mlflow_status(status))
         return True
 
 
 def trial_run(
-    c: MlflowClient, experiment_id: str, sweep: str, trial_id: str, parent_run_id: str, cfg: dict, reopen: bool
+    c: MlflowClient,
+    experiment_id: str,
+    sweep: str,
+    trial_id: str,
+    parent_run_id: str,
+    cfg: dict,
+    reopen: bool,
+    new: bool = False,
 ) -> tuple[str, bool]:
     """The trial's child run, found by its trial id (reopened if `reopen`: a resumed trial goes
-    on in it) or created now; and whether it was created."""
-    found = c.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
-        f"{tracking.sweep_filter(sweep, tracking.KIND_TRIAL)}",
+    on in it) or created now; and whether it was created. `new`: the caller knows there is none
+    (a trial started for the first time in a sweep not resumed): created without a search."""
+    found = (
+        []
+        if new
+        else c.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
+            f"{tracking.sweep_filter(sweep, tracking.KIND_TRIAL)}",
+        )
     )
     if found:
         run_id = found[0].info.run_id

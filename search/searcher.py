@@ -30,6 +30,7 @@ import pickle
 import warnings
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search import Searcher
@@ -88,7 +89,7 @@ class OptunaSearcher(Searcher):
     @property
     def storage(self) -> optuna.storages.BaseStorage:
         if self._storage is None:
-            self._storage = optuna.storages.get_storage(database_url(self.storage_url))
+            self._storage = study_storage(database_url(self.storage_url))
         return self._storage
 
     def study_exists(self) -> bool:
@@ -241,6 +242,27 @@ class SearcherClock(Callback):
         self.searcher.completion.cost.ended(trial.trial_id)
 
     on_trial_recover = on_trial_error = on_trial_complete = _ended
+
+
+def study_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's storage at `url`. A sqlite file is put in WAL mode, and each connection to it
+    told `synchronous=NORMAL`: its commits, several per trial on Tune's loop, then go without
+    an fsync each (38 % of the loop's time with 32 stand-in trials at once, driver_scale.py).
+    What a killed driver committed stays; a power cut may lose the last commits, never the file.
+    (WAL wants the file on a local disk, where the default optuna.db is.)"""
+    if not url.startswith("sqlite"):
+        return optuna.storages.get_storage(url)
+    storage = optuna.storages.RDBStorage(url)
+    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_without_fsync)
+    storage.engine.dispose()  # the connections opened before the listener
+    return optuna.storages.get_storage(storage)
+
+
+def _sqlite_without_fsync(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def make_sampler(seed: int, *, search: str, startup: int, multivariate: bool, constant_liar: bool):

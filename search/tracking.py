@@ -228,7 +228,16 @@ def one_line(e: BaseException) -> str:
 
 
 def finish_run(c: MlflowClient, run_id: str, status: str, reason: str | None = None) -> None:
-    """status: completed | pruned | failed | interrupted; MLflow's own status follows (FAILED,
-    KILLED for an interrupted run, else FINISHED)."""
-    c.set_tag(run_id, STATUS_TAG, status if reason is None else f"{status}: {reason}"[:5000])
-    c.set_terminated(run_id, {FAILED: "FAILED", INTERRUPTED: "KILLED"}.get(status, "FINISHED"))
+    """status: completed | pruned | failed | interrupted; MLflow's own status follows."""
+    c.set_tag(run_id, STATUS_TAG, status_text(status, reason))
+    c.set_terminated(run_id, mlflow_status(status))
+
+
+def status_text(status: str, reason: str | None) -> str:
+    """The run's deeplab.status tag."""
+    return status if reason is None else f"{status}: {reason}"[:5000]
+
+
+def mlflow_status(status: str) -> str:
+    """MLflow's run status for ours: FAILED, KILLED for an interrupted run, else FINISHED."""
+    return {FAILED: "FAILED", INTERRUPTED: "KILLED"}.get(status, "FINISHED")
