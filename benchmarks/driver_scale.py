@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,48 @@ def timed_summary(timings: dict):
             timings["summary"] = time.perf_counter() - start
 
     sweep._finish = timed
+
+
+class CpuByKind:
+    """CPU seconds of this process's descendants by kind (MLflow's server, Ray's daemons, Ray's
+    workers: the trials), the last value seen of each process, polled every few seconds."""
+
+    KINDS = (("mlflow", "MLflow server"), ("ray::", "Ray workers (trials)"), ("default_worker", "Ray workers (trials)"))
+
+    def __init__(self, every_s: float = 3.0):
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for proc in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    cpu = proc.cpu_times()
+                    self.seen[proc.pid] = (self._kind(proc), cpu.user + cpu.system)
+
+    def _kind(self, proc) -> str:
+        """By its own command line, else its parents' (MLflow's server workers are spawned)."""
+        for p in (proc, *proc.parents()):
+            text = " ".join(p.cmdline())
+            kind = next((kind for needle, kind in self.KINDS if needle in text), None)
+            if kind is not None:
+                return kind
+        return "Ray daemons and other"
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, seconds in self.seen.values():
+            out[kind] = out.get(kind, 0.0) + seconds
+        return out
 
 
 def free_port() -> int:
@@ -186,7 +229,8 @@ def main() -> None:
         cpu_start, wall_start = me.cpu_times(), time.perf_counter()
         timings: dict = {}
         timed_summary(timings)
-        summary = run_sweep(job, standin=standin)
+        with CpuByKind() as others:
+            summary = run_sweep(job, standin=standin)
         wall = time.perf_counter() - wall_start
         cpu = me.cpu_times()
         cpu_s = (cpu.user - cpu_start.user) + (cpu.system - cpu_start.system)
@@ -207,6 +251,7 @@ def main() -> None:
     print(f"  results:                {results} over {span:.1f} s from the first to the last: {results / span:.1f}/s")
     print(f"  offered at most:        {args.at_once / args.epoch_s:.0f} results/s (trials x 1/epoch-s)")
     print(f"  driver CPU:             {cpu_s:.1f} s over {wall:.1f} s; {1000 * cpu_s / results:.2f} ms per result")
+    print("  other CPU:              " + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(others.totals().items())))
     print(f"  driver RSS:             {rss_start / 2**20:.0f} MiB before, {rss_end / 2**20:.0f} MiB after")
     print(
         f"  MLflow lag:             median {statistics.median(lags):.2f} s, "

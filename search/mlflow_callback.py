@@ -215,7 +215,7 @@ class MlflowTrialCallback(Callback):
             new = self._fresh and trial_id not in self._attempted
             self._attempted.add(trial_id)
             c = tracking.client(self.cfg)
-            run_id, _ = trial_run(
+            run_id, created = trial_run(
                 c,
                 self.experiment_id,
                 self.folder.name,
@@ -233,6 +233,7 @@ class MlflowTrialCallback(Callback):
                 storage=self.folder.storage,
                 run_dir=self.folder.trial_dir(trial_id),
                 also=self.also,
+                created=created,
             )
         return self._writers[trial_id]
 

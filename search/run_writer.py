@@ -33,10 +33,13 @@ class RunWriter:
         storage: Storage,
         run_dir: str,
         also: tuple[str, ...] = (),
+        created: bool = False,
     ):
         # `also`: metrics logged at the best checkpoint's epoch too (a sweep's other objectives
-        # and constrained metrics: what its Pareto front is made of).
+        # and constrained metrics: what its Pareto front is made of). `created`: the caller
+        # created the run, so it holds no end status nor best checkpoint yet.
         self.c, self.run_id, self.metric, self.mode, self.also = c, run_id, metric, mode, also
+        self._untouched = created
         self.storage, self.run_dir = storage, run_dir
         self._steps: set[int] | None = None  # epochs already in MLflow, read once
         self._visuals: set[str] | None = None  # PNGs already in MLflow, listed once
@@ -83,10 +86,11 @@ class RunWriter:
         trial's cost, in the same request). A run that has an end status already is left as it
         is, unless `again` (its trial just ended once more, after a resume); it is only closed
         if a resume reopened it. Returns whether it wrote the end."""
-        run = self.c.get_run(self.run_id)
-        ended = run.data.tags.get(tracking.STATUS_TAG)
+        tags_now = {} if self._untouched else self.c.get_run(self.run_id).data.tags
+        self._untouched = False
+        ended = tags_now.get(tracking.STATUS_TAG)
         if ended and not again:
-            if run.info.status == "RUNNING":
+            if self.c.get_run(self.run_id).info.status == "RUNNING":
                 self.c.set_terminated(self.run_id, "FAILED" if ended.startswith(tracking.FAILED) else "FINISHED")
             return False
         now = int(time.time() * 1000)
@@ -94,7 +98,7 @@ class RunWriter:
         tags = {tracking.STATUS_TAG: tracking.status_text(status, reason)}
         best = best_report(stored_checkpoints(self.storage, self.run_dir), self.metric, self.mode)
         uri = self.storage.uri(best["checkpoint_path"]) if best else None
-        if best is not None and run.data.tags.get(tracking.BEST_CHECKPOINT_TAG) != uri:
+        if best is not None and tags_now.get(tracking.BEST_CHECKPOINT_TAG) != uri:
             with self.storage.local_copy(best["checkpoint_path"]) as folder:
                 tracking.log_checkpoint(self.c, self.run_id, folder, cfg)
             for name in (self.metric, *self.also):
