@@ -7,11 +7,12 @@ server` on 127.0.0.1, Ray given a logical CPU per trial (the stand-ins mostly sl
   after the sweep;
 - the lag from a trial's report to its metric being in MLflow (the metric's MLflow timestamp,
   which the writer sets when it writes, less the stand-in's clock at its report): median, p99;
+- each save of Tune's experiment state (on the driver's loop);
 - how long the sweep's end took (MLflow's catch-up and the summary), and `deeplab best` over
   the runs;
 - whether every report is in MLflow once.
 
-    python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4]
+    python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4] [--writers 4]
 """
 
 from __future__ import annotations
@@ -109,6 +110,23 @@ class CpuByKind:
         return out
 
 
+def timed_state_saves(durations: list) -> None:
+    """Each save of Tune's experiment state (its trials, the searcher, the callbacks) on the
+    driver's loop, timed (Tune's own method, wrapped here)."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    save = TuneController.save_to_dir
+
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            return save(self)
+        finally:
+            durations.append(time.perf_counter() - start)
+
+    TuneController.save_to_dir = timed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +161,25 @@ def mlflow_server(folder: Path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def loopback_nodes(nodes: int, at_once: int):
+    """A CPU-less head and `nodes` worker nodes sharing the trials' logical CPUs, on loopback;
+    its address (None with no nodes: the sweep starts its own local Ray)."""
+    if not nodes:
+        yield None
+        return
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100_000_000})
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=-(-at_once // nodes), object_store_memory=100_000_000)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 def synth_data(folder: Path) -> Path:
@@ -211,6 +248,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--at-once", type=int, default=64)
     p.add_argument("--epoch-s", type=float, default=0.25)
+    p.add_argument("--nodes", type=int, default=0, help="simulated nodes on loopback (ray.cluster_utils.Cluster)")
     p.add_argument("--writers", type=int, default=None, help="MLflow writer threads (the callback's WRITERS)")
     p.add_argument("overrides", nargs="*", help="more key=value for the sweep")
     args = p.parse_args()
@@ -229,8 +267,10 @@ def main() -> None:
         cpu_start, wall_start = me.cpu_times(), time.perf_counter()
         timings: dict = {}
         timed_summary(timings)
-        with CpuByKind() as others:
-            summary = run_sweep(job, standin=standin)
+        saves: list[float] = []
+        timed_state_saves(saves)
+        with CpuByKind() as others, loopback_nodes(args.nodes, args.at_once) as address:
+            summary = run_sweep(job, address=address, standin=standin)
         wall = time.perf_counter() - wall_start
         cpu = me.cpu_times()
         cpu_s = (cpu.user - cpu_start.user) + (cpu.system - cpu_start.system)
@@ -260,6 +300,10 @@ def main() -> None:
     print(
         f"  in MLflow:              {figures['runs']} runs, {figures['reports']} reports "
         f"({results} made), {figures['duplicates']} twice"
+    )
+    print(
+        f"  Tune's state saves:     {len(saves)}, median {1000 * statistics.median(saves):.0f} ms, "
+        f"max {1000 * max(saves):.0f} ms, {sum(saves):.1f} s in all"
     )
     print(f"  summary:                {summary_s:.1f} s")
     print(f"  deeplab best:           {best_s:.1f} s (a process, over {figures['runs']} runs)")

@@ -3,7 +3,8 @@ against the trials' own training time, and each trial's start-up cost (trial sta
 end of its first epoch's training, minus that training). With --launch: the fixed cost of the
 `deeplab sweep` command itself, a one-trial one-epoch demo sweep run as a user runs it (a new
 process): launch to the trial's start and to its first step, the end of its training to the
-process's exit, and the driver's own steps (`--verbose` timings).
+process's exit, and the driver's own steps (`--verbose` timings); each launch followed by
+`launch_floor.py`'s floor (bare Tune with the same driver imports), in the same run.
 
     python benchmarks/sweep_overhead.py [--trials 4] [--epochs 3] [key=value ...]
     python benchmarks/sweep_overhead.py --launch [--repeat 2]
@@ -18,10 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import launch_floor  # beside this script, which runs as one
+
 from deeplab_sweep.search.compose import load_job
 from deeplab_sweep.search.sweep import run_sweep
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+FLOOR_ARM = "+ torch, torchvision, MLflow, Optuna in the driver"
 
 
 def trial_times(tracking_uri: str, experiment: str) -> list[dict]:
@@ -88,6 +92,8 @@ def launch(repeat: int, overrides: list[str]) -> None:
             lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
             proc.wait()
             end = time.perf_counter() - start
+            # The floor in the same run, right after: bare Tune with the driver's imports.
+            floor = launch_floor.measure(launch_floor.ARMS[FLOOR_ARM])["first step"]
             at = lambda word, lines=lines: next(t for t, ln in lines if f" {word} " in ln and ln[:2].isdigit())  # noqa: E731
             marks = {ln.split("timing: ", 1)[1] for _, ln in lines if ln.startswith("timing: ")}
             run = next(r for r in _client(tmp).search_runs(["1"]) if r.data.tags.get("deeplab.kind") == "trial")
@@ -101,6 +107,8 @@ def launch(repeat: int, overrides: list[str]) -> None:
                         "run": i,
                         "launch_to_started_s": round(at("started"), 2),
                         "launch_to_first_step_s_at_most": round(to_first_step, 2),
+                        "floor_first_step_s": round(floor, 2),
+                        "above_floor_s_at_most": round(to_first_step - floor, 2),
                         "done_to_exit_s": round(end - at("done"), 2),
                         "wall_s": round(end, 2),
                         "driver_steps": sorted(marks, key=lambda x: float(x.rsplit(" at ", 1)[1].split()[0])),

@@ -41,8 +41,9 @@ class RunWriter:
         self.c, self.run_id, self.metric, self.mode, self.also = c, run_id, metric, mode, also
         self._untouched = created
         self.storage, self.run_dir = storage, run_dir
-        self._steps: set[int] | None = None  # epochs already in MLflow, read once
-        self._visuals: set[str] | None = None  # PNGs already in MLflow, listed once
+        # Epochs and PNGs already in MLflow: read once, or none in a run just created.
+        self._steps: set[int] | None = set() if created else None
+        self._visuals: set[str] | None = set() if created else None
 
     def log_epochs(self, reports: Iterable[dict]) -> int:
         if self._steps is None:
