@@ -13,6 +13,7 @@ server` on 127.0.0.1, Ray given a logical CPU per trial (the stand-ins mostly sl
 - whether every report is in MLflow once.
 
     python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4] [--writers 4]
+    python benchmarks/driver_scale.py --server-rate
 """
 
 from __future__ import annotations
@@ -243,15 +244,46 @@ def timed_best(tracking_uri: str, experiment: str, sweep: str, out: Path) -> flo
     return took if "not a loadable checkpoint" in done.stderr or done.returncode == 0 else float("nan")
 
 
+def server_rate(seconds: float = 15.0) -> None:
+    """What the benchmark's tracking server takes alone: `log_batch` requests of 20 metrics a
+    second, from 1 and from 4 threads (each to a run of its own)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    with tempfile.TemporaryDirectory(prefix="driver-scale-") as tmp, mlflow_server(Path(tmp)) as url:
+        c = MlflowClient(url)
+        exp = c.create_experiment("rate")
+        runs = [c.create_run(exp).info.run_id for _ in range(4)]
+
+        def work(i: int, done: list[int], stop: float) -> None:
+            while time.monotonic() < stop:
+                now = int(time.time() * 1000)
+                c.log_batch(runs[i], metrics=[Metric(f"m{j}", 0.5, now, done[i]) for j in range(20)])
+                done[i] += 1
+
+        for threads in (1, 4):
+            done, stop = [0] * threads, time.monotonic() + seconds
+            pool = [threading.Thread(target=work, args=(i, done, stop)) for i in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            print(f"mlflow server alone, {threads} thread(s): {sum(done) / seconds:.1f} log_batch requests/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--at-once", type=int, default=64)
     p.add_argument("--epoch-s", type=float, default=0.25)
     p.add_argument("--nodes", type=int, default=0, help="simulated nodes on loopback (ray.cluster_utils.Cluster)")
+    p.add_argument("--server-rate", action="store_true", help="only the tracking server's write rate, alone")
     p.add_argument("--writers", type=int, default=None, help="MLflow writer threads (the callback's WRITERS)")
     p.add_argument("overrides", nargs="*", help="more key=value for the sweep")
     args = p.parse_args()
+    if args.server_rate:
+        server_rate()
+        return
     if args.writers:
         from deeplab_sweep.search import mlflow_callback
 

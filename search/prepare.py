@@ -200,14 +200,15 @@ def check_models(job: JobConfig) -> int:
     from deeplab_sweep.search.overrides import apply_overrides
     from deeplab_sweep.trainable.models import ModelFactoryError, check_model
 
-    variants = {"": job.model}
+    variants = {job.model.model_dump_json(): ("", job.model)}  # one build per distinct model
     for key, param in job.space.items():
         if not key.startswith("model.") or param.type in ("loguniform", "uniform"):
             continue
         for v in param.candidates():
-            variants[f"{key}={v}"] = validate(apply_overrides(job.to_dict(), {key: v})).model
+            model = validate(apply_overrides(job.to_dict(), {key: v})).model
+            variants.setdefault(model.model_dump_json(), (f"{key}={v}", model))
     largest = 0
-    for where, model in variants.items():
+    for where, model in variants.values():
         try:
             largest = max(largest, check_model(model, job.data.num_classes))
         except ModelFactoryError as e:
