@@ -244,13 +244,13 @@ class SearcherClock(Callback):
     on_trial_recover = on_trial_error = on_trial_complete = _ended
 
 
-def study_storage(url: str) -> optuna.storages.BaseStorage:
+def study_storage(url: str | None) -> optuna.storages.BaseStorage:
     """Optuna's storage at `url`. A sqlite file is put in WAL mode, and each connection to it
     told `synchronous=NORMAL`: its commits, several per trial on Tune's loop, then go without
     an fsync each (38 % of the loop's time with 32 stand-in trials at once, driver_scale.py).
     What a killed driver committed stays; a power cut may lose the last commits, never the file.
     (WAL wants the file on a local disk, where the default optuna.db is.)"""
-    if not url.startswith("sqlite"):
+    if url is None or not url.startswith("sqlite"):  # None: in memory (a replay)
         return optuna.storages.get_storage(url)
     storage = optuna.storages.RDBStorage(url)
     sqlalchemy.event.listen(storage.engine, "connect", _sqlite_without_fsync)

@@ -5,6 +5,7 @@ giving the masks `deeplab predict` writes; a user's own model code travels only 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -151,7 +152,7 @@ def test_registered_model_loads_and_serves_the_masks_of_predict(tmp_path, capsys
     toy_want = _predict(toy, images["png"], tmp_path / "toy_pred")
     assert np.array_equal(np.array(got["toy"]["bytes"][0]), toy_want)
 
-    _served_masks_equal(uri, images["jpeg"], want["jpeg"])
+    _served_masks_equal(uri, images["jpeg"], want["jpeg"], tmp_path)
 
 
 def _predict(checkpoint: Path, image: Path, out: Path) -> np.ndarray:
@@ -161,30 +162,10 @@ def _predict(checkpoint: Path, image: Path, out: Path) -> np.ndarray:
     return np.asarray(Image.open(out / f"{image.stem}_ids.png"))
 
 
-def _served_masks_equal(uri: str, image: Path, want: np.ndarray) -> None:
+def _served_masks_equal(uri: str, image: Path, want: np.ndarray, log_folder: Path) -> None:
     """`mlflow models serve` of the registered model answers an encoded image with its mask,
     and a request that holds no image with a 400 that says why."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/seg@best"]
-        + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-    class Handle:
-        proc = server
-
-        def stop(self):
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
-
-    handle = Handle()
-    try:
-        wait_until_answering(f"http://127.0.0.1:{port}/ping", handle, SERVE_TIMEOUT_S, "mlflow models serve")
+    with _model_server(uri, log_folder) as port:
         request = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
         (answer,) = _post(port, request)["predictions"]
         assert np.array_equal(np.array(answer["mask"]), want)
@@ -192,8 +173,46 @@ def _served_masks_equal(uri: str, image: Path, want: np.ndarray) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             _post(port, bad)
         assert refused.value.code == 400 and "image 0: corrupt or unreadable image" in refused.value.read().decode()
-    finally:
-        handle.stop()
+
+
+class _Served:
+    def __init__(self, proc):
+        self.proc = proc
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _model_server(uri: str, log_folder: Path, tries: int = 3):
+    """`mlflow models serve` of models:/seg@best on 127.0.0.1; its port, once it answers. A free
+    port can be taken by another process (the other chain's Ray) before the server binds it:
+    a server that exits is started again on another, and its output shown if none starts."""
+    for attempt in range(tries):
+        port, log = free_port(), log_folder / f"serve-{attempt}.log"
+        served = _Served(
+            subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/seg@best"]
+                + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        try:
+            wait_until_answering(f"http://127.0.0.1:{port}/ping", served, SERVE_TIMEOUT_S, "mlflow models serve")
+        except RuntimeError as e:
+            if attempt + 1 < tries and served.proc.poll() is not None:
+                continue
+            raise AssertionError(f"{e}; its output ends:\n{log.read_text()[-3000:]}") from None
+        try:
+            yield port
+        finally:
+            served.stop()
+        return
 
 
 def _post(port: int, body: dict) -> dict:
