@@ -175,6 +175,12 @@ def _served_masks_equal(uri: str, image: Path, want: np.ndarray, log_folder: Pat
         assert refused.value.code == 400 and "image 0: corrupt or unreadable image" in refused.value.read().decode()
 
 
+def _with_venv_bin() -> str:
+    """PATH with this interpreter's bin/ first: MLflow's server runs `uvicorn` from PATH, which
+    holds the venv's bin/ only when the venv is activated (not under `.venv/bin/python -m pytest`)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 class _Served:
     def __init__(self, proc):
         self.proc = proc
@@ -196,7 +202,7 @@ def _model_server(uri: str, log_folder: Path, tries: int = 3):
             subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/seg@best"]
                 + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": _with_venv_bin()},
                 stdout=log.open("w"),
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

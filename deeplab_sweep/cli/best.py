@@ -70,7 +70,6 @@ def add(sub) -> None:
 def run(args) -> int:
     from deeplab_sweep.errors import ConfigError
     from deeplab_sweep.search.best import fetch_best
-    from deeplab_sweep.trainable.credentials import redacted
 
     if args.pareto:
         return _front(args)
@@ -110,9 +109,24 @@ def run(args) -> int:
     print(f"evaluate it: deeplab eval --checkpoint {info['local_path']}")
     if "logged_model" in info:
         uri = f"models:/{r['name']}@{r['alias']}" if "registered" in info else info["logged_model"]["uri"]
-        where = redacted(args.tracking_uri)
-        print(f"serve it:    MLFLOW_TRACKING_URI={where} mlflow models serve -m {uri} --env-manager local -p 5001")
+        print(f"serve it:    {_serve_command(args.tracking_uri, uri)}")
     return 0
+
+
+def _serve_command(tracking_uri: str, model_uri: str) -> str:
+    """MLflow's server runs `mlflow` and `uvicorn` from PATH: this environment's bin/ goes
+    first where PATH lacks it (a venv not activated)."""
+    import os
+    import sys
+
+    from deeplab_sweep.trainable.credentials import redacted
+
+    bin_dir = str(Path(sys.executable).parent)
+    path = "" if bin_dir in os.environ.get("PATH", "").split(os.pathsep) else f"PATH={bin_dir}:$PATH "
+    return (
+        f"{path}MLFLOW_TRACKING_URI={redacted(tracking_uri)} mlflow models serve -m {model_uri} "
+        "--env-manager local -p 5001"
+    )
 
 
 def _front(args) -> int:
