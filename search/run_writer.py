@@ -87,11 +87,12 @@ class RunWriter:
         trial's cost, in the same request). A run that has an end status already is left as it
         is, unless `again` (its trial just ended once more, after a resume); it is only closed
         if a resume reopened it. Returns whether it wrote the end."""
-        tags_now = {} if self._untouched else self.c.get_run(self.run_id).data.tags
+        run = None if self._untouched else self.c.get_run(self.run_id)
         self._untouched = False
+        tags_now = run.data.tags if run is not None else {}
         ended = tags_now.get(tracking.STATUS_TAG)
         if ended and not again:
-            if self.c.get_run(self.run_id).info.status == "RUNNING":
+            if run.info.status == "RUNNING":
                 self.c.set_terminated(self.run_id, "FAILED" if ended.startswith(tracking.FAILED) else "FINISHED")
             return False
         now = int(time.time() * 1000)
