@@ -119,12 +119,23 @@ def check_completion(job: JobConfig) -> None:
             f"sweep.budget.{unused} = {getattr(b, unused)}: trials hold "
             f"{'GPUs' if job.train.use_gpu else 'no GPU (train.use_gpu=false)'}; budget them in sweep.budget.{used}"
         )
+    if s.hand_over.at is not None:
+        if b == type(b)():
+            raise ConfigError(
+                f"sweep.hand_over.at = {s.hand_over.at:g}: a share of the sweep's budget, and it has none; set "
+                f"sweep.budget.epochs, {used} or wall_time_s"
+            )
+        if s.objectives:
+            raise ConfigError(
+                "sweep.hand_over: its model draws for one objective; drop sweep.objectives or hand_over.at"
+            )
     if s.search == "grid":
         for key, value in (
             ("budget", b != type(b)()),
             ("stop_when", s.stop_when != type(s.stop_when)()),
             ("warm_start", bool(s.warm_start)),
             ("start_with", bool(s.start_with)),
+            ("hand_over", s.hand_over.at is not None),
         ):
             if value:
                 raise ConfigError(f"sweep.{key}: needs search: tpe or random (a grid runs every point)")

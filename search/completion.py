@@ -84,6 +84,15 @@ class Completion:
     def wall_s(self) -> float:
         return self.elapsed_s + self.clock() - self._since
 
+    def spent(self) -> float:
+        """The largest share spent of any budget (0 without one)."""
+        shares = [
+            (self.hours(), self.budget_hours),
+            (self.epochs_trained(), self.budget_epochs),
+            (self.wall_s(), self.wall_time_s),
+        ]
+        return max((used / limit for used, limit in shares if limit), default=0.0)
+
     def use_clock(self, clock) -> None:
         """Count time on `clock` (a replay's simulated one) instead of the driver's."""
         self.clock = self.cost.clock = clock

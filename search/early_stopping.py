@@ -27,8 +27,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 CHECK_FILE = "asha_check.json"
 
 
-def scheduler(job, folder=None) -> TrialScheduler:
-    """The sweep's early-stopping scheduler (`folder`: the SweepFolder the self-check writes in)."""
+def scheduler(job, folder=None, searcher=None) -> TrialScheduler:
+    """The sweep's early-stopping scheduler (`folder`: the SweepFolder the self-check writes in;
+    `searcher`: the sweep's, which says which trials run in full after `sweep.hand_over`)."""
     a = job.sweep.asha
     if not a.enabled:
         return FIFOScheduler()
@@ -38,9 +39,10 @@ def scheduler(job, folder=None) -> TrialScheduler:
         grace_period=a.grace_period,
         reduction_factor=a.reduction_factor,
         brackets=a.brackets,
+        searcher=searcher if job.sweep.hand_over.at is not None else None,
     )
     if a.min_rank_corr is None:
-        return ASHAScheduler(**kwargs)
+        return HandingOverASHA(**kwargs)
     return SelfCheckingASHA(
         **kwargs,
         min_rank_corr=a.min_rank_corr,
@@ -98,7 +100,25 @@ def expected_epochs(job, trials: int = 5000) -> float:
     return total / seeds
 
 
-class SelfCheckingASHA(ASHAScheduler):
+class HandingOverASHA(ASHAScheduler):
+    """ASHA that stops no trial its searcher drew to run in full (`sweep.hand_over`). It holds
+    the searcher itself, as `SearcherClock` does: Tune pickles both into one tuner.pkl and
+    restores the searcher's state in place, so a resumed sweep's scheduler (the one pickled at
+    the start) asks the restored searcher."""
+
+    def __init__(self, *, searcher=None, **asha):
+        super().__init__(**asha)
+        self.searcher = searcher
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        early = (result.get(self._time_attr) or 0) < self._max_t  # at its last epoch, ASHA's STOP is its end
+        if decision == TrialScheduler.STOP and early and self.searcher is not None:
+            return TrialScheduler.CONTINUE if self.searcher.runs_in_full(trial.trial_id) else decision
+        return decision
+
+
+class SelfCheckingASHA(HandingOverASHA):
     """ASHA whose rungs stop trials only while an unselected sample has not shown, at the stated
     confidence, that their ranking fails to predict the last epoch's."""
 

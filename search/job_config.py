@@ -85,6 +85,17 @@ class TpeConfig(Strict):
     random_share: float = Field(0.0, ge=0, le=1)
 
 
+class HandOverConfig(Strict):
+    """The sweep's search with ASHA first (cheap trials over the whole space), then a model's
+    trials in full (a Gaussian process exploiting what they found), at equal compute."""
+
+    # The share of sweep.budget spent after which every new trial is drawn by `search`'s model
+    # from the trials so far (scored at ASHA's rungs with sweep.learn_from_rungs) and runs in
+    # full: ASHA stops none of them. None: no hand-over.
+    at: float | None = Field(None, gt=0, lt=1)
+    search: Literal["gp", "tpe"] = "gp"
+
+
 class BudgetConfig(Strict):
     """No new trial starts once one is spent; running trials finish."""
 
@@ -127,9 +138,11 @@ class SweepConfig(Strict):
     asha: AshaConfig = AshaConfig()
     # The searcher's model (tpe, gp) learns from the results at ASHA's rungs as well as from
     # trials run in full: each trial is drawn from the trials scored at the latest rung (or the
-    # last epoch) that enough of them reached, as BOHB does. False: Optuna's own way (trials
-    # ASHA stopped are PRUNED, ranked below every finished one). One objective only.
+    # last epoch) that enough of them reached, as BOHB does; so does the hand-over's model. False:
+    # Optuna's own way (trials ASHA stopped are PRUNED, ranked below every finished one). One
+    # objective only.
     learn_from_rungs: bool = False
+    hand_over: HandOverConfig = HandOverConfig()
     tpe: TpeConfig = TpeConfig()
     # None: as many trials at once as the cluster's resources fit.
     max_concurrent: int | None = Field(None, strict=True, ge=1)

@@ -105,6 +105,15 @@ class ModelDraw:
         return {n: sign * v for n, v in out.items()}
 
 
+@dataclass
+class HandOver:
+    """Once a share `at` of the sweep's budget is spent, each new trial is drawn by `model` and
+    runs in full (`sweep.hand_over`)."""
+
+    at: float
+    model: ModelDraw
+
+
 def _score(t: optuna.trial.FrozenTrial, epoch: int, last: int, direction: str) -> float | None:
     """A trial's best result up to `epoch`, where it reached it; a finished trial with no
     results by epoch (a warm start's) scores its value at the last epoch."""

@@ -73,7 +73,7 @@ def replay(job: JobConfig, table: Table, seed: int | None = None) -> Replayed:
     searcher, _ = build_searcher(job, s.name or "replay")
     if searcher is None:
         raise ConfigError("sweep.search: a replay draws trials from Optuna (tpe, random or gp), not a grid")
-    sched = scheduler(job)
+    sched = scheduler(job, searcher=searcher)
     sched.set_search_properties(s.metric, s.mode)
     out, live, started = Replayed(study=searcher.study), [], 0
     clock = [0.0]  # the simulated time: the budget's clock too (SearcherClock's calls, replayed)

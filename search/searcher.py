@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import sys
 import warnings
 
 import optuna
@@ -39,7 +40,7 @@ from deeplab_sweep.search import tracking
 from deeplab_sweep.search.completion import Completion
 from deeplab_sweep.search.early_stopping import rungs
 from deeplab_sweep.search.job_config import JobConfig
-from deeplab_sweep.search.multifidelity import ModelDraw
+from deeplab_sweep.search.multifidelity import HandOver, ModelDraw
 from deeplab_sweep.search.objectives import Constraint, cost_metric, finite, units_held
 from deeplab_sweep.search.overrides import trial_epochs
 from deeplab_sweep.search.space import OptunaSpace, choice_grid, grid_param_space, optuna_params
@@ -47,6 +48,7 @@ from deeplab_sweep.trainable.credentials import database_url, remember
 from deeplab_sweep.trainable.run_folder import better
 
 STOP_REASON = "stop_reason"  # a study's user attribute: which criterion ended the sweep
+IN_FULL = "in_full"  # a trial's user attribute: drawn after the hand-over, ASHA stopped it nowhere
 
 
 class OptunaSearcher(Searcher):
@@ -63,10 +65,12 @@ class OptunaSearcher(Searcher):
         completion: Completion,
         start_with: list[dict] = (),
         model: ModelDraw | None = None,
+        hand_over: HandOver | None = None,
     ):
         """`start_with`: Optuna params of configurations asked first, in order (a new study only);
         `model`: draws each trial's params from the results at ASHA's rungs too (BOHB's way), in
-        place of `sampler`, which then only records them."""
+        place of `sampler`, which then only records them; `hand_over`: the model that draws
+        the trials after its share of the budget, which run in full (`runs_in_full`)."""
         # Tune's own view (ASHA, its progress) is the first objective.
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.space, self.sampler, self.study_name = space, sampler, study_name
@@ -79,7 +83,8 @@ class OptunaSearcher(Searcher):
         self.best: dict[str, dict] = {}  # per trial, its best epoch's report so far
         self.told: set[str] = set()
         self.start_with = list(start_with)  # enqueued into the study on the first suggestion, once
-        self.model = model
+        self.model, self.hand_over = model, hand_over
+        self.in_full: set[str] = set()  # trials drawn after the hand-over: ASHA stops none of them
         self._study: optuna.Study | None = None
         self._storage: optuna.storages.BaseStorage | None = None
         self._ids: dict[str, int] = {}  # Ray trial id -> the storage's trial id
@@ -122,10 +127,21 @@ class OptunaSearcher(Searcher):
         for params in self.start_with:
             self.study.enqueue_trial(params)
         self.start_with = []
-        if self.model is not None and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            self.study.enqueue_trial(self.model.params(self.study, self.space))
+        handed = self.hand_over is not None and self.completion.spent() >= self.hand_over.at
+        model = self.hand_over.model if handed else self.model
+        if model is not None and not self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.enqueue_trial(model.params(self.study, self.space))
         trial = self.study.ask()
         self.space(trial)
+        if handed:
+            if not self.in_full:
+                print(
+                    f"search: {self.completion.spent():.0%} of sweep.budget spent: from now on each trial is "
+                    f"drawn by the hand-over's model and runs in full (sweep.hand_over.at = {self.hand_over.at:g})",
+                    file=sys.stderr,
+                )
+            self.in_full.add(trial_id)
+            trial.set_user_attr(IN_FULL, True)
         self.numbers[trial_id] = trial.number
         self.configs[trial_id] = dict(trial.params)
         return dict(trial.params)
@@ -161,6 +177,10 @@ class OptunaSearcher(Searcher):
             self.study.tell(number, state=TrialState.FAIL)
             return
         self.completion.on_finished({m: best.get(m) for m in self.completion_metrics}, ran_in_full=ran_in_full)
+
+    def runs_in_full(self, trial_id: str) -> bool:
+        """Whether ASHA must let the trial run to its last epoch (drawn after the hand-over)."""
+        return trial_id in self.in_full
 
     @property
     def completion_metrics(self) -> list[str]:
@@ -282,25 +302,27 @@ def make_sampler(seed: int, *, search: str, startup: int, multivariate: bool, co
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def sampler_factory(job: JobConfig) -> functools.partial:
-    """seed -> the sweep's sampler (a partial: Tune pickles the searcher)."""
+def sampler_factory(job: JobConfig, search: str | None = None) -> functools.partial:
+    """seed -> the sweep's sampler, or `search`'s (a partial: Tune pickles the searcher)."""
     s, t = job.sweep, job.sweep.tpe
     return functools.partial(
         make_sampler,
-        search=s.search,
+        search=search or s.search,
         startup=t.startup_trials or min(4, s.num_samples),
         multivariate=t.multivariate,
         constant_liar=t.constant_liar,
     )
 
 
-def model_draw(job: JobConfig) -> ModelDraw | None:
+def model_draw(job: JobConfig, search: str | None = None) -> ModelDraw | None:
     """How a trial is drawn, for one objective: from a model that learns from ASHA's rungs
     (`sweep.learn_from_rungs`), or, in a space of choices only, from the trials run in full
-    (so that none is trained in full twice); else (None) by Optuna's own ask."""
+    (so that none is trained in full twice); else (None) by Optuna's own ask. `search`: the
+    model's sampler in place of `sweep.search`'s (the hand-over's), always a model."""
     s = job.sweep
     grid = choice_grid(job.space)
-    if s.objectives or not (s.learn_from_rungs or grid):
+    learns = s.learn_from_rungs and (search or s.search) != "random"  # a random draw learns nothing
+    if s.objectives or not (learns or grid or search):
         return None
     max_t = job.epoch_bounds()[1]
     fidelities = (
@@ -310,7 +332,7 @@ def model_draw(job: JobConfig) -> ModelDraw | None:
     )
     startup = s.tpe.startup_trials or min(4, s.num_samples)
     return ModelDraw(
-        make_sampler=sampler_factory(job),
+        make_sampler=sampler_factory(job, search),
         fidelities=[*fidelities, max_t],
         min_points=max(startup, len(job.space) + 1),
         direction="maximize" if s.mode == "max" else "minimize",
@@ -354,5 +376,12 @@ def build_searcher(job: JobConfig, study_name: str) -> tuple[OptunaSearcher | No
         completion=completion(job),
         start_with=[optuna_params(job.space, v, f"sweep.start_with[{i}]") for i, v in enumerate(s.start_with)],
         model=model,
+        hand_over=hand_over(job),
     )
     return searcher, {}
+
+
+def hand_over(job: JobConfig) -> HandOver | None:
+    """`sweep.hand_over`'s model and when it takes over (one objective: its model draws for one)."""
+    h = job.sweep.hand_over
+    return None if h.at is None or job.sweep.objectives else HandOver(at=h.at, model=model_draw(job, h.search))

@@ -271,7 +271,7 @@ def tune_config(job: JobConfig, searcher, at_once: int, folder: SweepFolder) -> 
         metric=s.metric,
         mode=s.mode,
         search_alg=searcher,
-        scheduler=scheduler(job, folder),
+        scheduler=scheduler(job, folder, searcher),
         num_samples=s.num_samples,
         max_concurrent_trials=at_once,
         # An in-process trial's actor has torch imported and its data cached: the next trial

@@ -13,6 +13,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# The demo space's learning-curve table (benchmarks/learning_curves.py), and the space over
+# what it holds: what stand-in trials report from.
+DEMO_TABLE = REPO / "benchmarks" / "learning_curves" / "demo_space.csv"
+DEMO_TABLE_SPACE = {
+    "train.lr": "{type: loguniform, low: 0.005, high: 0.2}",
+    "model.output_stride": "{type: choice, values: [8, 16]}",
+    "data.crop_size": "{type: choice, values: [48, 64]}",
+    "model.backbone": "{type: choice, values: [mobilenet_v2, resnet50]}",
+    "data.batch_size": "{type: choice, values: [4, 8]}",
+}
 
 
 def sweep_command(cfg: Path, data_root: Path, *overrides: str) -> list[str]:

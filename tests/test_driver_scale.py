@@ -17,16 +17,8 @@ from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.standin import REPORTED_AT, StandIn
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.trainable.run_folder import stored_epochs
-from tests.conftest import CONF, REPO
+from tests.conftest import CONF, DEMO_TABLE, DEMO_TABLE_SPACE
 
-TABLE = REPO / "benchmarks" / "learning_curves" / "demo_space.csv"
-SPACE = {
-    "train.lr": "{type: loguniform, low: 0.005, high: 0.2}",
-    "model.output_stride": "{type: choice, values: [8, 16]}",
-    "data.crop_size": "{type: choice, values: [48, 64]}",
-    "model.backbone": "{type: choice, values: [mobilenet_v2, resnet50]}",
-    "data.batch_size": "{type: choice, values: [4, 8]}",
-}
 TRIALS, AT_ONCE = 48, 16
 MAX_LAG_S = 30  # from a trial's report to its metric in MLflow, on a 2-core machine running both chains
 SLOW_TUNE = re.compile(r"The `\w+` operation took|Processing trial results took")
@@ -44,13 +36,15 @@ def test_many_stand_in_trials_reach_mlflow_once_and_soon(ray_cluster, synth_voc_
             f"sweep.num_samples={TRIALS}",
             f"sweep.max_concurrent={AT_ONCE}",
             "sweep.name=standins",
+            "sweep.budget.epochs=null",  # every trial runs: the demo's budget would end the sweep first
+            "sweep.hand_over.at=null",
             f"storage.path={tmp_path / 'ray'}",
             f"mlflow.tracking_uri={mlflow_server.url}",
             "mlflow.system_metrics_interval_s=null",
-            *(f"space.{k}={v}" for k, v in SPACE.items()),
+            *(f"space.{k}={v}" for k, v in DEMO_TABLE_SPACE.items()),
         ],
     )
-    summary = run_sweep(job, standin=StandIn(str(TABLE), tuple(SPACE), epoch_s=0.05))
+    summary = run_sweep(job, standin=StandIn(str(DEMO_TABLE), tuple(DEMO_TABLE_SPACE), epoch_s=0.05))
     out, err = capfd.readouterr()
     assert len(summary.trials) == TRIALS and not [t for t in summary.trials if t.error]
 

@@ -16,7 +16,7 @@ from deeplab_sweep.search.layout import SweepFolder
 from deeplab_sweep.search.overrides import trial_overrides
 from deeplab_sweep.search.replay import replay
 from deeplab_sweep.search.sync import read_trials
-from tests.conftest import CONF, REPO
+from tests.conftest import CONF, DEMO_TABLE, DEMO_TABLE_SPACE, REPO
 
 SWEEP = """\
 defaults: [train/demo]
@@ -29,6 +29,7 @@ space:
   model.output_stride: {type: choice, values: [8, 16]}
 """
 KEYS = ("train.lr", "model.output_stride")
+NO_HAND_OVER = ("sweep.budget.epochs=null", "sweep.hand_over.at=null", "sweep.learn_from_rungs=false")
 
 
 def _decisions(study: optuna.Study) -> list[tuple]:
@@ -154,6 +155,7 @@ def _job(*overrides: str):
             "sweep.asha.grace_period=1",
             "sweep.asha.reduction_factor=2",
             "sweep.asha.min_rank_corr=null",  # the rung check: on where a test turns it on
+            *NO_HAND_OVER,  # the demo's budget and hand-over: on where a test turns them on
             *overrides,
         ],
     )
@@ -219,7 +221,7 @@ def test_the_plans_epochs_bound_a_replayed_sweep_on_a_real_table(asha):
     table = Table.from_csv(REPO / "benchmarks" / "learning_curves" / "demo_space.csv", keys)
     job = load_job(
         CONF / "sweep" / "demo.yaml",
-        ["data.root=unused", "train.epochs=12", "sweep.num_samples=16", "sweep.max_concurrent=2", *asha],
+        ["data.root=unused", "train.epochs=12", "sweep.num_samples=16", "sweep.max_concurrent=2", *NO_HAND_OVER, *asha],
     )
     seeded = [job.model_copy(update={"sweep": job.sweep.model_copy(update={"seed": s})}) for s in range(12)]
     trained = mean(sum(replay(j, table, seed=s).epochs().values()) for s, j in enumerate(seeded))
@@ -427,3 +429,118 @@ def test_learning_from_rungs_scores_trials_at_the_latest_rung_enough_reached():
     values = [t.value for t in sorted(late.trials, key=lambda t: t.params["train.lr"])]
     assert values[4:] == pytest.approx([0.7, 0.71, 0.72, 0.8])  # the final results of the trials run in full
     assert values[:4] == sorted(values[:4]) and max(values[:4]) < 0.7  # stopped ones below, in their order
+
+
+def test_after_the_hand_over_every_trial_is_drawn_by_the_model_and_runs_in_full(tmp_path):
+    """Random search + ASHA until half the budget is spent; each trial started after that runs
+    all its epochs (on a table whose epoch 2 ranks the last poorly, ASHA would have stopped
+    some), drawn by a GP from what the rungs showed (the last epoch rises with lr)."""
+    base = [
+        "sweep.search=random",
+        "train.epochs=8",
+        "sweep.budget.epochs=120",
+        "sweep.learn_from_rungs=true",
+        "sweep.seed=5",
+    ]
+    noisy = _noisy(tmp_path / "noisy.csv", 0.3)
+    out = replay(_job(*base, "sweep.hand_over.at=0.5"), noisy, seed=5)
+    first = _firsts(out)
+    after = sorted(t for t, i in first.items() if i >= 60)
+    assert len(after) >= 3 and any(t in out.stopped for t in set(first) - set(after))
+    assert all(t not in out.stopped and out.epochs()[t] == 8 for t in after)
+    plain = replay(_job(*base), noisy, seed=5)  # the same sweep without it stops trials throughout
+    assert any(i >= 60 and t in plain.stopped for t, i in _firsts(plain).items())
+
+    clear = _noisy(tmp_path / "clear.csv", 0.1)
+    out = replay(_job(*base, "sweep.hand_over.at=0.5"), clear, seed=5)
+    final = {c: curve[-1]["val/mIoU"] for c, curve in clear.curves.items()}
+    after = [t for t, i in _firsts(out).items() if i >= 60]
+    assert len(after) >= 3 and min(final[out.configs[t]] for t in after) > 0.8  # the top fifth of the grid
+
+
+def _firsts(out) -> dict[str, int]:
+    """Trial -> the epochs reported before its first report: the budget spent at its start, one
+    trial at a time."""
+    first: dict[str, int] = {}
+    for i, r in enumerate(out.reports):
+        first.setdefault(r["trial_id"], i)
+    return first
+
+
+def test_a_resumed_sweeps_scheduler_lets_the_handed_over_trials_run_in_full(tmp_path):
+    """Tune pickles the searcher and the scheduler into one tuner.pkl when the sweep begins, and
+    on resume restores the searcher's saved state into the unpickled one: the scheduler, as
+    pickled, asks that searcher which trials run in full."""
+    import pickle
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from deeplab_sweep.search.early_stopping import scheduler
+    from deeplab_sweep.search.searcher import build_searcher
+
+    job = _job("sweep.search=random", "sweep.budget.epochs=20", "sweep.hand_over.at=0.5")
+    searcher, _ = build_searcher(job, "s")
+    tuner_pkl = pickle.dumps({"search_alg": searcher, "scheduler": scheduler(job, searcher=searcher)})
+    searcher.suggest("t0")
+    searcher.completion.on_result("t0", {"epoch": 10})  # half the budget spent
+    searcher.suggest("t1")
+    assert searcher.runs_in_full("t1") and not searcher.runs_in_full("t0")
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    state = pickle.loads(tuner_pkl)
+    state["search_alg"].restore(str(tmp_path / "searcher.pkl"))
+    resumed = state["scheduler"]
+    resumed.set_search_properties("val/mIoU", "max")
+    trials = {t: Trial("x", trial_id=t, stub=True) for t in ("a", "b", "c", "t0", "t1")}
+    for t in trials.values():
+        resumed.on_trial_add(None, t)
+    for t in ("a", "b", "c"):
+        resumed.on_trial_result(None, trials[t], {"epoch": 1, "val/mIoU": 0.9})
+    low = {"epoch": 1, "val/mIoU": 0.1}
+    assert resumed.on_trial_result(None, trials["t0"], low) == TrialScheduler.STOP
+    assert resumed.on_trial_result(None, trials["t1"], low) == TrialScheduler.CONTINUE
+
+
+@pytest.mark.slow
+def test_a_real_sweep_runs_the_handed_over_trials_in_full(ray_cluster, synth_voc_root, workdir):
+    """The hand-over through Tune's own controller (stand-in trials reporting the demo table, 2 at
+    a time): each trial drawn after half the epoch budget started once that many epochs had been
+    reported, and ran all 12, where ASHA stopped trials before it."""
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+
+    from deeplab_sweep.search import tracking
+    from deeplab_sweep.search.searcher import IN_FULL
+    from deeplab_sweep.search.standin import REPORTED_AT, StandIn
+    from deeplab_sweep.search.sweep import run_sweep
+
+    job = load_job(
+        CONF / "sweep" / "demo.yaml",
+        [
+            f"data.root={synth_voc_root}",
+            "train.epochs=12",
+            "sweep.num_samples=40",
+            "sweep.max_concurrent=2",
+            "sweep.budget.epochs=48",
+            "sweep.hand_over.at=0.5",
+            "sweep.name=handover",
+            "mlflow.system_metrics_interval_s=null",
+            *(f"space.{k}={v}" for k, v in DEMO_TABLE_SPACE.items()),
+        ],
+    )
+    run_sweep(job, standin=StandIn(str(DEMO_TABLE), tuple(DEMO_TABLE_SPACE), epoch_s=0.05))
+    study = optuna.load_study(study_name="handover", storage=f"sqlite:///{workdir}/runs/optuna.db")
+    handed = [t for t in study.trials if t.user_attrs.get(IN_FULL)]
+    assert len(handed) >= 2 and any(t.state == TrialState.PRUNED for t in study.trials if t not in handed)
+    assert all(t.state == TrialState.COMPLETE and max(t.intermediate_values) == 12 for t in handed)
+
+    c = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    exp = c.get_experiment_by_name("deeplab").experiment_id
+    reported = sorted(  # when each epoch was reported, on the stand-ins' clock
+        m.value
+        for r in tracking.all_runs(c, [exp], tracking.sweep_filter("handover", tracking.KIND_TRIAL))
+        for m in c.get_metric_history(r.info.run_id, REPORTED_AT)
+    )
+    for t in handed:
+        assert sum(at < t.datetime_start.timestamp() for at in reported) >= 24
