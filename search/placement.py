@@ -228,17 +228,21 @@ def cost_lines(job) -> list[str]:
     full = job.train.epochs * images * train_flops(job)
     s = job.sweep
     epochs = expected_epochs(job)
-    sweep_hours = epochs * images * mean_flops / H100_TRAIN_FLOPS_PER_S / 3600
     how = " (ASHA, where early epochs rank trials as the last does"
     how += f"; the self-check's first {s.asha.check_trials} in full)" if s.asha.min_rank_corr is not None else ")"
+    trials = f"{s.num_samples} trials x {epochs / s.num_samples:.1f} epochs each{how if s.asha.enabled else ''}"
+    if s.budget.epochs is not None and s.budget.epochs < epochs:  # no trial starts once it is spent
+        epochs, trials = s.budget.epochs, f"its budget of {s.budget.epochs} epochs (sweep.budget.epochs)"
+    sweep_hours = epochs * images * mean_flops / H100_TRAIN_FLOPS_PER_S / 3600
+    if s.budget.gpu_hours is not None and s.budget.gpu_hours < sweep_hours:
+        sweep_hours, trials = s.budget.gpu_hours, "its budget (sweep.budget.gpu_hours)"
     return [
         "expected cost (an ESTIMATE from the config, not a measurement: H100 GPU-hours at the "
         f"{H100_TRAIN_FLOPS_PER_S / 1e12:.0f} TFLOP/s",
         "  measured for DeepLabv3+ training in bf16 at 16 images per GPU; evaluation not counted):",
         f"  one full trial of the base config: {job.train.epochs} epochs x {images} images x "
         f"{full / job.train.epochs / images / 1e9:.0f} GFLOP = {full / H100_TRAIN_FLOPS_PER_S / 3600:.1f} GPU-hours",
-        f"  the sweep: {s.num_samples} trials x {epochs / s.num_samples:.1f} epochs each"
-        f"{how if s.asha.enabled else ''} x {mean_flops / 1e9:.0f} GFLOP per image on average over "
+        f"  the sweep: {trials} x {mean_flops / 1e9:.0f} GFLOP per image on average over "
         f"{len(variants)} variant(s) of the space = {sweep_hours:.1f} GPU-hours",
     ]
 

@@ -4,6 +4,7 @@ example and real sweep, and a sweep that cannot fit refused in one line."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,16 @@ def test_the_estimates_flops_equal_a_count_from_the_convolutions_shapes(backbone
     assert images_gradient > 0 and any(m.groups > 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert flops_per_image(cfg, 21, crop, train=False) == forward / 2
     assert flops_per_image(cfg, 21, crop, train=True) == (3 * forward - images_gradient) / 2
+
+
+def test_the_plans_cost_is_at_most_the_sweeps_epoch_budget():
+    """No trial starts once `sweep.budget.epochs` is spent: a sweep of many trials under ASHA is
+    priced at its budget, the epochs of a full trial x budget / epochs."""
+    from deeplab_sweep.search.compose import load_job
+    from deeplab_sweep.search.placement import cost_lines
+
+    job = load_job(CONF / "sweep" / "voc.yaml", ["sweep.num_samples=500", "sweep.budget.epochs=92"])
+    lines = cost_lines(job)
+    one = float(re.search(r"one full trial .* = ([\d.]+) GPU-hours", lines[2])[1])
+    assert "its budget of 92 epochs (sweep.budget.epochs)" in lines[3]
+    assert float(re.search(r"= ([\d.]+) GPU-hours", lines[3])[1]) == pytest.approx(2 * one, rel=0.35)
