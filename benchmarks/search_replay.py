@@ -1,7 +1,8 @@
 """Search strategies judged at equal compute, on many seeds and on every learning-curve table
 at once: each arm's sweep replayed through the product's own searcher, space, completion rules
 and Ray Tune scheduler (`deeplab_sweep.search.replay`), with the same budget in epochs
-(`sweep.budget.epochs`: what random search spends on 16 trials in full), 2 trials at a time.
+(`sweep.budget.epochs`: what random search spends on 16 trials in full; `--budget-trials`),
+2 trials at a time.
 
 Tables (each with its own space, metric and epochs):
 - `demo`: the demo space's own table (`learning_curves.py`: DeepLabv3+ on generated VOC data,
@@ -11,6 +12,7 @@ Tables (each with its own space, metric and epochs):
 
     python benchmarks/search_replay.py                         # every table, every arm but SLOW's, 30 seeds
     python benchmarks/search_replay.py --seeds 5 --arms random-full tpe-asha --tables demo lcbench_3945
+    python benchmarks/search_replay.py --first-seed 30 --budget-trials 8 --arms random-full random-asha
 
 Prints per table, then pooled over the LCBench tables: per arm, the normalised regret of the
 best final result found at 25 / 50 / 100 % of the budget (median [interquartile range] over
@@ -63,15 +65,18 @@ class Task:
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.space)
 
-    def overrides(self) -> list[str]:
+    def overrides(self, full_trials: int) -> list[str]:
         return [
             "data.root=unused",
             f"train.epochs={self.epochs}",
             f"sweep.metric={self.metric}",
             "sweep.mode=max",
             "sweep.num_samples=100000",  # the budget ends every arm
-            f"sweep.budget.epochs={FULL_TRIALS * self.epochs}",
+            f"sweep.budget.epochs={full_trials * self.epochs}",
             "sweep.max_concurrent=2",
+            # demo.yaml's own search off: each arm sets its own.
+            "sweep.learn_from_rungs=false",
+            "sweep.hand_over.at=null",
             *(f"space.{k}=null" for k in DEMO_KEYS if k not in self.keys),
             *(f"space.{k}={v}" for k, v in self.space),
         ]
@@ -139,6 +144,17 @@ ARMS = {
     "tpe-rungs-asha-r50": ["sweep.search=tpe", *RUNGS, *ASHA, "sweep.tpe.random_share=0.5"],
     "tpe-rungs-hyperband": ["sweep.search=tpe", *RUNGS, *HYPERBAND],
     "gp-rungs-asha": ["sweep.search=gp", *RUNGS, *ASHA],
+    # Random + ASHA, then a model's trials in full after a share of the budget (`sweep.hand_over`).
+    "random-asha-gp25r": ["sweep.search=random", *ASHA, *RUNGS, "sweep.hand_over.at=0.25"],
+    "random-asha-gp50r": ["sweep.search=random", *ASHA, *RUNGS, "sweep.hand_over.at=0.5"],
+    "random-asha-gp50": ["sweep.search=random", *ASHA, "sweep.hand_over.at=0.5"],
+    "random-asha-tpe50r": [
+        "sweep.search=random",
+        *ASHA,
+        *RUNGS,
+        "sweep.hand_over.at=0.5",
+        "sweep.hand_over.search=tpe",
+    ],
 }
 # Optuna's GP sampler on every trial ASHA starts takes about an hour of both cores at 30 seeds:
 # left out unless named.
@@ -161,14 +177,16 @@ def replay_one(args: tuple[str, str, int, tuple[str, ...]]) -> dict:
     from deeplab_sweep.search.replay import replay
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    task_name, arm, seed, extra = args
+    task_name, arm, seed, extra, full_trials = args
     task, t = TASKS[task_name], time.perf_counter()
-    job = load_job(REPO / "conf" / "sweep" / "demo.yaml", [*task.overrides(), *ARMS[arm], f"sweep.seed={seed}", *extra])
+    job = load_job(
+        REPO / "conf" / "sweep" / "demo.yaml", [*task.overrides(full_trials), *ARMS[arm], f"sweep.seed={seed}", *extra]
+    )
     with contextlib.redirect_stderr(io.StringIO()):  # the self-check's decisions, counted below
         out = replay(job, table(task_name), seed=seed)
     final = table(task_name).final(task.epochs, task.metric)
     best, curve, full = None, [], []
-    for r in out.reports[: FULL_TRIALS * task.epochs]:
+    for r in out.reports[: full_trials * task.epochs]:
         if r["epoch"] == task.epochs:
             config = out.configs[r["trial_id"]]
             full.append(config)
@@ -336,13 +354,19 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "search_replay.png")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "search_replay.json")
     p.add_argument("--override", nargs="*", default=[], help="key=value applied to every arm")
+    p.add_argument("--budget-trials", type=int, default=FULL_TRIALS, help="the budget: epochs of this many full trials")
     args = p.parse_args()
     if "random-full" not in args.arms:
         p.error("--arms must include random-full: the other arms are judged against it")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    work = [(t, a, s, tuple(args.override)) for t in args.tables for a in args.arms for s in seeds]
+    work = [(t, a, s, tuple(args.override), args.budget_trials) for t in args.tables for a in args.arms for s in seeds]
     start = time.perf_counter()
-    results: dict = {"seeds": list(seeds), "arms": {a: ARMS[a] for a in args.arms}, "tables": {}}
+    results: dict = {
+        "seeds": list(seeds),
+        "budget_trials": args.budget_trials,
+        "arms": {a: ARMS[a] for a in args.arms},
+        "tables": {},
+    }
     panels: dict[str, dict[str, list[list[float]]]] = {}
     pooled: dict[str, list[list[float]]] = {a: [] for a in args.arms}
     pooled_runs: dict[str, list[dict]] = {a: [] for a in args.arms}
@@ -352,7 +376,7 @@ def main() -> None:
         for name in args.tables:  # each table's figures as soon as its replays are in
             runs = [next(done) for _ in range(per_table)]
             task = TASKS[name]
-            ref, budget = references(task), FULL_TRIALS * task.epochs
+            ref, budget = references(task), args.budget_trials * task.epochs
             by_arm = {a: [r for r in runs if r["arm"] == a] for a in args.arms}
             per_arm = {a: regrets(by_arm[a], ref, budget) for a in args.arms}
             judged = judge(per_arm, args.arms)
