@@ -8,12 +8,15 @@ server` on 127.0.0.1, Ray given a logical CPU per trial (the stand-ins mostly sl
 - the lag from a trial's report to its metric being in MLflow (the metric's MLflow timestamp,
   which the writer sets when it writes, less the stand-in's clock at its report): median, p99;
 - each save of Tune's experiment state (on the driver's loop);
-- how long the sweep's end took (MLflow's catch-up and the summary), and `deeplab best` over
-  the runs;
+- how long the sweep's end took (MLflow's catch-up and the summary), `deeplab best` and
+  `deeplab sync` over the runs, and (`--shot`) MLflow's runs page in headless Chromium
+  (`apt install chromium`) until its table shows rows;
 - whether every report is in MLflow once.
 
     python benchmarks/driver_scale.py [--trials 1000] [--at-once 64] [--epoch-s 0.25] [--nodes 4] [--writers 4]
+    python benchmarks/driver_scale.py --shot ui.png  # and MLflow's runs page, in headless Chromium
     python benchmarks/driver_scale.py --server-rate
+    python benchmarks/driver_scale.py --bare          # Ray Tune alone: the floor under the rate
 """
 
 from __future__ import annotations
@@ -200,6 +203,8 @@ def overrides(args, data: Path, work: Path, tracking_uri: str) -> list[str]:
         f"sweep.num_samples={args.trials}",
         f"sweep.max_concurrent={args.at_once}",
         f"sweep.name=scale-{args.trials}x{args.at_once}",
+        "sweep.budget.epochs=null",  # every trial runs: the demo's budget would end the sweep first
+        "sweep.hand_over.at=null",
         f"cluster.num_cpus={args.at_once + 1}",
         "cluster.object_store_memory=200000000",
         f"storage.path={work / 'ray'}",
@@ -244,6 +249,129 @@ def timed_best(tracking_uri: str, experiment: str, sweep: str, out: Path) -> flo
     return took if "not a loadable checkpoint" in done.stderr or done.returncode == 0 else float("nan")
 
 
+def timed_sync(tracking_uri: str, experiment: str, sweep_folder: Path) -> float:
+    """`deeplab sync` over the sweep's runs, all already in MLflow (a new process)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [str(Path(sys.executable).with_name("deeplab")), "sync", str(sweep_folder)]
+        + ["--tracking-uri", tracking_uri, "--experiment", experiment],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def timed_runs_page(tracking_uri: str, experiment: str, shot: Path, timeout_s: float = 120.0) -> tuple[float, int]:
+    """MLflow's runs page of the experiment in headless Chromium, driven over the DevTools
+    protocol: seconds from navigating to the first rows of its runs table on screen, and how
+    many rows it shows then (a screenshot is saved to `shot`)."""
+    import asyncio
+    import base64
+    import json
+    import shutil
+
+    import aiohttp
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment).experiment_id
+    url = f"{tracking_uri}/#/experiments/{exp}/runs"
+    rows = "document.querySelectorAll('.ag-center-cols-container .ag-row').length"
+
+    async def drive(port: int) -> tuple[float, int]:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):  # the browser's debugging endpoint comes up
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
+                        pages = [t for t in await r.json() if t["type"] == "page"]
+                        if pages:
+                            break
+                await asyncio.sleep(0.1)
+            async with http.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 1_000_000))
+
+                async def call(method: str, **params) -> dict:
+                    n = next(ids)
+                    await ws.send_str(json.dumps({"id": n, "method": method, "params": params}))
+                    while True:
+                        msg = json.loads((await ws.receive()).data)
+                        if msg.get("id") == n:
+                            return msg.get("result", {})
+
+                start = time.perf_counter()
+                await call("Page.navigate", url=url)
+                shown = 0
+                while time.perf_counter() - start < timeout_s and not shown:
+                    await asyncio.sleep(0.05)
+                    shown = (await call("Runtime.evaluate", expression=rows))["result"].get("value") or 0
+                took = time.perf_counter() - start
+                png = await call("Page.captureScreenshot", format="png")
+                shot.write_bytes(base64.b64decode(png["data"]))
+                return (took if shown else float("nan")), shown
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as profile:
+        browser = subprocess.Popen(
+            [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu"]
+            + [f"--user-data-dir={profile}", "--window-size=1600,1000", f"--remote-debugging-port={port}"]
+            + ["about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            return asyncio.run(drive(port))
+        finally:
+            browser.terminate()
+            browser.wait(timeout=30)
+
+
+def _bare_trial(config: dict, epochs: int, epoch_s: float) -> None:
+    from ray import tune
+
+    for epoch in range(1, epochs + 1):
+        time.sleep(epoch_s)
+        tune.report({"epoch": epoch, "val/mIoU": config["x"] * epoch, REPORTED_AT: time.time()})
+
+
+def bare_tune(args) -> None:
+    """Ray Tune alone, as the floor under the product's figures: as many trials as many at once,
+    each reporting the table's 12 epochs one every --epoch-s, on a Ray started as the sweep
+    starts it, with Tune's default searcher and scheduler and no callback of ours, no
+    checkpoint, no MLflow. Prints the results per second its driver took in and its CPU time
+    per result."""
+    from ray import tune
+
+    from deeplab_sweep.search.cluster import RaySession
+    from deeplab_sweep.search.job_config import ClusterConfig
+
+    class Received(tune.Callback):
+        def __init__(self):
+            self.at: list[float] = []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.at.append(time.time())
+
+    me = psutil.Process()
+    received = Received()
+    cluster = ClusterConfig(num_cpus=args.at_once + 1, object_store_memory=200_000_000)
+    with tempfile.TemporaryDirectory(prefix="driver-scale-") as tmp, RaySession(cluster, None, dashboard=False):
+        cpu_start, wall_start = me.cpu_times(), time.perf_counter()
+        tune.Tuner(
+            tune.with_resources(
+                tune.with_parameters(_bare_trial, epochs=TABLE_EPOCHS, epoch_s=args.epoch_s), {"CPU": 1}
+            ),
+            param_space={"x": tune.uniform(0, 1)},
+            tune_config=tune.TuneConfig(num_samples=args.trials, max_concurrent_trials=args.at_once, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=tmp, name="bare", callbacks=[received], verbose=0),
+        ).fit()
+        wall = time.perf_counter() - wall_start
+        cpu = me.cpu_times()
+    cpu_s = (cpu.user - cpu_start.user) + (cpu.system - cpu_start.system)
+    n, span = len(received.at), max(received.at) - min(received.at)
+    print(f"\nRay Tune alone: {args.trials} trials, {args.at_once} at once, an epoch every {args.epoch_s} s")
+    print(f"  results:                {n} over {span:.1f} s from the first to the last: {n / span:.1f}/s")
+    print(f"  driver CPU:             {cpu_s:.1f} s over {wall:.1f} s; {1000 * cpu_s / n:.2f} ms per result")
+
+
 def server_rate(seconds: float = 15.0) -> None:
     """What the benchmark's tracking server takes alone: `log_batch` requests of 20 metrics a
     second, from 1 and from 4 threads (each to a run of its own)."""
@@ -278,11 +406,16 @@ def main() -> None:
     p.add_argument("--epoch-s", type=float, default=0.25)
     p.add_argument("--nodes", type=int, default=0, help="simulated nodes on loopback (ray.cluster_utils.Cluster)")
     p.add_argument("--server-rate", action="store_true", help="only the tracking server's write rate, alone")
+    p.add_argument("--bare", action="store_true", help="only Ray Tune, the same trials without the product")
     p.add_argument("--writers", type=int, default=None, help="MLflow writer threads (the callback's WRITERS)")
+    p.add_argument("--shot", type=Path, help="time MLflow's runs page in headless Chromium; its screenshot here")
     p.add_argument("overrides", nargs="*", help="more key=value for the sweep")
     args = p.parse_args()
     if args.server_rate:
         server_rate()
+        return
+    if args.bare:
+        bare_tune(args)
         return
     if args.writers:
         from deeplab_sweep.search import mlflow_callback
@@ -309,6 +442,8 @@ def main() -> None:
         rss_end = me.memory_info().rss
         figures = mlflow_figures(url, job.mlflow.experiment, job.sweep.name)
         best_s = timed_best(url, job.mlflow.experiment, job.sweep.name, work / "best")
+        sync_s = timed_sync(url, job.mlflow.experiment, work / "ray" / job.sweep.name)
+        page_s, page_rows = timed_runs_page(url, job.mlflow.experiment, args.shot) if args.shot else (None, 0)
 
     results = sum(t.epochs for t in summary.trials)
     summary_s = timings["summary"]
@@ -339,6 +474,9 @@ def main() -> None:
     )
     print(f"  summary:                {summary_s:.1f} s")
     print(f"  deeplab best:           {best_s:.1f} s (a process, over {figures['runs']} runs)")
+    print(f"  deeplab sync:           {sync_s:.1f} s (a process, every run already in MLflow)")
+    if page_s is not None:
+        print(f"  MLflow's runs page:     {page_s:.1f} s to {page_rows} rows in headless Chromium ({args.shot})")
     print(f"  driver peak RSS:        {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 
