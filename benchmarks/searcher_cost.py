@@ -51,6 +51,10 @@ def run(arm: str, trials: int, table: Table, folder: str) -> dict[str, list[floa
         f"sweep.optuna_storage={resolve_tracking_uri(f'sqlite:///{folder}/{arm}.db', 'optuna')}",
         "sweep.asha.grace_period=2",
         "sweep.asha.reduction_factor=3",
+        # Each arm's own search, throughout (gp-rungs' draws are what the demo's hand-over draws).
+        "sweep.budget.epochs=null",
+        "sweep.hand_over.at=null",
+        "sweep.learn_from_rungs=false",
         *(f"space.{k}=null" for k in ("model.output_stride", "data.crop_size", "model.backbone")),
         *(f"space.{k}={v}" for k, v in SPACE.items()),
         *ARMS[arm],

@@ -188,6 +188,8 @@ def main():
                 f"sweep.num_samples={args.trials}",
                 f"train.epochs={args.epochs}",
                 "sweep.asha.enabled=false",
+                "sweep.budget.epochs=null",  # every trial in full: the demo's budget would cut the 12-epoch sweep
+                "sweep.hand_over.at=null",
                 "sweep.name=overhead",
                 "data.max_train_images=16",
                 "data.max_val_images=4",

@@ -236,6 +236,11 @@ SWEEP = CONF / "sweep" / "demo.yaml"
         ),
         ("sweep.metric=val/iou/nope", "error: sweep.metric = 'val/iou/nope': no trial reports it"),
         (
+            "sweep.budget.epochs=null",
+            "error: sweep.hand_over.at = 0.25: a share of the sweep's budget, and it has none; set "
+            "sweep.budget.epochs, cpu_hours or wall_time_s",
+        ),
+        (
             "model.backbone=resnet101",
             "space.data.batch_size.cases has no entry for it; allowed: mobilenet_v2, resnet50",
         ),
