@@ -27,7 +27,6 @@ import io
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,15 +43,11 @@ from deeplab_sweep.search.standin import REPORTED_AT, StandIn
 from deeplab_sweep.search.sweep import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-TABLE = REPO / "benchmarks" / "learning_curves" / "demo_space.csv"
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import DEMO_TABLE, DEMO_TABLE_SPACE, free_port  # noqa: E402
+
 TABLE_EPOCHS = 12
-SPACE = {  # the demo's space over what its table holds (as benchmarks/search_replay.py searches it)
-    "train.lr": "{type: loguniform, low: 0.005, high: 0.2}",
-    "model.output_stride": "{type: choice, values: [8, 16]}",
-    "data.crop_size": "{type: choice, values: [48, 64]}",
-    "model.backbone": "{type: choice, values: [mobilenet_v2, resnet50]}",
-    "data.batch_size": "{type: choice, values: [4, 8]}",
-}
 
 
 def timed_summary(timings: dict):
@@ -131,12 +126,6 @@ def timed_state_saves(durations: list) -> None:
     TuneController.save_to_dir = timed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(folder: Path):
     port = free_port()
@@ -210,7 +199,7 @@ def overrides(args, data: Path, work: Path, tracking_uri: str) -> list[str]:
         f"storage.path={work / 'ray'}",
         f"mlflow.tracking_uri={tracking_uri}",
         "mlflow.system_metrics_interval_s=null",
-        *(f"space.{k}={v}" for k, v in SPACE.items()),
+        *(f"space.{k}={v}" for k, v in DEMO_TABLE_SPACE.items()),
         *args.overrides,
     ]
 
@@ -427,7 +416,7 @@ def main() -> None:
         work = Path(tmp)
         data = synth_data(work / "voc")
         job = load_job(REPO / "conf" / "sweep" / "demo.yaml", overrides(args, data, work, url))
-        standin = StandIn(str(TABLE), tuple(SPACE), args.epoch_s)
+        standin = StandIn(str(DEMO_TABLE), tuple(DEMO_TABLE_SPACE), args.epoch_s)
         rss_start = me.memory_info().rss
         cpu_start, wall_start = me.cpu_times(), time.perf_counter()
         timings: dict = {}
