@@ -10,9 +10,9 @@ finished trial by how far they got, and its GP leaves them out; neither compares
 rung. The view is an in-memory study of COMPLETE trials built for each draw, through Optuna's
 public API; the sweep's study keeps what the trials really did.
 
-In a space of choices only, a drawn configuration that a trial has already trained in full is
-drawn again (a repeat costs a full trial and teaches nothing), else one not yet trained in full
-is taken at random."""
+A drawn configuration that a trial has already trained in full is drawn again (a repeat costs a
+full trial and teaches nothing; a GP proposes one where a range's bound is best), then taken at
+random: in a space of choices only, among those not yet trained in full."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from optuna.trial import TrialState, create_trial
 
 from deeplab_sweep.search.space import OptunaSpace
 
-REDRAWS = 10  # draws of the model before a configuration not yet trained in full is taken at random
+REDRAWS = 10  # draws of the model before a configuration is taken at random (not one trained in full)
 
 
 @dataclass
@@ -45,18 +45,22 @@ class ModelDraw:
         trials = study.get_trials(deepcopy=False)
         view = self.view(trials)
         trained = {_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
-        for _ in range(REDRAWS if self.grid is not None else 1):
+        for _ in range(REDRAWS):
             self.draws += 1
             seed = self.seed * 100_003 + self.draws
             if self.random_share and random.Random(seed).random() < self.random_share:
-                drawn = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed)).ask()
+                drawn = _random_draw(seed)
             else:
                 drawn = view.ask()
             space(drawn)  # left running in the view: a GP's next draw steers away from it
-            if self.grid is None or _key(drawn.params) not in trained:
+            if _key(drawn.params) not in trained:
                 return dict(drawn.params)
-        untried = [p for p in self.grid if _key(p) not in trained]
-        return dict(random.Random(seed).choice(untried or self.grid))
+        if self.grid is not None:
+            untried = [p for p in self.grid if _key(p) not in trained]
+            return dict(random.Random(seed).choice(untried or self.grid))
+        drawn = _random_draw(seed)
+        space(drawn)
+        return dict(drawn.params)
 
     def view(self, trials: list[optuna.trial.FrozenTrial]) -> optuna.Study:
         """An in-memory study of every trial that has a result, each COMPLETE: a trial that
@@ -125,6 +129,10 @@ def _score(t: optuna.trial.FrozenTrial, epoch: int, last: int, direction: str) -
     if not reached or max(t.intermediate_values) < epoch:
         return None
     return max(reached) if direction == "maximize" else min(reached)
+
+
+def _random_draw(seed: int) -> optuna.Trial:
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed)).ask()
 
 
 def _key(params: dict) -> tuple:

@@ -389,6 +389,30 @@ def test_no_configuration_is_trained_in_full_twice_in_a_space_of_choices(tmp_pat
     assert len(set(drawn[:8])) == 8 and len(drawn) == 9
 
 
+def test_a_model_that_proposes_a_configuration_trained_in_full_gets_another_one():
+    """A space with a range: the model (here a sampler that knows one point, as a GP proposes
+    a range's bound when it is best) proposes the configuration a trial trained in full; the
+    draw is another one, from the space."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from deeplab_sweep.search.multifidelity import ModelDraw
+    from deeplab_sweep.search.space import OptunaSpace
+
+    job = _job()  # train.lr in [0.001, 0.128], model.output_stride in {8, 16}
+    best = {"train.lr": 0.128, "model.output_stride": 8}
+    study = optuna.create_study(direction="maximize")
+    dists = {
+        "train.lr": FloatDistribution(0.001, 0.128, log=True),
+        "model.output_stride": CategoricalDistribution([8, 16]),
+    }
+    study.add_trial(create_trial(params=best, distributions=dists, value=0.9, state=TrialState.COMPLETE))
+    one_point = functools.partial(optuna.samplers.GridSampler, {k: [v] for k, v in best.items()})
+    model = ModelDraw(make_sampler=one_point, fidelities=[3], min_points=1, direction="maximize", seed=0)
+    drawn = model.params(study, OptunaSpace(job.space))
+    assert drawn != best and 0.001 <= drawn["train.lr"] <= 0.128 and drawn["model.output_stride"] in (8, 16)
+
+
 def test_learning_from_rungs_scores_trials_at_the_latest_rung_enough_reached():
     """BOHB's rule: while fewer than `min_points` trials ran in full, the model sees every trial
     at the rung they all reached (epoch 2); once enough have, their final results, and the
