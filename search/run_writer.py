@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from deeplab_sweep.search import tracking
@@ -34,12 +34,14 @@ class RunWriter:
         run_dir: str,
         also: tuple[str, ...] = (),
         created: bool = False,
+        read: Run | None = None,
     ):
         # `also`: metrics logged at the best checkpoint's epoch too (a sweep's other objectives
         # and constrained metrics: what its Pareto front is made of). `created`: the caller
-        # created the run, so it holds no end status nor best checkpoint yet.
+        # created the run, so it holds no end status nor best checkpoint yet. `read`: the run as
+        # the caller's search just returned it (its end status and tags: `finish` asks no more).
         self.c, self.run_id, self.metric, self.mode, self.also = c, run_id, metric, mode, also
-        self._untouched = created
+        self._untouched, self._read = created, read
         self.storage, self.run_dir = storage, run_dir
         # Epochs and PNGs already in MLflow: read once, or none in a run just created.
         self._steps: set[int] | None = set() if created else None
@@ -87,8 +89,8 @@ class RunWriter:
         trial's cost, in the same request). A run that has an end status already is left as it
         is, unless `again` (its trial just ended once more, after a resume); it is only closed
         if a resume reopened it. Returns whether it wrote the end."""
-        run = None if self._untouched else self.c.get_run(self.run_id)
-        self._untouched = False
+        run = None if self._untouched else (self._read or self.c.get_run(self.run_id))
+        self._untouched, self._read = False, None
         tags_now = run.data.tags if run is not None else {}
         ended = tags_now.get(tracking.STATUS_TAG)
         if ended and not again:

@@ -142,14 +142,19 @@ def sync_runs(
     stats = {"trials": 0, "runs_created": 0, "epochs_logged": 0, "runs_finished": 0}
     best_overall = None
     records = read_trials(folder) if records is None else records
+    runs = _trial_runs(c, exp_id, folder.name)
     for rec in records:
         stats["trials"] += 1
         cfg = apply_overrides(base, trial_overrides(rec.config))
-        run_id, created = trial_run(c, exp_id, folder.name, rec.trial_id, parent_run_id, cfg, reopen=False)
+        run = runs.get(rec.trial_id)
+        if run is None:
+            run_id, created = trial_run(c, exp_id, folder.name, rec.trial_id, parent_run_id, cfg, False, new=True)
+        else:
+            run_id, created = run.info.run_id, False
         stats["runs_created"] += created
         run_dir = folder.trial_dir(rec.trial_id)
         writer = RunWriter(
-            c, run_id, metric=metric, mode=mode, storage=storage, run_dir=run_dir, also=job.sweep.also_best
+            c, run_id, metric=metric, mode=mode, storage=storage, run_dir=run_dir, also=job.sweep.also_best, read=run
         )
         stats["epochs_logged"] += writer.reconcile()
         if rec.finished:
@@ -162,6 +167,15 @@ def sync_runs(
     if update_parent:
         _update_parent(c, parent_run_id, metric, best_overall, stats["trials"] and all(r.finished for r in records))
     return stats
+
+
+def _trial_runs(c, exp_id: str, sweep: str) -> dict:
+    """Trial id -> its run: the sweep's trial runs in one search (one per trial was most of
+    a sync's time)."""
+    runs: dict = {}
+    for run in tracking.all_runs(c, [exp_id], tracking.sweep_filter(sweep, tracking.KIND_TRIAL)):
+        runs.setdefault(run.data.tags.get(tracking.TRIAL_TAG), run)  # the newest, as trial_run takes it
+    return runs
 
 
 def _update_parent(c, parent_run_id: str, metric: str, best: dict | None, all_finished: bool) -> None:
