@@ -148,7 +148,9 @@ def sync_runs(
         cfg = apply_overrides(base, trial_overrides(rec.config))
         run = runs.get(rec.trial_id)
         if run is None:
-            run_id, created = trial_run(c, exp_id, folder.name, rec.trial_id, parent_run_id, cfg, False, new=True)
+            run_id, created = trial_run(
+                c, exp_id, folder.name, rec.trial_id, parent_run_id, cfg, reopen=False, new=True
+            )
         else:
             run_id, created = run.info.run_id, False
         stats["runs_created"] += created
