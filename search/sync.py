@@ -142,7 +142,7 @@ def sync_runs(
     stats = {"trials": 0, "runs_created": 0, "epochs_logged": 0, "runs_finished": 0}
     best_overall = None
     records = read_trials(folder) if records is None else records
-    runs = _trial_runs(c, exp_id, folder.name)
+    runs = _trial_runs(c, exp_id, folder.name) if records else {}  # the sweep's end has often none
     for rec in records:
         stats["trials"] += 1
         cfg = apply_overrides(base, trial_overrides(rec.config))
