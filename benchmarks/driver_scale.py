@@ -298,18 +298,20 @@ def timed_runs_page(tracking_uri: str, experiment: str, shot: Path, timeout_s: f
                 return (took if shown else float("nan")), shown
 
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes outlive its main one and write into the profile as they go.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = subprocess.Popen(
             [shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu"]
             + [f"--user-data-dir={profile}", "--window-size=1600,1000", f"--remote-debugging-port={port}"]
             + ["about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             return asyncio.run(drive(port))
         finally:
-            browser.terminate()
+            os.killpg(browser.pid, signal.SIGTERM)
             browser.wait(timeout=30)
 
 
