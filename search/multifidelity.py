@@ -11,8 +11,8 @@ rung. The view is an in-memory study of COMPLETE trials built for each draw, thr
 public API; the sweep's study keeps what the trials really did.
 
 A drawn configuration that a trial has already trained in full is drawn again (a repeat costs a
-full trial and teaches nothing; a GP proposes one where a range's bound is best), then taken at
-random: in a space of choices only, among those not yet trained in full."""
+full trial and teaches nothing), then taken at random: in a space of choices only, among those
+not yet trained in full."""
 
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState, create_trial
 
 from deeplab_sweep.search.space import OptunaSpace
 
+_VIEW, _DRAW = 1, 2  # what a seed is for (`_seed`)
 REDRAWS = 10  # draws of the model before a configuration is taken at random (not one trained in full)
 
 
@@ -47,7 +49,7 @@ class ModelDraw:
         trained = {_key(t.params) for t in trials if t.state == TrialState.COMPLETE}
         for _ in range(REDRAWS):
             self.draws += 1
-            seed = self.seed * 100_003 + self.draws
+            seed = _seed(self.seed, self.draws, _DRAW)
             if self.random_share and random.Random(seed).random() < self.random_share:
                 drawn = _random_draw(seed)
             else:
@@ -71,7 +73,7 @@ class ModelDraw:
         other running trials are in it as RUNNING. Empty while no fidelity has enough trials:
         the sampler's start-up draws."""
         view = optuna.create_study(
-            direction=self.direction, sampler=self.make_sampler(self.seed * 100_003 + self.draws)
+            direction=self.direction, sampler=self.make_sampler(_seed(self.seed, self.draws, _VIEW))
         )
         scores = self._scores(trials)
         for t in trials:
@@ -129,6 +131,13 @@ def _score(t: optuna.trial.FrozenTrial, epoch: int, last: int, direction: str) -
     if not reached or max(t.intermediate_values) < epoch:
         return None
     return max(reached) if direction == "maximize" else min(reached)
+
+
+def _seed(sweep_seed: int, draws: int, use: int) -> int:
+    """A seed of its own for each view's sampler and each draw's random choices. The sweep's
+    sampler has `sweep_seed` itself: a view's sampler seeded alike (seed 0, before any draw) drew
+    its start-up draws as the sweep's random search had drawn its trials, one by one."""
+    return int(np.random.SeedSequence([sweep_seed, draws, use]).generate_state(1)[0])
 
 
 def _random_draw(seed: int) -> optuna.Trial:

@@ -413,6 +413,29 @@ def test_a_model_that_proposes_a_configuration_trained_in_full_gets_another_one(
     assert drawn != best and 0.001 <= drawn["train.lr"] <= 0.128 and drawn["model.output_stride"] in (8, 16)
 
 
+def test_the_hand_over_model_does_not_draw_again_what_the_random_search_drew():
+    """The demo's sweep (seed 0): random search drew trials 0-4, two run in full; the hand-over's
+    GP, with too few results to learn from, makes its start-up draws. None is one of those five
+    (its sampler once shared the sweep's seed and drew them again, one by one)."""
+    from optuna.trial import TrialState
+
+    from deeplab_sweep.search.searcher import hand_over
+    from deeplab_sweep.search.space import OptunaSpace
+
+    job = load_job(CONF / "sweep" / "demo.yaml", ["data.root=unused"])
+    space = OptunaSpace(job.space)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=job.sweep.seed))
+    for number in range(5):  # as the sweep's own sampler drew them
+        trial = study.ask()
+        space(trial)
+        full = number in (0, 4)
+        study.tell(trial, 0.5 if full else None, state=TrialState.COMPLETE if full else TrialState.PRUNED)
+    drawn_before = [t.params for t in study.trials]
+    model = hand_over(job).model
+    for _ in range(3):
+        assert model.params(study, space) not in drawn_before
+
+
 def test_learning_from_rungs_scores_trials_at_the_latest_rung_enough_reached():
     """BOHB's rule: while fewer than `min_points` trials ran in full, the model sees every trial
     at the rung they all reached (epoch 2); once enough have, their final results, and the
