@@ -135,8 +135,8 @@ def _score(t: optuna.trial.FrozenTrial, epoch: int, last: int, direction: str) -
 
 def _seed(sweep_seed: int, draws: int, use: int) -> int:
     """A seed of its own for each view's sampler and each draw's random choices. The sweep's
-    sampler has `sweep_seed` itself: a view's sampler seeded alike (seed 0, before any draw) drew
-    its start-up draws as the sweep's random search had drawn its trials, one by one."""
+    sampler has `sweep_seed` itself: a view's sampler seeded alike would make its start-up draws
+    the sweep's random trials again, one by one."""
     return int(np.random.SeedSequence([sweep_seed, draws, use]).generate_state(1)[0])
 
 
