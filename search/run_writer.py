@@ -50,14 +50,16 @@ class RunWriter:
     def log_epochs(self, reports: Iterable[dict]) -> int:
         if self._steps is None:
             self._steps = {m.step for m in self.c.get_metric_history(self.run_id, self.metric)}
-        logged = 0
+        new = {}
         for r in reports:
             step = int(r.get("epoch") or 0)
             if step and step not in self._steps:
-                tracking.log_metrics(self.c, self.run_id, r, step=step)
-                self._steps.add(step)
-                logged += 1
-        return logged
+                new.setdefault(step, r)
+        # A trial's queued epochs in one request: the tracking server is what a busy sweep waits on.
+        for steps, metrics in tracking.metric_batches(list(new.items()), int(time.time() * 1000)):
+            tracking.log_metrics(self.c, self.run_id, metrics)
+            self._steps.update(steps)
+        return len(new)
 
     def log_visuals(self) -> int:
         folder = f"{self.run_dir}/{VISUALS_DIR}"

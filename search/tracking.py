@@ -12,7 +12,6 @@ import base64
 import os
 import re
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -192,10 +191,26 @@ def metric_entities(metrics: dict, step: int, timestamp_ms: int) -> list[Metric]
     return out
 
 
-def log_metrics(c: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
-    entities = metric_entities(metrics, step, int(time.time() * 1000))
-    for i in range(0, len(entities), 900):  # MLflow caps a batch at 1000 metrics
-        c.log_batch(run_id, metrics=entities[i : i + 900])
+BATCH_METRICS = 900  # MLflow caps a `log_batch` at 1,000 metrics
+
+
+def metric_batches(reports: list[tuple[int, dict]], timestamp_ms: int) -> list[tuple[list[int], list[Metric]]]:
+    """Reports (step, metrics) grouped into as few `log_batch` requests as MLflow takes, each
+    report whole in one of them (a report over the cap alone, in pieces): (steps, metrics)."""
+    batches: list[tuple[list[int], list[Metric]]] = []
+    for step, metrics in reports:
+        entities = metric_entities(metrics, step, timestamp_ms)
+        if batches and len(batches[-1][1]) + len(entities) <= BATCH_METRICS:
+            batches[-1][0].append(step)
+            batches[-1][1].extend(entities)
+        else:
+            batches.append(([step], entities))
+    return batches
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    for i in range(0, len(metrics), BATCH_METRICS):
+        c.log_batch(run_id, metrics=metrics[i : i + BATCH_METRICS])
 
 
 def start_run(

@@ -271,34 +271,26 @@ class MlflowServer:
         self.store = f"sqlite:///{folder}/server.db"
         self.proc = None
 
+    def requests(self, path: str) -> int:
+        """How many requests to `path` the server has answered (its access log)."""
+        return (self.folder / "server.log").read_text().count(f" {path} HTTP/")
+
     def start(self, timeout_s: float = 90) -> None:
         import subprocess
         import sys
 
         from deeplab_sweep.cli.ui import SERVER_ENV
 
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--backend-store-uri",
-                self.store,
-                "--artifacts-destination",
-                str(self.folder / "art"),
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**SERVER_ENV, **os.environ},  # as `deeplab ui` starts it
-        )
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "art")]
+        with open(self.folder / "server.log", "ab") as log:  # its access log: the requests it answered
+            self.proc = subprocess.Popen(
+                [*cmd, "--workers", "1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**SERVER_ENV, **os.environ},  # as `deeplab ui` starts it
+            )
         wait_until_answering(f"{self.url}/health", self, timeout_s, "mlflow server")
 
     def stop(self) -> None:

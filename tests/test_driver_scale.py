@@ -14,9 +14,11 @@ from mlflow import MlflowClient
 from deeplab_sweep.search import tracking
 from deeplab_sweep.search.compose import load_job
 from deeplab_sweep.search.layout import SweepFolder
+from deeplab_sweep.search.run_writer import RunWriter
 from deeplab_sweep.search.standin import REPORTED_AT, StandIn
 from deeplab_sweep.search.sweep import run_sweep
 from deeplab_sweep.trainable.run_folder import stored_epochs
+from deeplab_sweep.trainable.storage import Storage
 from tests.conftest import CONF, DEMO_TABLE, DEMO_TABLE_SPACE
 
 TRIALS, AT_ONCE = 48, 16
@@ -79,3 +81,19 @@ def test_many_stand_in_trials_reach_mlflow_once_and_soon(ray_cluster, synth_voc_
     last = [line for line in out.splitlines() if " trials " in line][-1]
     ended = re.search(r"trials 0 running, 0 pending, (\d+) done, (\d+) stopped early, 0 failed \| best val/mIoU", last)
     assert ended and int(ended[1]) + int(ended[2]) == TRIALS, last
+
+
+def test_a_trials_queued_epochs_go_to_mlflow_in_one_request(mlflow_server, tmp_path):
+    """A busy sweep's writers fall behind the tracking server; what queued meanwhile for a
+    trial is one request, not one per epoch."""
+    c = MlflowClient(mlflow_server.url)
+    run_id = c.create_run(c.create_experiment("batched")).info.run_id
+    writer = RunWriter(
+        c, run_id, metric="val/mIoU", mode="max", storage=Storage(str(tmp_path)), run_dir="trial", created=True
+    )
+    before = mlflow_server.requests("/api/2.0/mlflow/runs/log-batch")
+    reports = [{"epoch": e, "val/mIoU": e / 10, "train/loss": 1 / e} for e in (1, 2, 3)]
+    assert writer.log_epochs(reports) == 3
+    assert mlflow_server.requests("/api/2.0/mlflow/runs/log-batch") == before + 1
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "val/mIoU")] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert writer.log_epochs(reports[1:]) == 0  # each epoch once
