@@ -21,7 +21,7 @@ from deeplab_sweep.trainable.run_folder import stored_epochs
 from deeplab_sweep.trainable.storage import Storage
 from tests.conftest import CONF, DEMO_TABLE, DEMO_TABLE_SPACE
 
-TRIALS, AT_ONCE = 48, 16
+TRIALS, AT_ONCE = 100, 16
 MAX_LAG_S = 30  # from a trial's report to its metric in MLflow, on a 2-core machine running both chains
 SLOW_TUNE = re.compile(r"The `\w+` operation took|Processing trial results took")
 
