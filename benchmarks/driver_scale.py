@@ -68,14 +68,18 @@ def timed_summary(timings: dict):
     sweep._finish = timed
 
 
+TRIALS = "Ray workers (trials)"
+
+
 class CpuByKind:
     """CPU seconds of this process's descendants by kind (MLflow's server, Ray's daemons, Ray's
     workers: the trials), the last value seen of each process, polled every few seconds."""
 
-    KINDS = (("mlflow", "MLflow server"), ("ray::", "Ray workers (trials)"), ("default_worker", "Ray workers (trials)"))
+    KINDS = (("mlflow", "MLflow server"), ("ray::", TRIALS), ("default_worker", TRIALS))
 
-    def __init__(self, every_s: float = 3.0):
+    def __init__(self, every_s: float = 3.0, nice_trials: bool = False):
         self.seen: dict[int, tuple[str, float]] = {}
+        self.nice_trials = nice_trials
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
 
@@ -92,7 +96,11 @@ class CpuByKind:
             for proc in psutil.Process().children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     cpu = proc.cpu_times()
-                    self.seen[proc.pid] = (self._kind(proc), cpu.user + cpu.system)
+                    kind = self.seen[proc.pid][0] if proc.pid in self.seen else self._kind(proc)
+                    self.seen[proc.pid] = (kind, cpu.user + cpu.system)
+                    # The raylet too: the trials' workers it starts are born at its priority.
+                    if self.nice_trials and (kind == TRIALS or proc.name() == "raylet") and proc.nice() < 19:
+                        proc.nice(19)
 
     def _kind(self, proc) -> str:
         """By its own command line, else its parents' (MLflow's server workers are spawned)."""
@@ -416,6 +424,12 @@ def main() -> None:
     p.add_argument("--server-rate", action="store_true", help="only the tracking server's write rate, alone")
     p.add_argument("--bare", action="store_true", help="only Ray Tune, the same trials without the product")
     p.add_argument("--writers", type=int, default=None, help="MLflow writer threads (the callback's WRITERS)")
+    p.add_argument(
+        "--nice-trials",
+        action="store_true",
+        help="the trials' processes at the lowest CPU priority: the driver and the tracking server as "
+        "they are when the trials run on nodes of their own",
+    )
     p.add_argument("--shot", type=Path, help="time MLflow's runs page in headless Chromium; its screenshot here")
     p.add_argument("overrides", nargs="*", help="more key=value for the sweep")
     args = p.parse_args()
@@ -444,7 +458,7 @@ def main() -> None:
         timed_state_saves(saves)
         delivered: list[float] = []
         timed_delivery(delivered)
-        with CpuByKind() as others, loopback_nodes(args.nodes, args.at_once) as address:
+        with CpuByKind(nice_trials=args.nice_trials) as others, loopback_nodes(args.nodes, args.at_once) as address:
             summary = run_sweep(job, address=address, standin=standin)
         wall = time.perf_counter() - wall_start
         cpu = me.cpu_times()
