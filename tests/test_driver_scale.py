@@ -64,6 +64,11 @@ def test_many_stand_in_trials_reach_mlflow_once_and_soon(ray_cluster, synth_voc_
         assert sorted(m.step for m in history) == sorted(stored) == list(range(1, len(stored) + 1))
         lags += [m.timestamp / 1000 - m.value for m in history]
     assert max(lags) < MAX_LAG_S, sorted(lags)[-5:]
+    # Tune's result files, but not its TensorBoard files (an fsync per result on Tune's loop).
+    trial_dirs = list((tmp_path / "ray" / "standins").glob("standin_trial_*"))
+    assert len(trial_dirs) == TRIALS
+    assert all((d / "result.json").is_file() and (d / "progress.csv").is_file() for d in trial_dirs)
+    assert not list((tmp_path / "ray" / "standins").glob("*/events.out.tfevents*"))
     assert not SLOW_TUNE.search(out + err), SLOW_TUNE.search(out + err)
     assert "View run" not in out  # MLflow's client prints two lines per ended run unless told not to
 
