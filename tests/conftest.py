@@ -279,18 +279,11 @@ class MlflowServer:
         import subprocess
         import sys
 
-        from deeplab_sweep.cli.ui import SERVER_ENV
-
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", self.store, "--artifacts-destination", str(self.folder / "art")]
+        cmd = [sys.executable, "-m", "deeplab_sweep.cli", "ui", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--store", self.store, "--artifacts", str(self.folder / "art")]
         with open(self.folder / "server.log", "ab") as log:  # its access log: the requests it answered
-            self.proc = subprocess.Popen(
-                [*cmd, "--workers", "1"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**SERVER_ENV, **os.environ},  # as `deeplab ui` starts it
-            )
+            # As `deeplab ui` starts it: the server replaces that process.
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until_answering(f"{self.url}/health", self, timeout_s, "mlflow server")
 
     def stop(self) -> None:
