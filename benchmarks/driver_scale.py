@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -46,7 +45,7 @@ from deeplab_sweep.search.sweep import run_sweep
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import DEMO_TABLE, DEMO_TABLE_SPACE, free_port  # noqa: E402
+from tests.conftest import DEMO_TABLE, DEMO_TABLE_SPACE, MlflowServer, free_port  # noqa: E402
 
 TABLE_EPOCHS = 12
 
@@ -153,32 +152,14 @@ def timed_delivery(lags: list) -> None:
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path):
-    """The tracking server as `deeplab ui` starts it: one worker (`mlflow server --workers 2` on
-    sqlite took 52 ms a `log_batch` from one thread, one worker 9 ms)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deeplab_sweep.cli", "ui", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--store", f"sqlite:///{folder}/server.db", "--artifacts", str(folder / "art")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    """The tracking server as `deeplab ui` starts it, as the suite's is: one worker (`mlflow
+    server --workers 2` on sqlite took 52 ms a `log_batch` from one thread, one worker 9 ms)."""
+    server = MlflowServer(folder)
+    server.start(timeout_s=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        server.stop()
 
 
 @contextlib.contextmanager
